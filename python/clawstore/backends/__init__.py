@@ -1,0 +1,1 @@
+"""Data planes. Nothing above this package knows paths or object keys."""

@@ -1,0 +1,92 @@
+"""The contract every data plane implements, and the blob sources it accepts.
+
+Backends are below `clawstore.store`: they get names and digests already validated, and they
+own atomicity (nothing visible at a digest until its bytes are verified) and tag compare-and-swap.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol, runtime_checkable
+
+from clawstore.digest import Digest
+
+
+class _Sentinel:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"clawstore.{self.name}"
+
+    def __reduce__(self) -> str:
+        return self.name
+
+
+#: `expect=ANY`: set or remove the tag whatever it points at now.
+ANY = _Sentinel("ANY")
+#: `expect=MISSING`: only create the tag; TagConflictError if it exists.
+MISSING = _Sentinel("MISSING")
+
+Expectation = _Sentinel | Digest
+
+#: What put_blob accepts: bytes-like, a filesystem path, or a readable binary file object.
+BlobSource = bytes | bytearray | memoryview | str | os.PathLike[str] | BinaryIO
+
+
+@dataclass(frozen=True, slots=True)
+class CleanupReport:
+    """What a backend's cleanup removed: temp files, staging objects, stale multipart uploads."""
+
+    removed: int = 0
+    bytes: int = 0
+
+
+@runtime_checkable
+class Backend(Protocol):
+    url: str
+
+    # blobs
+    def write_blob(self, src: BlobSource, algorithm: str, expected: Digest | None) -> tuple[Digest, int]:
+        """Store `src`, hashing as it is written; commit under its digest only when verified
+        (DigestMismatchError if `expected` is given and differs). An existing blob is kept."""
+        ...
+
+    def open_blob(self, digest: Digest) -> tuple[BinaryIO, int]:
+        """Raw stream and stored size; BlobNotFoundError. The store wraps it in a verifying reader."""
+        ...
+
+    def blob_size(self, digest: Digest) -> int | None: ...
+    def remove_blob(self, digest: Digest) -> bool: ...
+    def iter_blobs(self) -> Iterator[Digest]: ...
+
+    # manifests (bytes already validated and digest-checked by the store)
+    def write_manifest(self, digest: Digest, data: bytes) -> None: ...
+    def read_manifest(self, digest: Digest) -> bytes:
+        """ManifestNotFoundError when absent."""
+        ...
+
+    def manifest_size(self, digest: Digest) -> int | None: ...
+    def remove_manifest(self, digest: Digest) -> bool: ...
+    def iter_manifests(self) -> Iterator[Digest]: ...
+
+    # tags
+    def read_tag(self, repo: str, tag: str) -> Digest | None: ...
+    def swap_tag(self, repo: str, tag: str, new: Digest | None, expect: Expectation) -> Digest | None:
+        """Atomically point `repo:tag` at `new` (None removes it) if the current value matches
+        `expect`; return the previous value. TagConflictError when the expectation fails."""
+        ...
+
+    def iter_tags(self, repo: str) -> Iterator[str]: ...
+    def iter_repos(self) -> Iterator[str]: ...
+
+    # housekeeping
+    def cleanup(self, older_than: float) -> CleanupReport:
+        """Remove temp files / staging objects / multipart uploads abandoned `older_than` seconds ago."""
+        ...
+
+    def close(self) -> None: ...

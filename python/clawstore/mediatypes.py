@@ -1,0 +1,35 @@
+"""Media types: OCI image-spec v1.1 and the ElasticClaw artifact kinds."""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+OCI_MANIFEST: Final = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX: Final = "application/vnd.oci.image.index.v1+json"
+OCI_EMPTY: Final = "application/vnd.oci.empty.v1+json"
+OCI_LAYER_TAR: Final = "application/vnd.oci.image.layer.v1.tar"
+OCI_LAYER_TAR_ZSTD: Final = "application/vnd.oci.image.layer.v1.tar+zstd"
+OCI_LAYER_TAR_GZIP: Final = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_CONFIG: Final = "application/vnd.oci.image.config.v1+json"
+OCTET_STREAM: Final = "application/octet-stream"
+
+CHECKPOINT: Final = "application/vnd.elasticclaw.checkpoint.v1+json"
+VOLUME: Final = "application/vnd.elasticclaw.volume.v1+json"
+VOLUME_LAYER: Final = "application/vnd.elasticclaw.volume.layer.v1.tar+zstd"
+VOLUME_INDEX: Final = "application/vnd.elasticclaw.volume.index.v1+json"
+CHECKPOINT_FILE: Final = "application/vnd.elasticclaw.checkpoint.file.v1"
+
+#: The empty JSON object `{}` used as config when a kind has none (OCI 1.1).
+EMPTY_JSON: Final = b"{}"
+EMPTY_DIGEST: Final = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+
+MANIFEST_TYPES: Final = frozenset({OCI_MANIFEST, OCI_INDEX})
+
+# RFC 6838 restricted-name, as the OCI descriptor spec requires of mediaType.
+_RESTRICTED = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+MEDIA_TYPE_RE: Final = re.compile(rf"{_RESTRICTED}/{_RESTRICTED}")
+
+
+def is_valid_media_type(value: object) -> bool:
+    return isinstance(value, str) and MEDIA_TYPE_RE.fullmatch(value) is not None

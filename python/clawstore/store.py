@@ -1,0 +1,238 @@
+"""`ArtifactStore`: the small interface checkpoints, volumes and the hub are built on.
+
+It validates every name and digest before any I/O, validates and digest-checks manifests,
+refuses dangling manifests, and wraps reads in verifying readers; the backend below it owns
+bytes, atomicity and compare-and-swap.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+from clawstore import mediatypes as mt
+from clawstore.backends.base import ANY, MISSING, Backend, BlobSource, CleanupReport, Expectation
+from clawstore.digest import DEFAULT_ALGORITHM, Digest, check_algorithm, digest_bytes
+from clawstore.errors import (
+    BlobNotFoundError,
+    ClawstoreError,
+    DigestMismatchError,
+    InvalidManifestError,
+    ManifestNotFoundError,
+    RefNotFoundError,
+)
+from clawstore.manifest import Descriptor, Manifest, parse_manifest, references
+from clawstore.names import validate_repository, validate_tag
+from clawstore.reader import VerifyingReader
+
+
+def _expectation(expect: object) -> Expectation:
+    if expect is ANY or expect is MISSING:
+        return expect  # type: ignore[return-value]
+    return Digest.parse(expect)  # type: ignore[arg-type]
+
+
+class ArtifactStore:
+    """A content-addressed store of blobs and manifests with tags, over one backend."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    @property
+    def url(self) -> str:
+        return self.backend.url
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.url!r})"
+
+    # -- blobs -------------------------------------------------------------------------------
+    def put_blob(
+        self,
+        src: BlobSource,
+        expected: Digest | str | None = None,
+        *,
+        media_type: str = mt.OCTET_STREAM,
+        algorithm: str | None = None,
+    ) -> Descriptor:
+        """Store bytes, a file path or a binary file object; one pass, verified, atomic."""
+        exp = Digest.parse(expected) if expected is not None else None
+        alg = exp.algorithm if exp is not None else check_algorithm(algorithm or DEFAULT_ALGORITHM)
+        if exp is not None and algorithm is not None and algorithm != exp.algorithm:
+            raise DigestMismatchError(f"algorithm {algorithm!r} differs from expected digest {exp}")
+        if isinstance(src, str | os.PathLike) and not Path(src).is_file():
+            raise FileNotFoundError(f"no such file: {os.fspath(src)}")
+        digest, size = self.backend.write_blob(src, alg, exp)
+        return Descriptor(digest, size, media_type)
+
+    def get_blob(self, digest: Digest | str) -> VerifyingReader:
+        """A streaming reader that raises DigestMismatchError before end of data if bytes differ."""
+        d = Digest.parse(digest)
+        raw, size = self.backend.open_blob(d)
+        return VerifyingReader(raw, d, size)
+
+    def read_blob(self, digest: Digest | str) -> bytes:
+        """Whole blob in memory, verified. For small blobs (configs, indexes)."""
+        with self.get_blob(digest) as r:
+            return r.read()
+
+    def stat_blob(self, digest: Digest | str) -> int:
+        size = self.backend.blob_size(Digest.parse(digest))
+        if size is None:
+            raise BlobNotFoundError(f"blob {digest} not found")
+        return size
+
+    def has_blob(self, digest: Digest | str) -> bool:
+        return self.backend.blob_size(Digest.parse(digest)) is not None
+
+    def delete_blob(self, digest: Digest | str) -> None:
+        """Remove a blob (GC uses this; artifact kinds never do)."""
+        if not self.backend.remove_blob(Digest.parse(digest)):
+            raise BlobNotFoundError(f"blob {digest} not found")
+
+    def iter_blobs(self) -> Iterator[Digest]:
+        return self.backend.iter_blobs()
+
+    # -- manifests ---------------------------------------------------------------------------
+    def put_manifest(
+        self, data: bytes, media_type: str | None = None, *, expected: Digest | str | None = None
+    ) -> Descriptor:
+        """Validate, check references exist, and store a manifest by its sha256 digest (or by the
+        algorithm of `expected`). The exact bytes are kept: their digest is the manifest's name."""
+        data = bytes(data)
+        manifest = parse_manifest(data, media_type)
+        exp = Digest.parse(expected) if expected is not None else None
+        digest = digest_bytes(data, exp.algorithm if exp else DEFAULT_ALGORITHM)
+        if exp is not None and digest != exp:
+            raise DigestMismatchError(f"manifest hashes to {digest}, expected {exp}")
+        self._check_references(manifest)
+        if self.backend.manifest_size(digest) is None:
+            self.backend.write_manifest(digest, data)
+        return Descriptor(digest, len(data), manifest.media_type, artifact_type=manifest.artifact_type)
+
+    def _check_references(self, manifest: Manifest) -> None:
+        refs = references(manifest)
+        for d in refs.blobs:
+            size = self.backend.blob_size(d.digest)
+            if size is None:
+                raise InvalidManifestError(f"manifest references missing blob {d.digest}")
+            if size != d.size:
+                raise InvalidManifestError(f"blob {d.digest} is {size} bytes, descriptor says {d.size}")
+        for d in refs.manifests:
+            size = self.backend.manifest_size(d.digest)
+            if size is None:
+                raise InvalidManifestError(f"index references missing manifest {d.digest}")
+            if size != d.size:
+                raise InvalidManifestError(f"manifest {d.digest} is {size} bytes, descriptor says {d.size}")
+        # `subject` may dangle, as in the OCI distribution spec: referrers can be pushed first.
+
+    def get_manifest(self, digest: Digest | str) -> bytes:
+        """Manifest bytes, verified against their digest."""
+        d = Digest.parse(digest)
+        data = self.backend.read_manifest(d)
+        actual = digest_bytes(data, d.algorithm)
+        if actual != d:
+            raise DigestMismatchError(f"manifest {d} hashes to {actual}")
+        return data
+
+    def get_manifest_typed(self, digest: Digest | str) -> Manifest:
+        return parse_manifest(self.get_manifest(digest))
+
+    def has_manifest(self, digest: Digest | str) -> bool:
+        return self.backend.manifest_size(Digest.parse(digest)) is not None
+
+    def stat_manifest(self, digest: Digest | str) -> int:
+        size = self.backend.manifest_size(Digest.parse(digest))
+        if size is None:
+            raise ManifestNotFoundError(f"manifest {digest} not found")
+        return size
+
+    def delete_manifest(self, digest: Digest | str) -> None:
+        if not self.backend.remove_manifest(Digest.parse(digest)):
+            raise ManifestNotFoundError(f"manifest {digest} not found")
+
+    def iter_manifests(self) -> Iterator[Digest]:
+        return self.backend.iter_manifests()
+
+    # -- tags --------------------------------------------------------------------------------
+    def resolve(self, repo: str, tag: str) -> Digest:
+        d = self.backend.read_tag(validate_repository(repo), validate_tag(tag))
+        if d is None:
+            raise RefNotFoundError(f"{repo}:{tag} not found")
+        return d
+
+    def tag(self, repo: str, tag: str, digest: Digest | str, expect: Any = ANY) -> Digest | None:
+        """Point `repo:tag` at a stored manifest. `expect` is ANY, MISSING or the digest the tag
+        must point at now (compare-and-swap); TagConflictError when it does not hold. Returns the
+        previous digest."""
+        validate_repository(repo)
+        validate_tag(tag)
+        d = Digest.parse(digest)
+        exp = _expectation(expect)
+        if self.backend.manifest_size(d) is None:
+            raise ManifestNotFoundError(f"cannot tag {repo}:{tag}: manifest {d} not found")
+        return self.backend.swap_tag(repo, tag, d, exp)
+
+    def untag(self, repo: str, tag: str, expect: Any = ANY) -> Digest:
+        """Remove a tag (with the same compare-and-swap as `tag`); returns what it pointed at."""
+        validate_repository(repo)
+        validate_tag(tag)
+        exp = _expectation(expect)
+        if exp is MISSING:
+            raise ClawstoreError("untag with expect=MISSING makes no sense")
+        prev = self.backend.swap_tag(repo, tag, None, exp)
+        if prev is None:
+            raise RefNotFoundError(f"{repo}:{tag} not found")
+        return prev
+
+    def list_tags(self, repo: str) -> list[str]:
+        return sorted(self.backend.iter_tags(validate_repository(repo)))
+
+    def list_repos(self) -> list[str]:
+        return sorted(self.backend.iter_repos())
+
+    # -- housekeeping ------------------------------------------------------------------------
+    def cleanup(self, older_than: float = 3600.0) -> CleanupReport:
+        return self.backend.cleanup(older_than)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> ArtifactStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def default_store_url() -> str:
+    env = os.environ.get("CLAWSTORE_URL")
+    if env:
+        return env
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("clawstore")).as_uri()
+
+
+def open(url: str | os.PathLike[str] | None = None, **options: Any) -> ArtifactStore:
+    """Open a store: `file:///path` (or a plain path), or `s3://bucket/prefix?endpoint_url=...`.
+
+    With no URL: `$CLAWSTORE_URL`, else a local store under the user's data directory.
+    """
+    text = os.fspath(url) if url is not None else default_store_url()
+    parsed = urlparse(text)
+    if parsed.scheme in ("", "file"):
+        from clawstore.backends.local import LocalBackend
+
+        path = unquote(parsed.path) if parsed.scheme == "file" else text
+        if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+            raise ClawstoreError(f"file URL must be local: {text}")
+        return ArtifactStore(LocalBackend(path, **options))
+    if parsed.scheme == "s3":
+        from clawstore.backends.s3 import S3Backend
+
+        query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+        return ArtifactStore(S3Backend.from_url(parsed.netloc, parsed.path.lstrip("/"), query, **options))
+    raise ClawstoreError(f"unsupported store URL scheme {parsed.scheme!r} in {text!r}")

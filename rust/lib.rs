@@ -1,0 +1,17 @@
+//! `clawstore._core`: the byte-heavy half of clawstore.
+//!
+//! Modules: `errors` (the Python exception hierarchy), `digest` (streaming sha256/sha512/blake3).
+//! Each module has a pure-Rust API tested by `cargo test` and a `register` that exposes it.
+
+use pyo3::prelude::*;
+
+pub mod digest;
+pub mod errors;
+
+#[pymodule(name = "_core")]
+fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    errors::register(m)?;
+    digest::register(m)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up a development/run environment from a fresh clone: system tools, a virtualenv in .venv,
+# and clawstore built in release mode (maturin) with its test dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+for tool in zstd tar openssl; do command -v "$tool" >/dev/null 2>&1 || need_apt+=("$tool"); done
+command -v skopeo >/dev/null 2>&1 || need_apt+=(skopeo)
+if [ ${#need_apt[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing ${need_apt[*]} from Debian" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq >/dev/null 2>&1 || true
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null 2>&1 \
+    || echo "setup: warning: could not install ${need_apt[*]} (tests needing them will skip)" >&2
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q maturin
+# Release build of the Rust core, installed editable so python/ edits take effect at once.
+.venv/bin/python -m pip install -q -e ".[test]"
+echo "setup: ready: $(.venv/bin/python -c 'import clawstore; print("clawstore", clawstore.__version__)')" >&2
