@@ -1,0 +1,128 @@
+"""What every `clawstore` subcommand shares: the store option, one-line errors, progress bars.
+
+Subcommand modules (`clawstore/cli/<area>.py`) define click commands and a `register(group)`
+function; `clawstore/cli/__init__.py` calls each module's `register`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+import clawstore
+from clawstore.errors import ClawstoreError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class CliContext:
+    """Per-invocation state: the store URL and the store, opened on first use."""
+
+    store_url: str | None
+    _store: clawstore.ArtifactStore | None = field(default=None, repr=False)
+
+    @property
+    def store(self) -> clawstore.ArtifactStore:
+        if self._store is None:
+            self._store = clawstore.open(self.store_url)
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+pass_cli = click.make_pass_decorator(CliContext)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print `error: message` to stderr and exit non-zero (no traceback)."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def is_interactive() -> bool:
+    """Progress bars only on a terminal; quiet when piped or in CI."""
+    return sys.stderr.isatty()
+
+
+class Progress:
+    """A rich progress bar on a terminal, nothing otherwise. `advance(n)` per unit of work."""
+
+    def __init__(self, description: str, total: int | None, *, unit: str = "bytes") -> None:
+        self._bar: Any = None
+        self._task: Any = None
+        if not is_interactive():
+            return
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+        from rich.progress import Progress as RichProgress
+
+        columns: list[Any] = [TextColumn("{task.description}"), BarColumn()]
+        if unit == "bytes":
+            columns += [DownloadColumn(), TransferSpeedColumn()]
+        else:
+            columns += [MofNCompleteColumn()]
+        columns.append(TimeRemainingColumn())
+        self._bar = RichProgress(*columns, transient=True, console=_stderr_console())
+        self._task = self._bar.add_task(description, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, n)
+
+    def update(self, **kw: Any) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, **kw)
+
+    def __enter__(self) -> Progress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@contextmanager
+def progress(description: str, total: int | None, *, unit: str = "bytes") -> Iterator[Progress]:
+    with Progress(description, total, unit=unit) as p:
+        yield p
+
+
+def run_main(group: click.Group, argv: list[str] | None = None) -> NoReturn:
+    """Run the CLI: clawstore errors and OS errors become one `error:` line and exit 1."""
+    try:
+        rv = group.main(args=argv, prog_name="clawstore", standalone_mode=False)
+    except click.exceptions.Abort:
+        fail("aborted", 130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except ClawstoreError as e:
+        fail(f"{e}" if str(e) else type(e).__name__)
+    except OSError as e:
+        fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}")
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    sys.exit(rv if isinstance(rv, int) else 0)
