@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from clawstore.digest import Digest, Hasher
 from clawstore.errors import DigestMismatchError
 
+CHUNK = 1 << 20
+
 
 class VerifyingReader(io.RawIOBase):
-    """Streams `raw` and checks size and digest; raises DigestMismatchError *instead of* reporting
-    end of data when the bytes differ, so a caller can never mistake corrupt content for whole.
+    """Streams `raw` and checks size and digest; raises DigestMismatchError *instead of* handing
+    out the last bytes (when the size is known) or reporting end of data, so a caller can never
+    mistake corrupt content for whole.
 
-    Use as a context manager; `read()`, `readinto()`, iteration and `shutil.copyfileobj` all work.
-    `verify()` drains the rest and checks, for callers that stop early.
+    When the size is known the digest is checked on the read that reaches it: a caller that
+    reads exactly `size` bytes and stops has still had the whole content verified. Content
+    longer or shorter than `size` is a mismatch too.
+
+    Use as a context manager; `read()`, `readinto()`, `chunks()`, `shutil.copyfileobj` and
+    `io.BufferedReader` all work. `verify()` drains the rest and checks, for callers that stop early.
     """
 
-    def __init__(self, raw: BinaryIO, digest: Digest, size: int | None = None) -> None:
+    def __init__(self, raw: BinaryIO, digest: Digest | str, size: int | None = None) -> None:
         super().__init__()
         self._raw = raw
         self.digest = Digest.parse(digest)
@@ -33,6 +41,11 @@ class VerifyingReader(io.RawIOBase):
         if self._verified:
             return 0
         view = memoryview(buffer).cast("B")
+        if self.size is not None:
+            # Ask for one byte past the end at most, so over-long content is noticed.
+            view = view[: max(self.size - self._seen, 0) + 1] if len(view) else view
+        if not len(view):
+            return 0
         n = self._raw.readinto(view) if hasattr(self._raw, "readinto") else self._fallback(view)
         if n is None:
             raise BlockingIOError("non-blocking source not supported")
@@ -41,8 +54,11 @@ class VerifyingReader(io.RawIOBase):
             return 0
         self._hasher.update(view[:n])
         self._seen += n
-        if self.size is not None and self._seen > self.size:
-            raise DigestMismatchError(f"{self.digest}: more than the expected {self.size} bytes")
+        if self.size is not None:
+            if self._seen > self.size:
+                raise DigestMismatchError(f"{self.digest}: more than the expected {self.size} bytes")
+            if self._seen == self.size:
+                self._finish()  # raises before these last bytes are handed out
         return n
 
     def _fallback(self, view: memoryview) -> int:
@@ -58,9 +74,29 @@ class VerifyingReader(io.RawIOBase):
             raise DigestMismatchError(f"content of {self.digest} hashes to {actual}")
         self._verified = True
 
+    def readall(self) -> bytes:
+        """The rest of the content, read in large pieces (RawIOBase's default grows 8 KiB at a time)."""
+        parts = []
+        if self.size is not None and self.size > self._seen:
+            first = bytearray(self.size - self._seen)
+            n = self.readinto(first)  # a regular file fills it at once, and the digest is checked
+            del first[n:]
+            parts.append(first)
+        buf = bytearray(CHUNK)
+        while n := self.readinto(buf):
+            parts.append(buf[:n])
+        return b"".join(parts)
+
+    def chunks(self, size: int = CHUNK) -> Iterator[bytes]:
+        """Yield the content in pieces of at most `size` bytes; the last one only once verified."""
+        if size <= 0:
+            raise ValueError("chunk size must be positive")
+        while chunk := self.read(size):
+            yield chunk
+
     def verify(self) -> None:
         """Read whatever is left and raise DigestMismatchError unless the whole content matches."""
-        buf = bytearray(1 << 20)
+        buf = bytearray(CHUNK)
         while self.readinto(buf):
             pass
 
