@@ -27,6 +27,8 @@ class Digest(str):
             return value
         if not isinstance(value, str):
             raise InvalidDigestError(f"digest must be a string, not {type(value).__name__}")
+        if not value.isascii():  # also keeps lone surrogates away from the Rust str conversion
+            raise InvalidDigestError(f"invalid digest {value!r}: not ASCII")
         _core.validate_digest_str(value)
         return super().__new__(cls, value)
 

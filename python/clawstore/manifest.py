@@ -162,6 +162,19 @@ class Index:
 Manifest = ImageManifest | Index
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_manifest(data: bytes, media_type: str | None = None) -> Manifest:
     """Validate and type a manifest. InvalidManifestError for anything not a valid OCI manifest or
     index, over 4 MiB, or whose `mediaType` disagrees with `media_type`."""
@@ -170,12 +183,19 @@ def parse_manifest(data: bytes, media_type: str | None = None) -> Manifest:
     if len(data) > MAX_MANIFEST_SIZE:
         raise InvalidManifestError(f"manifest is {len(data)} bytes, over the {MAX_MANIFEST_SIZE} byte limit")
     try:
-        obj = json.loads(bytes(data))
+        # Strict: UTF-8 only (no BOM, no UTF-16/32 sniffing), no NaN/Infinity, no duplicate keys
+        # (two parsers must never disagree about what a stored manifest says).
+        obj = json.loads(
+            bytes(data).decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant
+        )
     except (UnicodeDecodeError, ValueError) as e:
         raise InvalidManifestError(f"manifest is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidManifestError("manifest JSON is nested too deeply") from None
     if not isinstance(obj, dict):
         raise InvalidManifestError("manifest must be a JSON object")
-    if obj.get("schemaVersion") != 2:
+    version = obj.get("schemaVersion")
+    if type(version) is not int or version != 2:
         raise InvalidManifestError("manifest schemaVersion must be 2")
     declared = obj.get("mediaType")
     if declared is not None and media_type is not None and declared != media_type:

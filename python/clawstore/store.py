@@ -59,7 +59,7 @@ class ArtifactStore:
     ) -> Descriptor:
         """Store bytes, a file path or a binary file object; one pass, verified, atomic."""
         exp = Digest.parse(expected) if expected is not None else None
-        alg = exp.algorithm if exp is not None else check_algorithm(algorithm or DEFAULT_ALGORITHM)
+        alg = exp.algorithm if exp is not None else check_algorithm(DEFAULT_ALGORITHM if algorithm is None else algorithm)
         if exp is not None and algorithm is not None and algorithm != exp.algorithm:
             raise DigestMismatchError(f"algorithm {algorithm!r} differs from expected digest {exp}")
         if isinstance(src, str | os.PathLike) and not Path(src).is_file():
@@ -101,6 +101,8 @@ class ArtifactStore:
     ) -> Descriptor:
         """Validate, check references exist, and store a manifest by its sha256 digest (or by the
         algorithm of `expected`). The exact bytes are kept: their digest is the manifest's name."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise InvalidManifestError(f"manifest must be bytes, not {type(data).__name__}")
         data = bytes(data)
         manifest = parse_manifest(data, media_type)
         exp = Digest.parse(expected) if expected is not None else None
