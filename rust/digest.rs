@@ -344,6 +344,38 @@ fn copy_file_hashed(
     .map_err(|e| io_err(&format!("{} -> {}", src.display(), dst.display()), e))
 }
 
+/// Copy the file at `src` into the already open, empty file `fd` (borrowed: the caller keeps
+/// owning and closing it, and any lock it holds on it), hashing in the same pass; fsyncs it.
+/// Returns (hex digest, size). Lets the local backend create and lock its temp file first.
+#[pyfunction]
+#[pyo3(signature = (src, fd, algorithm = "sha256"))]
+fn copy_file_hashed_fd(
+    py: Python<'_>,
+    src: std::path::PathBuf,
+    fd: i32,
+    algorithm: &str,
+) -> PyResult<(String, u64)> {
+    use std::os::fd::BorrowedFd;
+    let alg = parse_algorithm(algorithm)?;
+    if fd < 0 {
+        return Err(PyValueError::new_err(
+            "fd must be a non-negative file descriptor",
+        ));
+    }
+    // SAFETY: the caller passes an fd it keeps open for the duration of the call; we only dup it.
+    let owned = unsafe { BorrowedFd::borrow_raw(fd) }
+        .try_clone_to_owned()
+        .map_err(|e| io_err("dup", e))?;
+    let mut out = File::from(owned);
+    py.allow_threads(|| -> io::Result<(String, u64)> {
+        let input = File::open(&src)?;
+        let r = copy_hashed(alg, input, &mut out)?;
+        out.sync_all()?;
+        Ok(r)
+    })
+    .map_err(|e| io_err(&format!("{} -> fd {fd}", src.display()), e))
+}
+
 /// Raise InvalidDigestError unless `digest` is `algorithm:hex` of a supported algorithm.
 #[pyfunction]
 fn validate_digest_str(digest: &str) -> PyResult<(String, String)> {
@@ -357,6 +389,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(digest_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(digest_file, m)?)?;
     m.add_function(wrap_pyfunction!(copy_file_hashed, m)?)?;
+    m.add_function(wrap_pyfunction!(copy_file_hashed_fd, m)?)?;
     m.add_function(wrap_pyfunction!(validate_digest_str, m)?)?;
     Ok(())
 }

@@ -6,7 +6,8 @@ Layout (every path is built by `LocalLayout`):
     manifests/<alg>/<2 hex>/<hex>         manifest bytes
     refs/<repo>/_tags/<tag>               a tag: the manifest digest, one line
     refs/<repo>/_tags/.lock               flock(2) serialising compare-and-swap across processes
-    tmp/<pid>-<random>                    temp files; renamed into place or removed by cleanup
+    tmp/<pid>-<random>                    temp files, flock()ed by their writer while in use;
+                                          linked/renamed into place, or removed by cleanup
 
 Tags live under `_tags/` (not `refs/<repo>/<tag>`) because repository names nest: `a/b` is a
 repository and `b` could be a tag of `a`. `_` cannot start a repository component or a tag, so
@@ -22,6 +23,7 @@ import contextlib
 import fcntl
 import os
 import secrets
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,9 +125,48 @@ class LocalBackend:
             for d in [*missing[1:], p]:  # make each new directory entry durable
                 fsync_dir(d)
 
-    def _commit(self, tmp: Path, final: Path, *, replace: bool) -> bool:
-        """Move a fsynced temp file into place. Returns False if `final` existed and `replace` is off
-        (content-addressed: the existing file is the same content, keep it)."""
+    @contextlib.contextmanager
+    def _temp(self) -> Iterator[tuple[Path, int]]:
+        """A new temp file in tmp/, open for writing and flock()ed for as long as it is in use.
+
+        The lock is what tells `cleanup` that a writer is alive (it dies with the process, in any
+        pid namespace). `cleanup` may take the lock in the instant between our O_EXCL create and
+        our flock; then the file is (being) unlinked, and we start over with a new name. On the
+        way out the temp name is removed: after a link commit, or after any failure.
+        """
+        for _ in range(16):
+            path = self.layout.new_temp()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.fstat(fd).st_nlink > 0:
+                    break
+            except BlockingIOError:
+                pass
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            os.close(fd)
+        else:  # pragma: no cover - needs a cleanup loop racing every single create
+            raise OSError(f"could not create a temp file in {self.layout.tmp}")
+        try:
+            yield path, fd
+        finally:
+            try:
+                path.unlink(missing_ok=True)  # a renamed temp is gone already; names never repeat
+            finally:
+                os.close(fd)  # releases the lock, only once the temp name is gone
+
+    @staticmethod
+    def _write_all(fd: int, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+
+    def _commit(self, tmp: Path, final: Path, *, replace: bool, size: int | None = None) -> bool:
+        """Move a fsynced temp file into place. Returns False if `final` existed and `replace` is
+        off (content-addressed: the existing file is the same content, keep it) -- unless its size
+        differs from `size`: then it was damaged (truncated) and the verified temp replaces it."""
         self._make_parent(final)
         if replace:
             os.replace(tmp, final)
@@ -133,31 +174,38 @@ class LocalBackend:
             try:
                 os.link(tmp, final)  # atomic create-if-absent; never clobbers a committed blob
             except FileExistsError:
-                tmp.unlink(missing_ok=True)
-                return False
-            tmp.unlink()
+                if size is None or self._size(final) in (size, None):
+                    return False
+                os.replace(tmp, final)
         if self.fsync:
             fsync_dir(final.parent)
         return True
 
-    def _write_temp(self, data: bytes) -> Path:
-        tmp = self.layout.new_temp()
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
+    @staticmethod
+    def _size(path: Path) -> int | None:
+        try:
+            return path.stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def _put_bytes(self, data: bytes, final: Path, *, replace: bool) -> bool:
+        with self._temp() as (tmp, fd):
+            self._write_all(fd, data)
             if self.fsync:
-                os.fsync(f.fileno())
-        return tmp
+                os.fsync(fd)
+            return self._commit(tmp, final, replace=replace, size=len(data))
 
     # -- blobs ---------------------------------------------------------------------------------
     def write_blob(self, src: BlobSource, algorithm: str, expected: Digest | None) -> tuple[Digest, int]:
         if isinstance(src, bytes | bytearray | memoryview):
-            digest = Digest.from_hex(algorithm, _core.digest_bytes(src, algorithm))
+            # Copy a mutable buffer first: the bytes hashed must be the bytes written.
+            data = src if isinstance(src, bytes) else bytes(src)
+            digest = Digest.from_hex(algorithm, _core.digest_bytes(data, algorithm))
             self._check(digest, expected)
             final = self.layout.blob(digest)
-            if not final.exists():
-                self._commit(self._write_temp(bytes(src)), final, replace=False)
-            return digest, len(memoryview(src).cast("B"))
+            if self._size(final) != len(data):
+                self._put_bytes(data, final, replace=False)
+            return digest, len(data)
         if isinstance(src, str | os.PathLike):
             path = os.fspath(src)
             if expected is not None:
@@ -165,48 +213,43 @@ class LocalBackend:
                 if size is not None and size == os.stat(path).st_size:
                     # Already stored under the digest the caller vouches for: no need to read.
                     return expected, size
-            tmp = self.layout.new_temp()
-            try:
-                hexd, size = _core.copy_file_hashed(path, os.fspath(tmp), algorithm)
+            with self._temp() as (tmp, fd):
+                hexd, size = _core.copy_file_hashed_fd(path, fd, algorithm)  # fsyncs
                 digest = Digest.from_hex(algorithm, hexd)
                 self._check(digest, expected)
-                self._commit(tmp, self.layout.blob(digest), replace=False)
-            finally:
-                tmp.unlink(missing_ok=True)
+                self._commit(tmp, self.layout.blob(digest), replace=False, size=size)
             return digest, size
         return self._write_stream(src, algorithm, expected)
 
     def _write_stream(self, src: BinaryIO, algorithm: str, expected: Digest | None) -> tuple[Digest, int]:
         hasher = Hasher(algorithm)
-        tmp = self.layout.new_temp()
         size = 0
-        try:
-            with open(tmp, "xb", buffering=0) as out:
-                buf = bytearray(CHUNK)
-                view = memoryview(buf)
-                readinto = getattr(src, "readinto", None)
-                while True:
-                    if readinto is not None:
-                        n = readinto(view)
-                        if n is None:
-                            raise BlockingIOError("non-blocking source not supported")
-                        chunk = view[:n]
-                    else:
-                        data = src.read(CHUNK)
-                        n, chunk = len(data), memoryview(data)
-                    if n == 0:
-                        break
-                    hasher.update(chunk)
-                    out.write(chunk)
-                    size += n
-                if self.fsync:
-                    os.fsync(out.fileno())
+        with self._temp() as (tmp, fd):
+            buf = bytearray(CHUNK)
+            view = memoryview(buf)
+            readinto = getattr(src, "readinto", None)
+            while True:
+                if readinto is not None:
+                    n = readinto(view)
+                    if n is None:
+                        raise BlockingIOError("non-blocking source not supported")
+                    chunk = view[:n]
+                else:
+                    data = src.read(CHUNK)
+                    if not isinstance(data, bytes | bytearray | memoryview):
+                        raise TypeError(f"blob source must yield bytes, not {type(data).__name__}")
+                    n, chunk = len(data), memoryview(data)
+                if n == 0:
+                    break
+                hasher.update(chunk)
+                self._write_all(fd, chunk)
+                size += n
+            if self.fsync:
+                os.fsync(fd)
             digest = Digest.from_hex(algorithm, hasher.hexdigest())
             self._check(digest, expected)
-            self._commit(tmp, self.layout.blob(digest), replace=False)
+            self._commit(tmp, self.layout.blob(digest), replace=False, size=size)
             return digest, size
-        finally:
-            tmp.unlink(missing_ok=True)
 
     @staticmethod
     def _check(digest: Digest, expected: Digest | None) -> None:
@@ -251,6 +294,8 @@ class LocalBackend:
                 if not sub.is_dir():
                     continue
                 for f in sorted(sub.iterdir()):
+                    if not f.name.startswith(sub.name):
+                        continue  # not at its fanout path: not a stored object
                     with contextlib.suppress(ClawstoreError):
                         yield Digest.from_hex(alg, f.name)
 
@@ -260,9 +305,8 @@ class LocalBackend:
     # -- manifests -----------------------------------------------------------------------------
     def write_manifest(self, digest: Digest, data: bytes) -> None:
         final = self.layout.manifest(digest)
-        if final.exists():
-            return
-        self._commit(self._write_temp(data), final, replace=False)
+        if self._size(final) != len(data):
+            self._put_bytes(data, final, replace=False)
 
     def read_manifest(self, digest: Digest) -> bytes:
         try:
@@ -314,7 +358,7 @@ class LocalBackend:
                     self._remove(path)
                 return current
             if current != new:
-                self._commit(self._write_temp(f"{new}\n".encode()), path, replace=True)
+                self._put_bytes(f"{new}\n".encode(), path, replace=True)
             return current
 
     def iter_tags(self, repo: str) -> Iterator[str]:
@@ -342,22 +386,40 @@ class LocalBackend:
             yield from self.layout.tmp.iterdir()
 
     def cleanup(self, older_than: float) -> CleanupReport:
-        """Remove temp files older than `older_than` seconds, or of any age whose writing process
-        (named in the file name) is gone."""
+        """Remove abandoned temp files: those no live writer holds locked, and that are older than
+        `older_than` seconds or whose writing process (named in the file name) is gone.
+
+        A temp file in use is flock()ed by its writer until it is committed and its name removed,
+        so a live writer's temp file is never removed, whatever its age or `older_than`.
+        """
         now = time.time()
         removed = nbytes = 0
         for p in self.iter_temp_files():
             try:
-                st = p.stat()
+                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
             except FileNotFoundError:
                 continue
-            pid_text = p.name.partition("-")[0]
-            dead = pid_text.isdigit() and not pid_alive(int(pid_text))
-            if dead or now - st.st_mtime >= older_than:
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
+            except OSError:  # a symlink or something else that is none of ours: leave it
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live writer holds it
+                st = os.fstat(fd)
+                if st.st_nlink == 0 or not stat.S_ISREG(st.st_mode):
+                    continue
+                pid_text = p.name.partition("-")[0]
+                dead = pid_text.isdigit() and not pid_alive(int(pid_text))
+                if dead or now - st.st_mtime >= older_than:
+                    try:
+                        p.unlink()  # while holding the lock: a writer that locks later sees nlink 0
+                    except FileNotFoundError:
+                        continue
                     removed += 1
                     nbytes += st.st_size
+            finally:
+                os.close(fd)
         return CleanupReport(removed, nbytes)
 
     def close(self) -> None:
