@@ -40,6 +40,9 @@ class VerifyingReader(io.RawIOBase):
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         if self._verified:
             return 0
+        if self.size is not None and self._seen == self.size:
+            self._finish()  # e.g. size 0: even read(0) checks the digest once nothing is left
+            return 0
         view = memoryview(buffer).cast("B")
         if self.size is not None:
             # Ask for one byte past the end at most, so over-long content is noticed.

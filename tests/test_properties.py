@@ -1,0 +1,413 @@
+"""Property tests (hypothesis): digests against independent oracles, round trips, bit flips,
+and a stateful model of blobs, manifests and tags with compare-and-swap."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import shutil
+import tempfile
+from pathlib import Path
+
+import blake3
+import clawstore
+import pytest
+from clawstore import (
+    ANY,
+    MISSING,
+    ArtifactStore,
+    BlobNotFoundError,
+    Descriptor,
+    Digest,
+    DigestMismatchError,
+    Hasher,
+    ImageManifest,
+    RefNotFoundError,
+    TagConflictError,
+)
+from clawstore import mediatypes as mt
+from clawstore.backends.local import LocalBackend
+from clawstore.manifest import EMPTY_CONFIG
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+ALGS = ["sha256", "sha512", "blake3"]
+
+
+def oracle_hex(data: bytes, algorithm: str) -> str:
+    if algorithm == "blake3":
+        return blake3.blake3(data).hexdigest()
+    return hashlib.new(algorithm, data).hexdigest()
+
+
+@st.composite
+def data_and_cuts(draw: st.DrawFn, max_size: int = 1 << 16) -> tuple[bytes, list[int]]:
+    data = draw(st.binary(max_size=max_size))
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=12)))
+    return data, cuts
+
+
+def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
+    bounds = [0, *cuts, len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+# -- digests -------------------------------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    dc=data_and_cuts(), algorithm=st.sampled_from(ALGS), kind=st.sampled_from(["bytes", "bytearray", "mv"])
+)
+def test_streaming_hasher_matches_oracles(dc: tuple[bytes, list[int]], algorithm: str, kind: str) -> None:
+    data, cuts = dc
+    h = Hasher(algorithm)
+    for p in pieces(data, cuts):
+        h.update({"bytes": p, "bytearray": bytearray(p), "mv": memoryview(p)}[kind])
+    want = oracle_hex(data, algorithm)
+    assert h.hexdigest() == want
+    assert h.digest() == f"{algorithm}:{want}"
+    assert h.size == len(data)
+    assert h.algorithm == algorithm
+    assert clawstore.digest_bytes(data, algorithm) == f"{algorithm}:{want}"
+
+
+@settings(max_examples=40, deadline=None)
+@given(dc=data_and_cuts(), algorithm=st.sampled_from(ALGS))
+def test_hasher_copy_forks_state(dc: tuple[bytes, list[int]], algorithm: str) -> None:
+    data, cuts = dc
+    h = Hasher(algorithm)
+    parts = pieces(data, cuts)
+    h.update(parts[0])
+    fork = h.copy()
+    for p in parts[1:]:
+        h.update(p)
+    fork.update(b"tail")
+    assert h.hexdigest() == oracle_hex(data, algorithm)
+    assert fork.hexdigest() == oracle_hex(parts[0] + b"tail", algorithm)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    size=st.sampled_from(
+        [0, 1, 63, 64, 65, 1023, 1024, 1025, (1 << 20) - 1, 1 << 20, (1 << 20) + 1, 3_000_017]
+    ),
+    algorithm=st.sampled_from(ALGS),
+    seed=st.integers(0, 2**32),
+)
+def test_large_and_boundary_sizes(size: int, algorithm: str, seed: int) -> None:
+    """Sizes around the block, chunk, GIL-release and parallel-blake3 thresholds."""
+    data = hashlib.shake_256(seed.to_bytes(8, "big")).digest(size) if size else b""
+    want = f"{algorithm}:{oracle_hex(data, algorithm)}"
+    assert clawstore.digest_bytes(data, algorithm) == want
+    h = Hasher(algorithm)
+    mv = memoryview(data)
+    step = max(1, size // 7)
+    for i in range(0, size, step):
+        h.update(mv[i : i + step])
+    assert h.digest() == want
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(data)
+        f.flush()
+        assert clawstore.digest_file(f.name, algorithm) == want
+
+
+# -- round trips -----------------------------------------------------------------------------------
+
+_fixture_ok = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@_fixture_ok
+@given(
+    data=st.binary(max_size=200_000),
+    algorithm=st.sampled_from(ALGS),
+    how=st.sampled_from(["bytes", "stream", "path"]),
+)
+def test_put_get_roundtrip(
+    store: ArtifactStore, tmp_path: Path, data: bytes, algorithm: str, how: str
+) -> None:
+    if how == "path":
+        src: object = tmp_path / "src"
+        (tmp_path / "src").write_bytes(data)
+    else:
+        src = data if how == "bytes" else io.BytesIO(data)
+    d = store.put_blob(src, algorithm=algorithm)  # type: ignore[arg-type]
+    assert d.digest == f"{algorithm}:{oracle_hex(data, algorithm)}"
+    assert d.size == len(data)
+    assert store.stat_blob(d.digest) == len(data)
+    assert store.read_blob(d.digest) == data
+    with store.get_blob(d.digest) as r:
+        assert b"".join(r.chunks(4099)) == data
+
+
+# -- bit flips -------------------------------------------------------------------------------------
+
+
+def flip(path: Path, bit: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(bit // 8)
+        b = f.read(1)[0]
+        f.seek(bit // 8)
+        f.write(bytes([b ^ (1 << (bit % 8))]))
+
+
+def read_with(store: ArtifactStore, digest: str, how: int) -> bytes:
+    with store.get_blob(digest) as r:
+        if how == 0:
+            return r.read()
+        if how == 1:
+            return r.read(store.stat_blob(digest))  # exactly the size, no EOF read
+        if how == 2:
+            return b"".join(r.chunks(7))
+        if how == 3:
+            out = io.BytesIO()
+            shutil.copyfileobj(r, out)
+            return out.getvalue()
+        r.verify()
+        return b""
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> ArtifactStore:
+    return clawstore.open(tmp_path / "store")
+
+
+def backend(store: ArtifactStore) -> LocalBackend:
+    assert isinstance(store.backend, LocalBackend)
+    return store.backend
+
+
+@pytest.mark.parametrize("algorithm", ALGS)
+def test_every_bit_flip_in_a_blob_is_detected(local: ArtifactStore, algorithm: str) -> None:
+    data = hashlib.sha256(algorithm.encode()).digest() * 3  # 96 bytes: 768 flips
+    d = local.put_blob(data, algorithm=algorithm).digest
+    path = backend(local).layout.blob(d)
+    for bit in range(len(data) * 8):
+        flip(path, bit)
+        with pytest.raises(DigestMismatchError):
+            read_with(local, d, bit % 5)
+        flip(path, bit)  # restore
+    assert local.read_blob(d) == data
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(min_size=1, max_size=3_000_000), where=st.floats(0, 1), how=st.integers(0, 4))
+def test_random_bit_flip_in_large_blob(local: ArtifactStore, data: bytes, where: float, how: int) -> None:
+    d = local.put_blob(data).digest
+    path = backend(local).layout.blob(d)
+    bit = min(int(where * len(data) * 8), len(data) * 8 - 1)
+    flip(path, bit)
+    try:
+        with pytest.raises(DigestMismatchError):
+            read_with(local, d, how)
+    finally:
+        flip(path, bit)
+
+
+@pytest.mark.parametrize("change", ["truncate", "extend", "empty"])
+def test_size_changes_detected(local: ArtifactStore, change: str) -> None:
+    data = b"0123456789" * 1000
+    d = local.put_blob(data).digest
+    path = backend(local).layout.blob(d)
+    if change == "truncate":
+        path.write_bytes(data[:-1])
+    elif change == "extend":
+        path.write_bytes(data + b"!")
+    else:
+        path.write_bytes(b"")
+    for how in range(5):
+        with pytest.raises(DigestMismatchError):
+            read_with(local, d, how)
+    # putting the content again repairs a blob whose size is wrong
+    local.put_blob(data)
+    assert local.read_blob(d) == data
+
+
+def test_every_bit_flip_in_a_manifest_is_detected(local: ArtifactStore) -> None:
+    local.put_blob(mt.EMPTY_JSON)
+    layer = local.put_blob(b"layer")
+    m = ImageManifest(EMPTY_CONFIG, (layer,), artifact_type=mt.CHECKPOINT, annotations={"k": "v"})
+    data = m.to_json()
+    d = local.put_manifest(data).digest
+    path = backend(local).layout.manifest(d)
+    for bit in range(len(data) * 8):
+        flip(path, bit)
+        with pytest.raises(DigestMismatchError):
+            local.get_manifest(d)
+        with pytest.raises(DigestMismatchError):
+            local.get_manifest_typed(d)
+        flip(path, bit)
+    assert local.get_manifest(d) == data
+    path.write_bytes(data + b" ")
+    with pytest.raises(DigestMismatchError):
+        local.get_manifest(d)
+
+
+# -- the stateful model ----------------------------------------------------------------------------
+
+REPOS = ["a", "a/b", "b", "vol/ws/alice"]
+TAGS = ["latest", "v1", "b", "_x"]
+
+
+class StoreModel(RuleBasedStateMachine):
+    """Blobs, manifests and tags (with CAS) against a plain dict model."""
+
+    blobs = Bundle("blobs")
+    manifests = Bundle("manifests")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="clawstore-model-")
+        self.store = clawstore.open(Path(self.dir) / "store")
+        self.model_blobs: dict[str, bytes] = {}
+        self.model_manifests: dict[str, bytes] = {}
+        self.model_tags: dict[tuple[str, str], str] = {}
+
+    def teardown(self) -> None:
+        self.store.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @initialize(target=blobs)
+    def empty_config(self) -> str:
+        d = self.store.put_blob(mt.EMPTY_JSON).digest
+        self.model_blobs[d] = mt.EMPTY_JSON
+        return d
+
+    @rule(target=blobs, data=st.binary(max_size=3000), algorithm=st.sampled_from(ALGS), stream=st.booleans())
+    def put_blob(self, data: bytes, algorithm: str, stream: bool) -> str:
+        d = self.store.put_blob(io.BytesIO(data) if stream else data, algorithm=algorithm)
+        assert d.digest == f"{algorithm}:{oracle_hex(data, algorithm)}"
+        self.model_blobs[d.digest] = data
+        return d.digest
+
+    @rule(d=blobs)
+    def read_blob(self, d: str) -> None:
+        if d in self.model_blobs:
+            assert self.store.read_blob(d) == self.model_blobs[d]
+            assert self.store.stat_blob(d) == len(self.model_blobs[d])
+        else:
+            assert not self.store.has_blob(d)
+            with pytest.raises(BlobNotFoundError):
+                self.store.read_blob(d)
+
+    @rule(d=consumes(blobs))
+    def delete_blob(self, d: str) -> None:
+        if d == mt.EMPTY_DIGEST:
+            return
+        if d in self.model_blobs:
+            self.store.delete_blob(d)
+            del self.model_blobs[d]
+        else:
+            with pytest.raises(BlobNotFoundError):
+                self.store.delete_blob(d)
+
+    @rule(target=manifests, layers=st.lists(blobs, max_size=4), note=st.text(max_size=20))
+    def put_manifest(self, layers: list[str], note: str) -> str:
+        descs = []
+        dangling = False
+        for d in layers:
+            if d in self.model_blobs:
+                descs.append(Descriptor(Digest(d), len(self.model_blobs[d]), mt.VOLUME_LAYER))
+            else:
+                dangling = True
+                descs.append(Descriptor(Digest(d), 1, mt.VOLUME_LAYER))
+        cfg_ok = mt.EMPTY_DIGEST in self.model_blobs
+        data = ImageManifest(
+            EMPTY_CONFIG, tuple(descs), artifact_type=mt.VOLUME, annotations={"note": note}
+        ).to_json()
+        if dangling or not cfg_ok:
+            with pytest.raises(clawstore.InvalidManifestError):
+                self.store.put_manifest(data)
+            return "sha256:" + hashlib.sha256(data).hexdigest()  # a digest that is not stored
+        d = self.store.put_manifest(data).digest
+        assert d == "sha256:" + hashlib.sha256(data).hexdigest()
+        self.model_manifests[d] = data
+        return d
+
+    @rule(
+        repo=st.sampled_from(REPOS),
+        tag=st.sampled_from(TAGS),
+        m=manifests,
+        mode=st.sampled_from(["any", "missing", "current", "stale"]),
+        stale=manifests,
+    )
+    def tag(self, repo: str, tag: str, m: str, mode: str, stale: str) -> None:
+        current = self.model_tags.get((repo, tag))
+        expect: object = {"any": ANY, "missing": MISSING, "current": current, "stale": stale}[mode]
+        if expect is None:
+            expect = MISSING
+        if m not in self.model_manifests:
+            with pytest.raises(clawstore.ManifestNotFoundError):
+                self.store.tag(repo, tag, m, expect=expect)
+            return
+        holds = expect is ANY or (expect is MISSING and current is None) or (expect == current)
+        if not holds:
+            with pytest.raises(TagConflictError):
+                self.store.tag(repo, tag, m, expect=expect)
+            return
+        assert self.store.tag(repo, tag, m, expect=expect) == current
+        self.model_tags[(repo, tag)] = m
+
+    @rule(
+        repo=st.sampled_from(REPOS),
+        tag=st.sampled_from(TAGS),
+        mode=st.sampled_from(["any", "current", "stale"]),
+        stale=manifests,
+    )
+    def untag(self, repo: str, tag: str, mode: str, stale: str) -> None:
+        current = self.model_tags.get((repo, tag))
+        expect: object = {"any": ANY, "current": current, "stale": stale}[mode]
+        if current is None:
+            with pytest.raises((RefNotFoundError, TagConflictError)):
+                self.store.untag(repo, tag, expect=ANY if expect is None else expect)
+            return
+        if expect is not ANY and expect != current:
+            with pytest.raises(TagConflictError):
+                self.store.untag(repo, tag, expect=expect)
+            return
+        assert self.store.untag(repo, tag, expect=expect) == current
+        del self.model_tags[(repo, tag)]
+
+    @precondition(lambda self: bool(self.model_manifests))
+    @rule(m=manifests)
+    def read_manifest(self, m: str) -> None:
+        if m in self.model_manifests:
+            assert self.store.get_manifest(m) == self.model_manifests[m]
+        else:
+            assert not self.store.has_manifest(m)
+
+    @rule()
+    def reopen(self) -> None:
+        self.store.close()
+        self.store = clawstore.open(Path(self.dir) / "store")
+
+    @invariant()
+    def tags_agree(self) -> None:
+        repos = sorted({r for r, _ in self.model_tags})
+        assert self.store.list_repos() == repos
+        for repo in REPOS:
+            want = sorted(t for r, t in self.model_tags if r == repo)
+            assert self.store.list_tags(repo) == want
+            for t in want:
+                assert self.store.resolve(repo, t) == self.model_tags[(repo, t)]
+
+    @invariant()
+    def contents_agree(self) -> None:
+        assert set(self.store.iter_blobs()) == set(self.model_blobs)
+        assert set(self.store.iter_manifests()) == set(self.model_manifests)
+
+
+TestStoreModel = StoreModel.TestCase
+TestStoreModel.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
