@@ -58,12 +58,10 @@ class ArtifactStore:
         algorithm: str | None = None,
     ) -> Descriptor:
         """Store bytes, a file path or a binary file object; one pass, verified, atomic."""
+        if algorithm is not None:
+            check_algorithm(algorithm)
         exp = Digest.parse(expected) if expected is not None else None
-        alg = (
-            exp.algorithm
-            if exp is not None
-            else check_algorithm(DEFAULT_ALGORITHM if algorithm is None else algorithm)
-        )
+        alg = exp.algorithm if exp is not None else (algorithm or DEFAULT_ALGORITHM)
         if exp is not None and algorithm is not None and algorithm != exp.algorithm:
             raise DigestMismatchError(f"algorithm {algorithm!r} differs from expected digest {exp}")
         if isinstance(src, str | os.PathLike) and not Path(src).is_file():

@@ -1,0 +1,155 @@
+"""Injected faults (ENOSPC, EIO, a failing source, an interrupt) on every local write path:
+the call fails with the error, no temp file or partial object is left, and the store's earlier
+state is intact and still writable."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import clawstore
+import pytest
+from clawstore import ArtifactStore, ImageManifest
+from clawstore import mediatypes as mt
+from clawstore.backends import local as local_mod
+from clawstore.manifest import EMPTY_CONFIG
+
+
+def files(root: Path) -> dict[str, bytes]:
+    """Every file of the store but the (empty) tag lock files, which a CAS creates first."""
+    return {
+        os.path.relpath(os.path.join(d, f), root): Path(d, f).read_bytes()
+        for d, _, fs in os.walk(root)
+        for f in fs
+        if f != ".lock"
+    }
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[ArtifactStore]:
+    with clawstore.open(tmp_path / "store") as s:
+        s.put_blob(mt.EMPTY_JSON)
+        layer = s.put_blob(b"old layer")
+        d = s.put_manifest(ImageManifest(EMPTY_CONFIG, (layer,), artifact_type=mt.VOLUME).to_json())
+        s.tag("repo", "latest", d.digest)
+        yield s
+
+
+BIG = hashlib.shake_256(b"big").digest(3_000_000)
+
+
+def new_manifest(s: ArtifactStore) -> bytes:
+    return ImageManifest(EMPTY_CONFIG, (), artifact_type=mt.CHECKPOINT, annotations={"n": "1"}).to_json()
+
+
+WRITES: dict[str, Callable[[ArtifactStore, Path], object]] = {
+    "blob bytes": lambda s, p: s.put_blob(BIG),
+    "blob stream": lambda s, p: s.put_blob(io.BytesIO(BIG)),
+    "blob path": lambda s, p: s.put_blob(p),
+    "manifest": lambda s, p: s.put_manifest(new_manifest(s)),
+    "tag": lambda s, p: s.tag("repo", "latest", s.put_manifest(new_manifest(s)).digest),
+    "new tag": lambda s, p: s.tag("repo/new", "t", s.resolve("repo", "latest")),
+}
+
+
+def enospc(*_: object, **__: object) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+
+def check_unchanged(s: ArtifactStore, before: dict[str, bytes], allow_new: bool = False) -> None:
+    root = Path(s.backend.root)  # type: ignore[attr-defined]
+    after = files(root)
+    assert [k for k in after if k.startswith("tmp")] == [], "temp file left behind"
+    if allow_new:  # e.g. a manifest committed before the tag write failed
+        assert {k: v for k, v in after.items() if k in before} == before
+    else:
+        assert after == before
+    old = s.resolve("repo", "latest")
+    assert s.get_manifest_typed(old)
+
+
+@pytest.mark.parametrize("fault", ["write", "fsync", "link", "replace", "copy"])
+@pytest.mark.parametrize("what", list(WRITES))
+def test_fault_leaves_nothing(
+    store: ArtifactStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, what: str
+) -> None:
+    src = tmp_path / "src"
+    src.write_bytes(BIG)
+    root = Path(store.backend.root)  # type: ignore[attr-defined]
+    # the manifest a tag write needs is committed first, outside the fault
+    if what == "tag":
+        store.put_manifest(new_manifest(store))
+    before = files(root)
+    fake_copy = None
+    if fault == "copy":
+
+        def fake_copy(path: str, fd: int, algorithm: str) -> tuple[str, int]:
+            os.write(fd, b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    target = {
+        "write": (os, "write", enospc),
+        "fsync": (os, "fsync", enospc),
+        "link": (os, "link", enospc),
+        "replace": (os, "replace", enospc),
+        "copy": (local_mod._core, "copy_file_hashed_fd", fake_copy),
+    }[fault]
+    monkeypatch.setattr(*target)
+    try:
+        WRITES[what](store, src)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+        failed = True
+    else:
+        failed = False
+    monkeypatch.undo()
+    # which paths must see which fault: a fault a path never meets changes nothing
+    if failed:
+        check_unchanged(store, before)
+    else:
+        after = files(root)
+        assert [k for k in after if k.startswith("tmp")] == []
+    # and the store still works afterwards
+    WRITES[what](store, src)
+    if what.startswith("blob"):
+        assert store.read_blob("sha256:" + hashlib.sha256(BIG).hexdigest()) == BIG
+    elif what == "tag":
+        assert store.resolve("repo", "latest") == "sha256:" + hashlib.sha256(new_manifest(store)).hexdigest()
+    elif what == "new tag":
+        assert store.resolve("repo/new", "t") == store.resolve("repo", "latest")
+
+
+@pytest.mark.parametrize("exc", [OSError(errno.EIO, "source I/O error"), KeyboardInterrupt()])
+def test_failing_source(store: ArtifactStore, exc: BaseException) -> None:
+    root = Path(store.backend.root)  # type: ignore[attr-defined]
+    before = files(root)
+
+    class Failing(io.RawIOBase):
+        def __init__(self) -> None:
+            self.n = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+            self.n += 1
+            if self.n > 3:
+                raise exc
+            b[:1000] = b"x" * 1000
+            return 1000
+
+    with pytest.raises(type(exc)):
+        store.put_blob(Failing())
+    check_unchanged(store, before)
+
+
+def test_text_stream_refused(store: ArtifactStore) -> None:
+    root = Path(store.backend.root)  # type: ignore[attr-defined]
+    before = files(root)
+    with pytest.raises(TypeError):
+        store.put_blob(io.StringIO("text, not bytes"))  # type: ignore[arg-type]
+    check_unchanged(store, before)
