@@ -153,3 +153,69 @@ def test_text_stream_refused(store: ArtifactStore) -> None:
     with pytest.raises(TypeError):
         store.put_blob(io.StringIO("text, not bytes"))  # type: ignore[arg-type]
     check_unchanged(store, before)
+
+
+@pytest.mark.parametrize("err", [errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK])
+def test_no_hardlinks_falls_back_to_rename(
+    store: ArtifactStore, monkeypatch: pytest.MonkeyPatch, err: int
+) -> None:
+    def no_link(*_: object, **__: object) -> None:
+        raise OSError(err, "hard links not supported (injected)")
+
+    monkeypatch.setattr(os, "link", no_link)
+    d = store.put_blob(BIG).digest
+    assert store.put_blob(io.BytesIO(BIG)).digest == d  # the second put keeps the first
+    m = store.put_manifest(new_manifest(store)).digest
+    monkeypatch.undo()
+    assert store.read_blob(d) == BIG
+    assert store.get_manifest(m) == new_manifest(store)
+    assert list(Path(store.backend.root, "tmp").iterdir()) == []  # type: ignore[attr-defined]
+
+
+def test_durability_order(store: ArtifactStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """containerd's commit order: data fsynced before the name appears; each new directory entry
+    (fanout directories included) and the final name made durable by fsyncing its directory."""
+    root = Path(store.backend.root)  # type: ignore[attr-defined]
+    events: list[tuple[str, str]] = []
+    real_fsync, real_link, real_replace, real_dir = os.fsync, os.link, os.replace, local_mod.fsync_dir
+
+    def fsync(fd: int) -> None:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if not os.path.isdir(target):  # fsync_dir's own fsync is recorded as fsync_dir
+            events.append(("fsync", target))
+        real_fsync(fd)
+
+    def link(a: str, b: str, **kw: object) -> None:
+        events.append(("link", os.fspath(b)))
+        real_link(a, b, **kw)  # type: ignore[arg-type]
+
+    def replace(a: str, b: str, **kw: object) -> None:
+        events.append(("rename", os.fspath(b)))
+        real_replace(a, b, **kw)  # type: ignore[arg-type]
+
+    def fsync_dir(p: str) -> None:
+        events.append(("fsync_dir", os.fspath(p)))
+        real_dir(p)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(local_mod, "fsync_dir", fsync_dir)
+
+    d = store.put_blob(b"new", algorithm="blake3").digest  # a new algorithm dir and fanout dir
+    final = str(root / "blobs" / "blake3" / d.encoded[:2] / d.encoded)
+    kinds = [k for k, _ in events]
+    assert kinds == ["fsync", "fsync_dir", "fsync_dir", "link", "fsync_dir"], events
+    assert events[0][1].startswith(str(root / "tmp"))
+    assert {p for k, p in events[1:3]} == {str(root / "blobs"), str(root / "blobs" / "blake3")}
+    assert events[3][1] == final and events[4][1] == os.path.dirname(final)
+
+    events.clear()
+    store.tag("new/repo", "t", store.resolve("repo", "latest"))
+    renames = [i for i, (k, _) in enumerate(events) if k == "rename"]
+    (r,) = renames
+    tag_path = str(root / "refs" / "new" / "repo" / "_tags" / "t")
+    assert events[r][1] == tag_path
+    assert events[r - 1][0] == "fsync" and events[r + 1] == ("fsync_dir", os.path.dirname(tag_path))
+    dirs = {p for k, p in events[:r] if k == "fsync_dir"}
+    assert dirs == {str(root / "refs"), str(root / "refs" / "new"), str(root / "refs" / "new" / "repo")}

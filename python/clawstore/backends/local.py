@@ -20,6 +20,7 @@ A crash leaves the old state or the new one, plus temp files that `cleanup` remo
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import secrets
@@ -41,6 +42,7 @@ from clawstore.errors import (
 )
 
 CHUNK = 1 << 20
+_NO_HARDLINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS})
 TAGS_DIR = "_tags"
 
 
@@ -175,6 +177,15 @@ class LocalBackend:
                 os.link(tmp, final)  # atomic create-if-absent; never clobbers a committed blob
             except FileExistsError:
                 if size is None or self._size(final) in (size, None):
+                    return False
+                os.replace(tmp, final)
+            except OSError as e:
+                if e.errno not in _NO_HARDLINKS:
+                    raise
+                # A filesystem without hard links (some FUSE/SMB mounts) or at its link limit:
+                # rename instead. Not create-if-absent, but the name is the content's digest, so
+                # a concurrent writer's rename replaces it with identical, verified bytes.
+                if size is not None and self._size(final) == size:
                     return False
                 os.replace(tmp, final)
         if self.fsync:
