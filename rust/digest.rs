@@ -160,7 +160,7 @@ pub fn hash_path(algorithm: Algorithm, path: &Path) -> io::Result<(String, u64)>
     hash_reader(algorithm, file)
 }
 
-/// Copy `src` into `dst` while hashing it, in one read of the source; `dst` is fsynced when `sync`.
+/// Copy `src` into `dst` while hashing it, in one read of the source (the caller syncs `dst`).
 pub fn copy_hashed<R: Read, W: Write>(
     algorithm: Algorithm,
     mut src: R,
@@ -182,6 +182,19 @@ pub fn copy_hashed<R: Read, W: Write>(
     }
     dst.flush()?;
     Ok((hasher.hex(), total))
+}
+
+/// Copy the file at `src` into `out` (an open, empty file owned by the caller) while hashing,
+/// then fsync `out`. Returns (hex, size). The caller keeps `out` and whatever lock it holds on it.
+pub fn copy_path_synced(
+    algorithm: Algorithm,
+    src: &Path,
+    out: &mut File,
+) -> io::Result<(String, u64)> {
+    let input = File::open(src)?;
+    let r = copy_hashed(algorithm, input, out)?;
+    out.sync_all()?;
+    Ok(r)
 }
 
 pub fn parse_algorithm(name: &str) -> PyResult<Algorithm> {
@@ -253,15 +266,14 @@ impl PyHasher {
     }
 
     fn update(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        let mut inner = self.inner.clone();
-        // Hash outside the GIL on a local copy of the state, then store it back: `&mut self`
-        // cannot cross `allow_threads`, and cloning the small hash state is cheap.
+        // A field borrow is Send, so the state is updated in place, with the GIL released for
+        // large buffers (PyO3's borrow flag keeps other threads off this object meanwhile).
+        let inner = &mut self.inner;
         let n = with_buffer(py, data, move |b| {
             inner.update(b);
-            (inner, b.len())
+            b.len()
         })?;
-        self.inner = n.0;
-        self.size += n.1 as u64;
+        self.size += n as u64;
         Ok(())
     }
 
@@ -367,13 +379,8 @@ fn copy_file_hashed_fd(
         .try_clone_to_owned()
         .map_err(|e| io_err("dup", e))?;
     let mut out = File::from(owned);
-    py.allow_threads(|| -> io::Result<(String, u64)> {
-        let input = File::open(&src)?;
-        let r = copy_hashed(alg, input, &mut out)?;
-        out.sync_all()?;
-        Ok(r)
-    })
-    .map_err(|e| io_err(&format!("{} -> fd {fd}", src.display()), e))
+    py.allow_threads(|| copy_path_synced(alg, &src, &mut out))
+        .map_err(|e| io_err(&format!("{} -> fd {fd}", src.display()), e))
 }
 
 /// Raise InvalidDigestError unless `digest` is `algorithm:hex` of a supported algorithm.
@@ -449,6 +456,83 @@ mod tests {
             assert_eq!(out, data);
         }
         Ok(())
+    }
+
+    #[test]
+    fn copy_into_open_file_keeps_the_callers_handle() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let src = dir.path().join("src");
+        let data: Vec<u8> = (0..(2 * READ_CHUNK + 3)).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&src, &data)?;
+        for alg in [Algorithm::Sha256, Algorithm::Sha512, Algorithm::Blake3] {
+            let dst = dir.path().join(format!("dst-{}", alg.name()));
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&dst)?;
+            let (h, n) = copy_path_synced(alg, &src, &mut out)?;
+            assert_eq!(n, data.len() as u64);
+            assert_eq!(h, hash_reader(alg, &data[..])?.0);
+            // the caller's handle is still usable afterwards
+            out.write_all(b"!")?;
+            drop(out);
+            let mut want = data.clone();
+            want.push(b'!');
+            assert_eq!(std::fs::read(&dst)?, want);
+        }
+        let mut out = File::create(dir.path().join("x"))?;
+        let err = copy_path_synced(Algorithm::Sha256, &dir.path().join("missing"), &mut out);
+        assert_eq!(err.map_err(|e| e.kind()), Err(io::ErrorKind::NotFound));
+        Ok(())
+    }
+
+    #[test]
+    fn empty_input_vectors() {
+        for (alg, want) in [
+            (
+                Algorithm::Sha256,
+                "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            ),
+            (
+                Algorithm::Blake3,
+                "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262",
+            ),
+        ] {
+            assert_eq!(StreamHasher::new(alg).hex(), want);
+            assert_eq!(
+                hash_reader(alg, &b""[..]).map(|r| r.0).ok().as_deref(),
+                Some(want)
+            );
+        }
+        let h = StreamHasher::new(Algorithm::Sha512).hex();
+        assert_eq!(h.len(), 128);
+        assert!(h.starts_with("cf83e1357eefb8bd"));
+    }
+
+    #[test]
+    fn digest_grammar_rejects_everything_else() {
+        let hex = "a".repeat(64);
+        for bad in [
+            String::new(),
+            "sha256".to_string(),
+            "sha256:".to_string(),
+            format!(":{hex}"),
+            format!("SHA256:{hex}"),
+            format!("sha256:{hex}\n"),
+            format!("sha256:{hex}\0"),
+            format!(" sha256:{hex}"),
+            format!("sha256::{}", &hex[1..]),
+            format!("sha512:{hex}"),
+            format!("blake3:{hex}{hex}"),
+            format!("sha256:{}é", &hex[..62]),
+            format!("sha256:{}g", &hex[1..]),
+            "sha256:../../../../../../../../../../../../../../../../../../../../etc/pw".to_string(),
+        ] {
+            assert!(validate_digest(&bad).is_err(), "accepted {bad:?}");
+        }
+        let good = format!("blake3:{hex}");
+        let (alg, h) = validate_digest(&good).expect("valid");
+        assert_eq!((alg, h), (Algorithm::Blake3, hex.as_str()));
     }
 
     #[test]
