@@ -243,3 +243,37 @@ def test_create_and_delete_races(tmp_path: Path) -> None:
     with clawstore.open(root) as s:
         assert s.list_tags("race/create") == []
         assert s.list_repos() == []
+
+
+def test_threads_share_one_store(tmp_path: Path) -> None:
+    """One ArtifactStore used from many threads (as a hub server would): the same guarantees."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = clawstore.open(tmp_path / "store")
+    store.put_blob(mt.EMPTY_JSON)
+    store.tag("t/free", "head", _manifest(store, None, count="0"), expect=MISSING)
+    k = 15
+    data = [blob_data(j) for j in range(6)]
+
+    def worker(i: int) -> int:
+        for j in range(len(data)):
+            assert store.put_blob(data[(i + j) % len(data)]).size == len(data[(i + j) % len(data)])
+        done = conflicts = 0
+        while done < k:
+            cur = store.resolve("t/free", "head")
+            count = int(json.loads(store.get_manifest(cur))["annotations"]["count"])
+            new = _manifest(store, cur, count=str(count + 1), worker=str(i))
+            try:
+                store.tag("t/free", "head", new, expect=cur)
+                done += 1
+            except TagConflictError:
+                conflicts += 1
+        return done
+
+    with ThreadPoolExecutor(N) as pool:
+        assert sum(pool.map(worker, range(N))) == N * k
+    head = store.resolve("t/free", "head")
+    assert json.loads(store.get_manifest(head))["annotations"]["count"] == str(N * k)
+    for d in data:
+        assert store.read_blob("sha256:" + hashlib.sha256(d).hexdigest()) == d
+    assert os.listdir(tmp_path / "store" / "tmp") == []

@@ -219,3 +219,11 @@ def test_durability_order(store: ArtifactStore, monkeypatch: pytest.MonkeyPatch)
     assert events[r - 1][0] == "fsync" and events[r + 1] == ("fsync_dir", os.path.dirname(tag_path))
     dirs = {p for k, p in events[:r] if k == "fsync_dir"}
     assert dirs == {str(root / "refs"), str(root / "refs" / "new"), str(root / "refs" / "new" / "repo")}
+
+
+def test_tmp_dir_removed_by_hand(store: ArtifactStore) -> None:
+    tmp = Path(store.backend.root, "tmp")  # type: ignore[attr-defined]
+    tmp.rmdir()
+    d = store.put_blob(b"after rm -r tmp").digest
+    assert store.read_blob(d) == b"after rm -r tmp"
+    assert list(tmp.iterdir()) == []

@@ -138,7 +138,12 @@ class LocalBackend:
         """
         for _ in range(16):
             path = self.layout.new_temp()
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            try:
+                fd = os.open(path, flags, 0o644)
+            except FileNotFoundError:  # tmp/ removed by hand: recreate it
+                self.layout.tmp.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, flags, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 if os.fstat(fd).st_nlink > 0:
@@ -407,16 +412,15 @@ class LocalBackend:
         removed = nbytes = 0
         for p in self.iter_temp_files():
             try:
-                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-            except FileNotFoundError:
-                continue
-            except OSError:  # a symlink or something else that is none of ours: leave it
+                # Read-write: on NFS, flock is emulated with fcntl locks, which need it for LOCK_EX.
+                fd = os.open(p, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError:  # gone, a symlink, a directory, unreadable: none of ours to remove
                 continue
             try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # a live writer holds it
+                except OSError:
+                    continue  # a live writer holds it (or it cannot be locked: leave it)
                 st = os.fstat(fd)
                 if st.st_nlink == 0 or not stat.S_ISREG(st.st_mode):
                     continue
