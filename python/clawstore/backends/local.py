@@ -150,6 +150,11 @@ class LocalBackend:
                     break
             except BlockingIOError:
                 pass
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                os.close(fd)
+                raise
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             os.close(fd)
@@ -181,7 +186,10 @@ class LocalBackend:
             try:
                 os.link(tmp, final)  # atomic create-if-absent; never clobbers a committed blob
             except FileExistsError:
-                if size is None or self._size(final) in (size, None):
+                existing = self._size(final)
+                if existing is None:  # deleted (gc) between our link and stat: link again
+                    return self._commit(tmp, final, replace=replace, size=size)
+                if size is None or existing == size:
                     return False
                 os.replace(tmp, final)
             except OSError as e:
