@@ -17,9 +17,9 @@ class VerifyingReader(io.RawIOBase):
     out the last bytes (when the size is known) or reporting end of data, so a caller can never
     mistake corrupt content for whole.
 
-    When the size is known the digest is checked on the read that reaches it: a caller that
-    reads exactly `size` bytes and stops has still had the whole content verified. Content
-    longer or shorter than `size` is a mismatch too.
+    When the size is known the reader hands out exactly `size` bytes, and the digest is checked
+    on the read that reaches it: a caller that reads exactly `size` bytes and stops has still had
+    the whole content verified. A stream that ends short of `size` is a mismatch too.
 
     Use as a context manager; `read()`, `readinto()`, `chunks()`, `shutil.copyfileobj` and
     `io.BufferedReader` all work. `verify()` drains the rest and checks, for callers that stop early.
@@ -45,8 +45,7 @@ class VerifyingReader(io.RawIOBase):
             return 0
         view = memoryview(buffer).cast("B")
         if self.size is not None:
-            # Ask for one byte past the end at most, so over-long content is noticed.
-            view = view[: max(self.size - self._seen, 0) + 1] if len(view) else view
+            view = view[: self.size - self._seen]  # never past the size: that content is verified
         if not len(view):
             return 0
         n = self._raw.readinto(view) if hasattr(self._raw, "readinto") else self._fallback(view)
