@@ -191,6 +191,26 @@ def test_put_from_os_pipe(store: ArtifactStore) -> None:
     assert store.read_blob(d.digest) == data
 
 
+def test_put_from_fifo_path(store: ArtifactStore, tmp_path: Path) -> None:
+    """A path that is not a regular file (a FIFO, /dev/stdin) is streamed; a directory is refused."""
+    data = payload(3_000_000, 11)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with open(fifo, "wb") as out:
+            out.write(data)
+
+    t = threading.Thread(target=feed)
+    t.start()
+    d = store.put_blob(fifo)
+    t.join()
+    assert (d.digest, d.size) == (sha256(data), len(data))
+    with pytest.raises(IsADirectoryError):
+        store.put_blob(tmp_path)
+    assert set(store.iter_blobs()) == {d.digest}
+
+
 def test_put_from_file_object_at_offset(store: ArtifactStore) -> None:
     """A file object is read from its current position, as copyfileobj would."""
     f = io.BytesIO(b"headerPAYLOAD")
@@ -437,6 +457,21 @@ def test_manifest_exact_bytes_kept(store: ArtifactStore) -> None:
     d = store.put_manifest(data)
     assert d.digest == sha256(data)
     assert store.get_manifest(d.digest) == data
+
+
+def test_embedded_descriptor_data(store: ArtifactStore) -> None:
+    """OCI 1.1 `data` on a descriptor must be base64 of exactly the described content."""
+    import base64
+
+    empty_config(store)
+    layer = store.put_blob(b"tiny")
+    obj = ImageManifest(EMPTY_CONFIG, (layer,), artifact_type=mt.VOLUME).to_dict()
+    obj["layers"][0]["data"] = base64.b64encode(b"tiny").decode()
+    assert store.put_manifest(canonical_json(obj)).size == len(canonical_json(obj))
+    for bad in (base64.b64encode(b"tinY").decode(), "not base64!", 5, base64.b64encode(b"tin").decode()):
+        obj["layers"][0]["data"] = bad
+        with pytest.raises(InvalidManifestError, match="data"):
+            store.put_manifest(canonical_json(obj))
 
 
 def test_manifest_sha512(store: ArtifactStore) -> None:

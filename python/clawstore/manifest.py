@@ -7,6 +7,7 @@ store can refuse dangling manifests and the hub can record edges for GC.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -72,6 +73,15 @@ class Descriptor:
         artifact_type = obj.get("artifactType")
         if artifact_type is not None and not mt.is_valid_media_type(artifact_type):
             raise InvalidManifestError(f"{where}.artifactType {artifact_type!r} is not a valid media type")
+        data = obj.get("data")
+        if data is not None:
+            # OCI 1.1 embedded content: it must be base64 of exactly the described bytes.
+            try:
+                raw = base64.b64decode(data, validate=True) if isinstance(data, str) else None
+            except ValueError:
+                raw = None
+            if raw is None or len(raw) != size or digest_bytes(raw, digest.algorithm) != digest:
+                raise InvalidManifestError(f"{where}.data is not base64 of the described content")
         urls = obj.get("urls")
         if urls is not None and (not isinstance(urls, list) or not all(isinstance(u, str) for u in urls)):
             raise InvalidManifestError(f"{where}.urls must be a list of strings")

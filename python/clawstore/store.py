@@ -7,6 +7,8 @@ bytes, atomicity and compare-and-swap.
 
 from __future__ import annotations
 
+import builtins
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,8 +66,16 @@ class ArtifactStore:
         alg = exp.algorithm if exp is not None else (algorithm or DEFAULT_ALGORITHM)
         if exp is not None and algorithm is not None and algorithm != exp.algorithm:
             raise DigestMismatchError(f"algorithm {algorithm!r} differs from expected digest {exp}")
-        if isinstance(src, str | os.PathLike) and not Path(src).is_file():
-            raise FileNotFoundError(f"no such file: {os.fspath(src)}")
+        if isinstance(src, str | os.PathLike):
+            path = Path(src)
+            if not path.exists():
+                raise FileNotFoundError(errno.ENOENT, "no such file", os.fspath(src))
+            if path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, "is a directory", os.fspath(src))
+            if not path.is_file():  # a FIFO, /dev/stdin, a character device: stream it
+                with builtins.open(path, "rb") as f:
+                    digest, size = self.backend.write_blob(f, alg, exp)
+                return Descriptor(digest, size, media_type)
         digest, size = self.backend.write_blob(src, alg, exp)
         return Descriptor(digest, size, media_type)
 
