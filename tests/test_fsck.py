@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -222,3 +223,35 @@ def test_report_serialises(local_store: clawstore.ArtifactStore) -> None:
         0
     ].items()
     assert mt.EMPTY_DIGEST not in {p["digest"] for p in out["problems"]}
+
+
+def test_no_false_alarms_while_writers_run(local_store: clawstore.ArtifactStore) -> None:
+    """fsck during pushes (blob, then manifest, then tag, as clients do) reports no errors."""
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for i in range(200):
+                if stop.is_set():
+                    return
+                layer = local_store.put_blob(os.urandom(50_000 + i), media_type="text/plain")
+                local_store.put_blob(b"{}")
+                m = local_store.put_manifest(
+                    ImageManifest(EMPTY_CONFIG, (layer,), artifact_type="application/vnd.example.t").to_json()
+                )
+                local_store.tag("busy/repo", f"t{i % 7}", m.digest)
+        except BaseException as e:  # pragma: no cover - reported below
+            failures.append(e)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for _ in range(15):
+            report = fsck(local_store)
+            assert report.ok, [str(p) for p in report.errors]
+    finally:
+        stop.set()
+        t.join(timeout=60)
+    assert not failures
+    assert fsck(local_store).ok
