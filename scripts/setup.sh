@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 for tool in zstd tar openssl; do command -v "$tool" >/dev/null 2>&1 || need_apt+=("$tool"); done
 command -v skopeo >/dev/null 2>&1 || need_apt+=(skopeo)
+# maturin and `cargo test` need a Rust toolchain; Debian's is the fallback when none is installed.
+command -v cargo >/dev/null 2>&1 || need_apt+=(cargo rustc)
 if [ ${#need_apt[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "setup: installing ${need_apt[*]} from Debian" >&2
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

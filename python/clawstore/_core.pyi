@@ -52,3 +52,7 @@ def copy_file_hashed_fd(src: str | PathLike[str], fd: int, algorithm: str = "sha
 
 def validate_digest_str(digest: str) -> tuple[str, str]:
     """(algorithm, hex) or InvalidDigestError."""
+
+def hash_features() -> dict[str, bool | int]:
+    """CPU features the hashing uses here (`sha_ni`, `avx2`, `avx512f`), blake3 thread count and
+    the read size: for benchmark reports and diagnostics."""

@@ -1,0 +1,5 @@
+"""`python -m clawstore` runs the command line."""
+
+from clawstore.cli import main
+
+main()

@@ -1,0 +1,68 @@
+"""`clawstore manifest put|get`: OCI image manifests and indexes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from clawstore.cli.blob import atomic_output
+from clawstore.cli.common import CliContext, pass_cli
+from clawstore.digest import Digest
+from clawstore.errors import InvalidManifestError
+from clawstore.manifest import MAX_MANIFEST_SIZE
+
+
+def _read_limited(source: str) -> bytes:
+    """Read at most the manifest limit (+1 byte to detect oversize) from FILE or stdin."""
+    if source == "-":
+        data = sys.stdin.buffer.read(MAX_MANIFEST_SIZE + 1)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"no such file: {source}")
+        with open(path, "rb") as f:
+            data = f.read(MAX_MANIFEST_SIZE + 1)
+    if len(data) > MAX_MANIFEST_SIZE:
+        raise InvalidManifestError(f"manifest is larger than the {MAX_MANIFEST_SIZE} byte limit")
+    return data
+
+
+@click.group("manifest")
+def manifest_group() -> None:
+    """Store and fetch OCI manifests (validated; every referenced blob must exist)."""
+
+
+@manifest_group.command("put")
+@click.argument("source", metavar="FILE|-")
+@click.option("--media-type", metavar="TYPE", help="Media type, when the JSON has no mediaType field.")
+@click.option("--expected", metavar="DIGEST", help="Refuse unless the manifest has this digest.")
+@pass_cli
+def manifest_put(ctx: CliContext, source: str, media_type: str | None, expected: str | None) -> None:
+    """Validate and store the manifest in FILE (or stdin with -); print its digest.
+
+    The exact bytes are stored: the digest is that of the file as given.
+    """
+    exp = Digest.parse(expected) if expected is not None else None
+    data = _read_limited(source)
+    click.echo(ctx.store.put_manifest(data, media_type, expected=exp).digest)
+
+
+@manifest_group.command("get")
+@click.argument("digest")
+@click.option("-o", "--output", metavar="FILE", help="Write to FILE instead of stdout.")
+@pass_cli
+def manifest_get(ctx: CliContext, digest: str, output: str | None) -> None:
+    """Print a manifest's exact bytes (verified against DIGEST)."""
+    data = ctx.store.get_manifest(Digest.parse(digest))
+    if output is None or output == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        with atomic_output(output) as out:
+            out.write(data)
+
+
+def register(group: click.Group) -> None:
+    group.add_command(manifest_group)

@@ -1,0 +1,386 @@
+"""Store consistency check: every digest re-hashed, every manifest parsed, every reference and tag
+followed.
+
+`fsck` sits above `clawstore.store` and works only through the `ArtifactStore` API (plus, where a
+backend offers it, the optional `iter_temp_files()` listing), so it checks the local and the S3
+data planes alike. It never trusts a file name: blobs are streamed through the store's verifying
+reader, manifests through `get_manifest`, which both re-hash the stored bytes.
+
+What it checks, in order:
+
+1. blobs: every stored blob hashes to its digest (and has the size it was stored with);
+2. manifests: every stored manifest hashes to its digest, parses as an OCI manifest/index, and
+   every blob/manifest it references exists with the size its descriptor states (a `subject`
+   may dangle, as in the OCI distribution spec);
+3. tags: every tag holds a valid digest of an existing manifest that passed step 2;
+4. temp files: leftovers of writers (reported as warnings, never as corruption).
+
+What `repair=True` does, and nothing more:
+
+* removes abandoned temp files through `store.cleanup(older_than=stale_after)`: those whose
+  writing process is gone (at any age) and those older than `stale_after` seconds; temp files of
+  live writers younger than that are in-flight uploads and are left alone;
+* deletes blobs and manifests whose bytes do not hash to their digest. A content-addressed store
+  keeps the first copy it has of a digest, so a corrupt copy would otherwise block a re-push of
+  the good content forever; after repair, re-pushing the same content heals the store. Manifests
+  that referenced a deleted blob then show up as `dangling-reference` in the same report.
+
+It never removes tags, valid manifests or blobs that hash correctly (that is `gc`'s job).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from clawstore.digest import Digest
+from clawstore.errors import (
+    ClawstoreError,
+    DigestMismatchError,
+    InvalidManifestError,
+    NotFoundError,
+)
+from clawstore.manifest import parse_manifest, references
+from clawstore.store import ArtifactStore
+
+#: Temp files older than this (or of dead writers) are abandoned; `repair` removes them.
+DEFAULT_STALE_AFTER = 3600.0
+_READ_CHUNK = 4 << 20
+
+#: progress(phase, done, total): phase is "blobs" (done/total in bytes), "manifests" or "tags"
+#: (done/total in items). Called after each unit of work; `total` may be 0 for empty phases.
+ProgressFn = Callable[[str, int, int], None]
+
+
+class Severity(StrEnum):
+    ERROR = "error"  # the store's content or references are wrong
+    WARNING = "warning"  # leftovers that do not affect correctness
+
+
+class ProblemKind(StrEnum):
+    CORRUPT_BLOB = "corrupt-blob"
+    CORRUPT_MANIFEST = "corrupt-manifest"
+    INVALID_MANIFEST = "invalid-manifest"
+    DANGLING_REFERENCE = "dangling-reference"
+    DANGLING_TAG = "dangling-tag"
+    INVALID_TAG = "invalid-tag"
+    TEMP_FILE = "temp-file"
+
+    @property
+    def severity(self) -> Severity:
+        return Severity.WARNING if self is ProblemKind.TEMP_FILE else Severity.ERROR
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One finding. `digest` is the blob/manifest concerned (None for tags and temp files);
+    `ref` is `repo:tag` for tag problems or the temp file name."""
+
+    kind: ProblemKind
+    digest: Digest | None
+    detail: str
+    ref: str | None = None
+    repaired: bool = False
+
+    @property
+    def severity(self) -> Severity:
+        return self.kind.severity
+
+    def __str__(self) -> str:
+        subject = self.digest or self.ref or ""
+        fixed = " [repaired]" if self.repaired else ""
+        return f"{self.kind.value}: {subject}: {self.detail}{fixed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind.value,
+            "severity": self.severity.value,
+            "digest": self.digest,
+            "ref": self.ref,
+            "detail": self.detail,
+            "repaired": self.repaired,
+        }
+
+
+@dataclass(slots=True)
+class FsckReport:
+    """What fsck saw and found. `ok` is False when any error-severity problem remains."""
+
+    blobs: int = 0
+    blob_bytes: int = 0
+    manifests: int = 0
+    manifest_bytes: int = 0
+    repos: int = 0
+    tags: int = 0
+    temp_files: int = 0
+    temp_bytes: int = 0
+    #: Temp files and bytes removed by repair.
+    temp_removed: int = 0
+    temp_removed_bytes: int = 0
+    #: Corrupt blobs/manifests deleted by repair.
+    deleted: list[Digest] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity is Severity.ERROR]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity is Severity.WARNING]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def by_kind(self, kind: ProblemKind) -> list[Problem]:
+        return [p for p in self.problems if p.kind is kind]
+
+    def summary(self) -> str:
+        state = "ok" if self.ok else f"{len(self.errors)} error(s)"
+        parts = [
+            f"{self.blobs} blobs ({self.blob_bytes} bytes)",
+            f"{self.manifests} manifests",
+            f"{self.tags} tags in {self.repos} repositories",
+            f"{self.temp_files} temp files",
+        ]
+        if self.temp_removed or self.deleted:
+            parts.append(
+                f"repaired: {self.temp_removed} temp files removed, {len(self.deleted)} corrupt deleted"
+            )
+        return f"fsck {state}: " + ", ".join(parts) + f" in {self.seconds:.1f}s"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "blobs": self.blobs,
+            "blob_bytes": self.blob_bytes,
+            "manifests": self.manifests,
+            "manifest_bytes": self.manifest_bytes,
+            "repos": self.repos,
+            "tags": self.tags,
+            "temp_files": self.temp_files,
+            "temp_bytes": self.temp_bytes,
+            "temp_removed": self.temp_removed,
+            "temp_removed_bytes": self.temp_removed_bytes,
+            "deleted": list(self.deleted),
+            "problems": [p.to_dict() for p in self.problems],
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _noop(_phase: str, _done: int, _total: int) -> None:
+    pass
+
+
+def _sizes(digests: Iterator[Digest], stat: Callable[[Digest], int]) -> list[tuple[Digest, int]]:
+    out = []
+    for d in digests:
+        with contextlib.suppress(NotFoundError):  # removed since listed (gc running): skip it
+            out.append((d, stat(d)))
+    return out
+
+
+def _check_blobs(store: ArtifactStore, report: FsckReport, repair: bool, progress: ProgressFn) -> set[Digest]:
+    """Re-hash every blob; returns the digests of the corrupt ones."""
+    blobs = _sizes(store.iter_blobs(), store.stat_blob)
+    total = sum(size for _, size in blobs)
+    done = 0
+    corrupt: set[Digest] = set()
+    buf = bytearray(_READ_CHUNK)
+    progress("blobs", 0, total)
+    for digest, size in blobs:
+        try:
+            with store.get_blob(digest) as reader:
+                while n := reader.readinto(buf):
+                    done += n
+                    progress("blobs", done, total)
+        except NotFoundError:
+            continue
+        except DigestMismatchError as e:
+            corrupt.add(digest)
+            repaired = False
+            if repair:
+                with contextlib.suppress(NotFoundError):
+                    store.delete_blob(digest)
+                report.deleted.append(digest)
+                repaired = True
+            report.problems.append(Problem(ProblemKind.CORRUPT_BLOB, digest, str(e), repaired=repaired))
+        report.blobs += 1
+        report.blob_bytes += size
+    return corrupt
+
+
+def _check_manifests(
+    store: ArtifactStore, report: FsckReport, corrupt_blobs: set[Digest], repair: bool, progress: ProgressFn
+) -> dict[Digest, str]:
+    """Verify, parse and follow every manifest; returns {digest: problem} for the bad ones."""
+    digests = list(store.iter_manifests())
+    bad: dict[Digest, str] = {}
+    sizes: dict[Digest, int] = {}
+    parsed = {}
+    progress("manifests", 0, len(digests))
+    for i, digest in enumerate(digests, 1):
+        try:
+            data = store.get_manifest(digest)
+        except NotFoundError:
+            continue
+        except DigestMismatchError as e:
+            repaired = False
+            if repair:
+                with contextlib.suppress(NotFoundError):
+                    store.delete_manifest(digest)
+                report.deleted.append(digest)
+                repaired = True
+            bad[digest] = "corrupt"
+            report.problems.append(Problem(ProblemKind.CORRUPT_MANIFEST, digest, str(e), repaired=repaired))
+            continue
+        finally:
+            progress("manifests", i, len(digests))
+        report.manifests += 1
+        report.manifest_bytes += len(data)
+        sizes[digest] = len(data)
+        try:
+            parsed[digest] = parse_manifest(data)
+        except (InvalidManifestError, ClawstoreError) as e:
+            bad[digest] = "invalid"
+            report.problems.append(Problem(ProblemKind.INVALID_MANIFEST, digest, str(e)))
+    # References, once every manifest is known (an index may list a manifest stored after it).
+    for digest, manifest in parsed.items():
+        refs = references(manifest)
+        for desc in refs.blobs:
+            size = None
+            with contextlib.suppress(NotFoundError):
+                size = store.stat_blob(desc.digest)
+            if desc.digest in corrupt_blobs or size is None:
+                if desc.digest in report.deleted:
+                    why = "was corrupt and has been deleted"
+                else:
+                    why = "is corrupt" if desc.digest in corrupt_blobs else "is missing"
+                report.problems.append(
+                    Problem(
+                        ProblemKind.DANGLING_REFERENCE, digest, f"references blob {desc.digest}, which {why}"
+                    )
+                )
+            elif size != desc.size:
+                report.problems.append(
+                    Problem(
+                        ProblemKind.DANGLING_REFERENCE,
+                        digest,
+                        f"references blob {desc.digest} as {desc.size} bytes, it has {size}",
+                    )
+                )
+        for desc in refs.manifests:
+            if desc.digest in bad or (desc.digest not in sizes and not store.has_manifest(desc.digest)):
+                why = f"is {bad[desc.digest]}" if desc.digest in bad else "is missing"
+                report.problems.append(
+                    Problem(
+                        ProblemKind.DANGLING_REFERENCE,
+                        digest,
+                        f"references manifest {desc.digest}, which {why}",
+                    )
+                )
+            elif desc.digest in sizes and sizes[desc.digest] != desc.size:
+                report.problems.append(
+                    Problem(
+                        ProblemKind.DANGLING_REFERENCE,
+                        digest,
+                        f"references manifest {desc.digest} as {desc.size} bytes, "
+                        f"it has {sizes[desc.digest]}",
+                    )
+                )
+    return bad
+
+
+def _check_tags(
+    store: ArtifactStore, report: FsckReport, bad_manifests: dict[Digest, str], progress: ProgressFn
+) -> None:
+    repos = store.list_repos()
+    report.repos = len(repos)
+    progress("tags", 0, len(repos))
+    for i, repo in enumerate(repos, 1):
+        for tag in store.list_tags(repo):
+            ref = f"{repo}:{tag}"
+            report.tags += 1
+            try:
+                target = store.resolve(repo, tag)
+            except NotFoundError:
+                continue  # untagged since listed
+            except ClawstoreError as e:  # the tag's content is not a valid digest
+                report.problems.append(Problem(ProblemKind.INVALID_TAG, None, str(e), ref=ref))
+                continue
+            if target in bad_manifests:
+                report.problems.append(
+                    Problem(
+                        ProblemKind.DANGLING_TAG,
+                        target,
+                        f"points at a {bad_manifests[target]} manifest",
+                        ref=ref,
+                    )
+                )
+            elif not store.has_manifest(target):
+                report.problems.append(
+                    Problem(ProblemKind.DANGLING_TAG, target, "points at a missing manifest", ref=ref)
+                )
+        progress("tags", i, len(repos))
+
+
+def _check_temp_files(store: ArtifactStore, report: FsckReport, repair: bool, stale_after: float) -> None:
+    lister = getattr(store.backend, "iter_temp_files", None)
+    now = time.time()
+    found: list[tuple[str, int, float]] = []
+    if lister is not None:
+        for p in lister():
+            with contextlib.suppress(FileNotFoundError):
+                st = Path(p).stat()
+                found.append((Path(p).name, st.st_size, now - st.st_mtime))
+    removed_bytes = removed = 0
+    if repair:
+        cleaned = store.cleanup(older_than=stale_after)
+        removed, removed_bytes = cleaned.removed, cleaned.bytes
+    still = set()
+    if repair and lister is not None:
+        still = {Path(p).name for p in lister()}
+    for name, size, age in found:
+        report.problems.append(
+            Problem(
+                ProblemKind.TEMP_FILE,
+                None,
+                f"{size} bytes, {age:.0f}s old",
+                ref=name,
+                repaired=repair and name not in still,
+            )
+        )
+    report.temp_files = len(found)
+    report.temp_bytes = sum(size for _, size, _ in found)
+    report.temp_removed = removed
+    report.temp_removed_bytes = removed_bytes
+
+
+def fsck(
+    store: ArtifactStore,
+    repair: bool = False,
+    progress: ProgressFn | None = None,
+    *,
+    stale_after: float = DEFAULT_STALE_AFTER,
+) -> FsckReport:
+    """Check every blob, manifest and tag of `store`; with `repair`, remove abandoned temp files
+    and corrupt content (see the module docstring for exactly what is removed)."""
+    started = time.monotonic()
+    report = FsckReport()
+    prog = progress or _noop
+    corrupt_blobs = _check_blobs(store, report, repair, prog)
+    bad_manifests = _check_manifests(store, report, corrupt_blobs, repair, prog)
+    _check_tags(store, report, bad_manifests, prog)
+    _check_temp_files(store, report, repair, stale_after)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+__all__ = ["DEFAULT_STALE_AFTER", "FsckReport", "Problem", "ProblemKind", "Severity", "fsck"]

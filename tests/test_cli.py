@@ -1,0 +1,320 @@
+"""The `clawstore` command line, run in-process through the real entry (`run_main`, which turns
+errors into one `error:` line) and, for the installed script, as a subprocess."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+import clawstore
+import pytest
+from clawstore import mediatypes as mt
+from clawstore.cli import cli
+from clawstore.cli.common import run_main
+from clawstore.manifest import EMPTY_CONFIG, Descriptor, ImageManifest
+from click.testing import CliRunner
+
+
+@dataclass
+class Result:
+    code: int
+    out: bytes
+    err: str
+
+    @property
+    def text(self) -> str:
+        return self.out.decode()
+
+
+def run(args: list[str], input: bytes | None = None, env: dict[str, str | None] | None = None) -> Result:
+    """Run `clawstore ARGS` in-process exactly as the console script does."""
+    code = 0
+    with CliRunner().isolation(input=input, env=env) as (out, err, _):
+        try:
+            run_main(cli, args)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        return Result(code, out.getvalue(), err.getvalue().decode())
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return (tmp_path / "store").as_uri()
+
+
+@pytest.fixture
+def cs(url: str):
+    """`cs(*args)`: run clawstore against the test store."""
+
+    def _run(*args: str, input: bytes | None = None) -> Result:
+        return run(["--store", url, *args], input=input)
+
+    return _run
+
+
+def assert_error(r: Result, *fragments: str) -> None:
+    """A failed command: non-zero exit, exactly one `error:` line on stderr, no traceback."""
+    assert r.code != 0, r
+    assert "Traceback" not in r.err
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def manifest_for(layer: Descriptor) -> bytes:
+    return ImageManifest(EMPTY_CONFIG, (layer,), artifact_type="application/vnd.example.test").to_json()
+
+
+# -- blobs -------------------------------------------------------------------------------------
+def test_blob_put_get_file_roundtrip(cs, tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    src = tmp_path / "in.bin"
+    src.write_bytes(data)
+    r = cs("blob", "put", str(src))
+    assert r.code == 0, r
+    assert r.text == f"sha256:{hashlib.sha256(data).hexdigest()}\n"
+    digest = r.text.strip()
+    assert cs("blob", "stat", digest).text == f"{len(data)}\n"
+    got = cs("blob", "get", digest)
+    assert got.code == 0 and got.out == data
+    out = tmp_path / "out.bin"
+    assert cs("blob", "get", digest, "-o", str(out)).code == 0
+    assert out.read_bytes() == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.bin", "out.bin", "store"]  # no temp left
+
+
+def test_blob_put_stdin(cs) -> None:
+    data = b"from stdin\n" * 1000
+    r = cs("blob", "put", "-", input=data)
+    assert r.code == 0 and r.text.strip() == f"sha256:{hashlib.sha256(data).hexdigest()}"
+    assert cs("blob", "get", r.text.strip()).out == data
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "oracle"),
+    [
+        ("sha512", lambda b: hashlib.sha512(b).hexdigest()),
+        ("blake3", lambda b: blake3.blake3(b).hexdigest()),
+        ("sha256", lambda b: hashlib.sha256(b).hexdigest()),
+    ],
+)
+def test_blob_put_algorithms(cs, tmp_path: Path, algorithm: str, oracle) -> None:
+    data = os.urandom(2_000_000)
+    src = tmp_path / "f"
+    src.write_bytes(data)
+    r = cs("blob", "put", "--algorithm", algorithm, str(src))
+    assert r.text.strip() == f"{algorithm}:{oracle(data)}"
+    assert cs("blob", "get", r.text.strip()).out == data
+
+
+def test_blob_put_expected(cs, url: str, tmp_path: Path) -> None:
+    src = tmp_path / "f"
+    src.write_bytes(b"payload")
+    good = f"sha256:{hashlib.sha256(b'payload').hexdigest()}"
+    assert cs("blob", "put", "--expected", good, str(src)).text.strip() == good
+    wrong = "sha256:" + "0" * 64
+    r = cs("blob", "put", "--expected", wrong, "-", input=b"other payload")
+    assert_error(r, "expected", wrong)
+    assert list(clawstore.open(url).iter_blobs()) == [good]
+
+
+def test_blob_get_corrupt_leaves_no_file(cs, url: str, tmp_path: Path) -> None:
+    data = os.urandom(100_000)
+    digest = cs("blob", "put", "-", input=data).text.strip()
+    path = clawstore.open(url).backend.layout.blob(clawstore.Digest(digest))
+    flipped = bytearray(data)
+    flipped[50_000] ^= 0x10
+    path.write_bytes(bytes(flipped))
+    out = tmp_path / "out.bin"
+    r = cs("blob", "get", digest, "-o", str(out))
+    assert_error(r, digest)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["store"]
+    # An existing file is not clobbered by a failed download.
+    out.write_bytes(b"old")
+    assert_error(cs("blob", "get", digest, "-o", str(out)))
+    assert out.read_bytes() == b"old"
+    # To stdout the bytes stream, but the command still fails.
+    assert_error(cs("blob", "get", digest), "hashes to")
+
+
+def test_blob_rm(cs, tmp_path: Path) -> None:
+    digest = cs("blob", "put", "-", input=b"layer").text.strip()
+    cs("blob", "put", "-", input=b"{}")
+    m = tmp_path / "m.json"
+    m.write_bytes(manifest_for(Descriptor(clawstore.Digest(digest), 5, "text/plain")))
+    assert cs("manifest", "put", str(m)).code == 0
+    assert_error(cs("blob", "rm", digest), "referenced by manifest", "--force")
+    assert cs("blob", "stat", digest).code == 0
+    assert cs("blob", "rm", "--force", digest).code == 0
+    assert_error(cs("blob", "stat", digest), "not found")
+    assert_error(cs("blob", "rm", digest), "not found")
+
+
+def test_blob_errors(cs, tmp_path: Path) -> None:
+    assert_error(cs("blob", "put", str(tmp_path / "missing")), "missing")
+    assert_error(cs("blob", "put", str(tmp_path)), "directory")
+    assert_error(cs("blob", "get", "sha256:" + "a" * 64), "not found")
+    assert_error(cs("blob", "put", "--expected", "md5:abc", "-", input=b"x"), "md5")
+
+
+# -- manifests and tags ------------------------------------------------------------------------
+@pytest.fixture
+def pushed(cs, tmp_path: Path) -> str:
+    """A stored manifest (empty config + one layer); returns its digest."""
+    layer = cs("blob", "put", "-", input=b"layer bytes").text.strip()
+    assert cs("blob", "put", "-", input=b"{}").text.strip() == mt.EMPTY_DIGEST
+    m = tmp_path / "manifest.json"
+    m.write_bytes(manifest_for(Descriptor(clawstore.Digest(layer), 11, "text/plain")))
+    r = cs("manifest", "put", str(m))
+    assert r.code == 0, r
+    assert r.text.strip() == f"sha256:{hashlib.sha256(m.read_bytes()).hexdigest()}"
+    return r.text.strip()
+
+
+def test_manifest_roundtrip(cs, pushed: str, tmp_path: Path) -> None:
+    data = (tmp_path / "manifest.json").read_bytes()
+    assert cs("manifest", "get", pushed).out == data  # the exact bytes, no newline added
+    out = tmp_path / "got.json"
+    assert cs("manifest", "get", pushed, "-o", str(out)).code == 0
+    assert out.read_bytes() == data
+    assert cs("manifest", "put", "-", input=data).text.strip() == pushed
+
+
+def test_manifest_put_rejections(cs, tmp_path: Path) -> None:
+    assert_error(cs("manifest", "put", "-", input=b"not json"), "JSON")
+    dangling = manifest_for(Descriptor(clawstore.Digest("sha256:" + "b" * 64), 3, "text/plain"))
+    assert_error(cs("manifest", "put", "-", input=dangling), "missing blob")
+    assert_error(cs("manifest", "put", "-", input=b" " * (4 * 1024 * 1024 + 1)), "limit")
+    assert_error(cs("manifest", "put", str(tmp_path / "nope.json")), "nope.json")
+    assert_error(cs("manifest", "get", "sha256:" + "c" * 64), "not found")
+
+
+def test_tags(cs, pushed: str) -> None:
+    assert cs("tag", "team/app:v1", pushed).code == 0
+    assert cs("tag", "team/app:latest", pushed, "--create").code == 0
+    assert cs("resolve", "team/app:v1").text == f"{pushed}\n"
+    assert cs("resolve", f"team/app@{pushed}").text == f"{pushed}\n"
+    assert cs("tags", "team/app").text.split() == ["latest", "v1"]
+    assert cs("repos").text.split() == ["team/app"]
+    assert_error(cs("tag", "team/app:v1", pushed, "--create"), "exists")
+    other = "sha256:" + "d" * 64
+    assert_error(cs("tag", "team/app:v1", pushed, "--expect", other), "expected")
+    assert cs("tag", "team/app:v1", pushed, "--expect", pushed).code == 0
+    assert_error(cs("tag", "team/app:v2", other), "not found")
+    assert_error(cs("untag", "team/app:v1", "--expect", other))
+    assert cs("untag", "team/app:v1").code == 0
+    assert_error(cs("resolve", "team/app:v1"), "not found")
+    assert_error(cs("untag", "team/app:v1"), "not found")
+    assert cs("tags", "team/app").text.split() == ["latest"]
+    r = cs("tag", "team/app:v1", pushed, "--create", "--expect", pushed)
+    assert r.code == 2 and "Traceback" not in r.err  # usage error
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["blob", "get", "sha256:" + "A" * 64],
+        ["blob", "stat", "sha256:" + "a" * 63],
+        ["blob", "rm", "md5:" + "a" * 32],
+        ["blob", "get", "sha256:../.."],
+        ["manifest", "get", "sha256"],
+        ["tag", "UPPER/case:v1", "sha256:" + "a" * 64],
+        ["tag", "a/../b:v1", "sha256:" + "a" * 64],
+        ["tag", "/abs:v1", "sha256:" + "a" * 64],
+        ["tag", "repo:" + "t" * 129, "sha256:" + "a" * 64],
+        ["tag", "repo:.hidden", "sha256:" + "a" * 64],
+        ["tag", "repo", "sha256:" + "a" * 64],
+        ["tag", "repo:v1", "not-a-digest"],
+        ["resolve", "repo//x:v1"],
+        ["resolve", "repo:"],
+        ["tags", "Repo"],
+        ["untag", "a\x00b:v1"],
+    ],
+)
+def test_bad_input_is_one_error_line_and_writes_nothing(cs, url: str, args: list[str]) -> None:
+    assert_error(cs(*args))
+    root = Path(url.removeprefix("file://"))
+    written = [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+    assert written == []
+
+
+# -- store selection ---------------------------------------------------------------------------
+def test_store_from_env_and_option(tmp_path: Path) -> None:
+    a, b = (tmp_path / "a").as_uri(), (tmp_path / "b").as_uri()
+    r = run(["blob", "put", "-"], input=b"env", env={"CLAWSTORE_URL": a})
+    assert r.code == 0
+    assert run(["blob", "stat", r.text.strip()], env={"CLAWSTORE_URL": a}).text == "3\n"
+    # --store wins over the environment.
+    assert_error(run(["--store", b, "blob", "stat", r.text.strip()], env={"CLAWSTORE_URL": a}), "not found")
+    assert clawstore.open(a).has_blob(r.text.strip())
+
+
+def test_unsupported_url(tmp_path: Path) -> None:
+    assert_error(run(["--store", "ftp://host/x", "repos"]), "unsupported")
+
+
+# -- fsck --------------------------------------------------------------------------------------
+def test_fsck_cli(cs, url: str, pushed: str) -> None:
+    assert cs("tag", "app:v1", pushed).code == 0
+    r = cs("fsck")
+    assert r.code == 0 and r.text.startswith("fsck ok:") and r.err == ""
+    store = clawstore.open(url)
+    blob = next(d for d in store.iter_blobs() if d != mt.EMPTY_DIGEST)
+    path = store.backend.layout.blob(blob)
+    path.write_bytes(b"X" + path.read_bytes()[1:])
+    r = cs("fsck")
+    assert_error(r, "fsck found 2 error(s)")
+    assert f"error: corrupt-blob: {blob}" in r.text
+    assert "dangling-reference" in r.text
+    report = json.loads(cs("fsck", "--json").out)
+    assert report["ok"] is False
+    assert {p["kind"] for p in report["problems"]} == {"corrupt-blob", "dangling-reference"}
+    # --repair deletes the corrupt copy; the manifest still lacks it until the content is re-pushed.
+    r = cs("fsck", "--repair")
+    assert r.code == 1 and "[repaired]" in r.text
+    assert cs("blob", "put", "-", input=b"layer bytes").text.strip() == blob
+    r = cs("fsck")
+    assert r.code == 0, r
+
+
+# -- the installed entry point -----------------------------------------------------------------
+def _entry_point() -> list[str]:
+    script = Path(sys.executable).parent / "clawstore"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("clawstore")
+    return [found] if found else [sys.executable, "-m", "clawstore"]
+
+
+def test_installed_entry_point(tmp_path: Path) -> None:
+    env = {**os.environ, "CLAWSTORE_URL": (tmp_path / "s").as_uri()}
+    data = os.urandom(9 << 20)  # above the progress threshold: still no bar when piped
+    src = tmp_path / "big"
+    src.write_bytes(data)
+    put = subprocess.run(
+        [*_entry_point(), "blob", "put", str(src)], env=env, capture_output=True, timeout=120
+    )
+    assert put.returncode == 0 and put.stderr == b"", put
+    digest = put.stdout.decode().strip()
+    assert digest == f"sha256:{hashlib.sha256(data).hexdigest()}"
+    get = subprocess.run([*_entry_point(), "blob", "get", digest], env=env, capture_output=True, timeout=120)
+    assert get.returncode == 0 and get.stdout == data and get.stderr == b""
+    bad = subprocess.run(
+        [*_entry_point(), "resolve", "no/such:tag"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 1
+    assert bad.stderr == "error: no/such:tag not found\n"
+    broken = subprocess.run(
+        [*_entry_point(), "blob", "get", "sha256:xyz"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert broken.returncode == 1 and broken.stderr.startswith("error: invalid digest")
+    assert "Traceback" not in broken.stderr

@@ -1,0 +1,31 @@
+"""The README's main command (`bash scripts/demo.sh`) keeps working as areas extend it."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import clawstore
+import pytest
+from clawstore.fsck import fsck
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(
+    not (ROOT / ".venv" / "bin" / "clawstore").exists(), reason="needs scripts/setup.sh's .venv"
+)
+def test_demo_script_runs_end_to_end(tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "demo.sh"), str(store_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "fsck ok:" in r.stdout and "demo done" in r.stdout
+    store = clawstore.open(store_dir)
+    assert store.list_repos() and "demo/hello" in store.list_repos()
+    # the demo left a consistent store behind
+    assert fsck(store).ok
