@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, NoReturn, TypeVar
 
 from clawstore import _core
 from clawstore.backends.base import ANY, MISSING, BlobSource, CleanupReport, Expectation
@@ -304,7 +304,8 @@ def _is(err: BaseException, *codes: str, status: int | None = None) -> bool:
 
 
 def _not_found(err: BaseException) -> bool:
-    return _is(err, "NoSuchKey", "404", "NotFound", status=404)
+    """The key is absent (not the bucket, not an upload)."""
+    return _is(err, "NoSuchKey", "404", "NotFound")
 
 
 def _precondition_failed(err: BaseException) -> bool:
@@ -488,7 +489,6 @@ class S3Backend:
 
     def _retry(self, what: str, fn: Callable[[], _T]) -> _T:
         """Run `fn` with retries on transient errors; raise a clear error when it gives up."""
-        from botocore.exceptions import ClientError
 
         attempt = 0
         while True:
@@ -499,13 +499,19 @@ class S3Backend:
                 if _retryable(e) and attempt < self.options.max_attempts:
                     self._sleep(attempt)
                     continue
-                if isinstance(e, ClientError) and _code(e) in ("AccessDenied", "403", "Forbidden"):
-                    raise PermissionDeniedError(f"S3 {what}: access denied ({e})") from e
-                if isinstance(e, ClientError) and _code(e) == "NoSuchBucket":
-                    raise S3ConfigurationError(f"S3 {what}: bucket {self.bucket!r} does not exist") from e
-                if _retryable(e):
-                    raise S3Error(f"S3 {what} failed after {attempt} attempts: {e}") from e
-                raise
+                self._raise_final(what, e, attempt)
+
+    def _raise_final(self, what: str, e: Exception, attempt: int) -> NoReturn:
+        """Re-raise `e` as a clear clawstore error where one applies (else as is)."""
+        from botocore.exceptions import ClientError
+
+        if isinstance(e, ClientError) and _code(e) in ("AccessDenied", "403", "Forbidden"):
+            raise PermissionDeniedError(f"S3 {what}: access denied ({e})") from e
+        if isinstance(e, ClientError) and _code(e) == "NoSuchBucket":
+            raise S3ConfigurationError(f"S3 {what}: bucket {self.bucket!r} does not exist") from e
+        if _retryable(e):
+            raise S3Error(f"S3 {what} failed after {attempt} attempts: {e}") from e
+        raise e
 
     def _call(self, op: str, **kw: Any) -> Any:
         """One retried S3 call; non-retryable ClientErrors propagate for the caller to interpret."""
@@ -530,10 +536,15 @@ class S3Backend:
         body = b"clawstore conditional-write probe\n"
         try:
             try:
-                first = self._call("put_object", Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")
+                # A fresh random key: a failed precondition on a *retried* attempt is our own
+                # first attempt having landed with its response lost.
+                if not self._conditional(
+                    f"PUT {key}",
+                    lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*"),
+                    lambda: True,
+                ):
+                    raise S3ConfigurationError(f"probe key {key} unexpectedly exists")
             except Exception as e:
-                if _precondition_failed(e):
-                    raise S3ConfigurationError(f"probe key {key} unexpectedly exists") from e
                 if _is(e, "NotImplemented", status=501):
                     raise S3ConfigurationError(
                         f"s3://{self.bucket}: the server does not implement conditional writes "
@@ -570,7 +581,6 @@ class S3Backend:
                     self.conditional_delete = False
                 else:
                     raise
-            del first
         finally:
             with contextlib.suppress(Exception):
                 self._call("delete_object", Bucket=self.bucket, Key=key)
@@ -608,16 +618,23 @@ class S3Backend:
         return digest, len(data)
 
     def _put_small(self, key: str, data: bytes | memoryview, **kw: Any) -> dict[str, Any]:
+        """Single PUT with Content-MD5. If the server stored other bytes than we sent (its ETag is
+        not our MD5: a server that does not check Content-MD5, e.g. moto), remove them (guarded
+        by that ETag) and send again."""
         body = bytes(data)  # botocore wants bytes (it may sign and re-send them on retry)
         md5 = _core.content_md5(body)
-        resp = self._call("put_object", Bucket=self.bucket, Key=key, Body=body, ContentMD5=md5, **kw)
-        self._check_etag(key, resp.get("ETag", ""), base64.b64decode(md5).hex())
-        return resp
+        md5_hex = base64.b64decode(md5).hex()
 
-    def _check_etag(self, key: str, etag: str, md5_hex: str) -> None:
-        bare = _bare(etag)
-        if self.options.verify_etags and _HEX32.match(bare) and bare != md5_hex:
-            raise S3Error(f"PUT {key}: server stored MD5 {bare}, we sent {md5_hex}")
+        def once() -> dict[str, Any]:
+            resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentMD5=md5, **kw)
+            bare = _bare(str(resp.get("ETag", "")))
+            if self.options.verify_etags and _HEX32.match(bare) and bare != md5_hex:
+                with contextlib.suppress(Exception):
+                    self.client.delete_object(Bucket=self.bucket, Key=key, IfMatch=_quoted(bare))
+                raise _PartCorrupted(f"PUT {key}: server stored MD5 {bare}, we sent {md5_hex}")
+            return resp
+
+        return self._retry(f"PUT {key}", once)
 
     def _write_path(self, path: str, algorithm: str, expected: Digest | None) -> tuple[Digest, int]:
         size = os.stat(path).st_size
@@ -1017,9 +1034,11 @@ class S3Backend:
             # Already there: same digest, same bytes.
 
     def read_manifest(self, digest: Digest) -> bytes:
+        key = self.layout.manifest(digest)
         try:
-            resp = self._call("get_object", Bucket=self.bucket, Key=self.layout.manifest(digest))
-            return self._retry(f"GET {digest}", resp["Body"].read)
+            return self._retry(
+                f"GET {key}", lambda: self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            )
         except Exception as e:
             if _not_found(e):
                 raise ManifestNotFoundError(f"manifest {digest} not found") from None
@@ -1077,9 +1096,7 @@ class S3Backend:
                 if _retryable(e) and attempt < self.options.max_attempts:
                     self._sleep(attempt)
                     continue
-                if _retryable(e):
-                    raise S3Error(f"S3 {what} failed after {attempt} attempts: {e}") from e
-                raise
+                self._raise_final(what, e, attempt)
 
     def swap_tag(self, repo: str, tag: str, new: Digest | None, expect: Expectation) -> Digest | None:
         key = self.layout.tag(repo, tag)
