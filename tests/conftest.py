@@ -7,10 +7,11 @@ from pathlib import Path
 
 import clawstore
 import pytest
+from s3_server import s3_bucket, s3_client, s3_endpoint, s3_store  # noqa: F401 (fixtures)
 
 #: Backends the conformance suite runs against. The S3 backend registers itself in
 #: tests/s3_server.py (a moto server on a loopback port).
-BACKENDS = ["local"]
+BACKENDS = ["local", "s3"]
 
 
 @pytest.fixture

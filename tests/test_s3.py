@@ -1,0 +1,411 @@
+"""S3 backend behaviour beyond the shared conformance suite, against moto's real HTTP server.
+
+Oracles: hashlib and the `blake3` package for digests, a plain boto3 client for what is (and is
+not) in the bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import blake3
+import clawstore
+import pytest
+from clawstore.backends.s3 import S3Backend, S3Layout, S3Options, parse_size
+from clawstore.errors import (
+    BlobNotFoundError,
+    ClawstoreError,
+    DigestMismatchError,
+    RefNotFoundError,
+    TagConflictError,
+)
+from clawstore.manifest import EMPTY_CONFIG
+from s3_server import REGION, TEST_OPTIONS, store_url
+
+pytestmark = pytest.mark.s3
+
+MiB = 1 << 20
+
+
+def oracle(data: bytes, algorithm: str = "sha256") -> str:
+    if algorithm == "blake3":
+        return "blake3:" + blake3.blake3(data).hexdigest()
+    return f"{algorithm}:" + hashlib.new(algorithm, data).hexdigest()
+
+
+def keys(client: Any, bucket: str, prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        out += [o["Key"] for o in page.get("Contents", [])]
+    return sorted(out)
+
+
+def uploads(client: Any, bucket: str) -> list[dict[str, Any]]:
+    return client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+
+
+def digest_keys(client: Any, bucket: str) -> list[str]:
+    return [k for k in keys(client, bucket) if "/blobs/" in k or "/manifests/" in k]
+
+
+def rand(n: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def backend(store: clawstore.ArtifactStore) -> S3Backend:
+    assert isinstance(store.backend, S3Backend)
+    return store.backend
+
+
+class Counter:
+    """Counts S3 operations the store's client sends (botocore event hook)."""
+
+    def __init__(self, store: clawstore.ArtifactStore) -> None:
+        self.calls: dict[str, int] = {}
+        backend(store).client.meta.events.register("before-call.s3", self)
+
+    def __call__(self, model: Any, **_: Any) -> None:
+        self.calls[model.name] = self.calls.get(model.name, 0) + 1
+
+    def writes(self) -> int:
+        return sum(self.calls.get(op, 0) for op in ("PutObject", "UploadPart", "CreateMultipartUpload"))
+
+
+SIZES = [0, 1, 5 * MiB - 1, 5 * MiB, 5 * MiB + 1, 12 * MiB + 12345]
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("kind", ["bytes", "path", "stream"])
+def test_round_trip_and_key_layout(
+    s3_store: clawstore.ArtifactStore, s3_client: Any, s3_bucket: str, tmp_path: Path, size: int, kind: str
+) -> None:
+    data = rand(size, size)
+    src: Any = data
+    if kind == "path":
+        src = tmp_path / "f"
+        src.write_bytes(data)
+    elif kind == "stream":
+        src = io.BufferedReader(io.BytesIO(data))  # type: ignore[arg-type]
+    d = s3_store.put_blob(src)
+    assert d.digest == oracle(data) and d.size == size
+    enc = d.digest.encoded
+    assert keys(s3_client, s3_bucket) == [f"store/blobs/sha256/{enc[:2]}/{enc}"]
+    assert uploads(s3_client, s3_bucket) == []
+    head = s3_client.head_object(Bucket=s3_bucket, Key=f"store/blobs/sha256/{enc[:2]}/{enc}")
+    # Above the threshold the multipart path ran: the ETag is md5-of-md5s "-<parts>" (a stream
+    # of unknown digest was staged and copied instead: the copy has a plain ETag).
+    multipart = size > TEST_OPTIONS["multipart_threshold"] and kind != "stream"
+    assert ("-" in head["ETag"]) == multipart
+    assert s3_store.read_blob(d.digest) == data
+    assert s3_store.stat_blob(d.digest) == size
+    out = tmp_path / "out"
+    assert s3_store.get_blob_to_path(d.digest, out) == size
+    assert out.read_bytes() == data
+
+
+@pytest.mark.parametrize("algorithm", ["sha512", "blake3"])
+def test_other_algorithms_multipart(s3_store: clawstore.ArtifactStore, algorithm: str) -> None:
+    data = rand(11 * MiB + 7, 3)
+    d = s3_store.put_blob(io.BytesIO(data), algorithm=algorithm)
+    assert d.digest == oracle(data, algorithm)
+    d2 = s3_store.put_blob(data, algorithm=algorithm)
+    assert d2.digest == d.digest
+    assert s3_store.read_blob(d.digest) == data
+
+
+def test_stream_of_exact_part_multiple(s3_store: clawstore.ArtifactStore) -> None:
+    data = rand(10 * MiB, 4)  # two full parts, then a read of 0 bytes ends the stream
+    d = s3_store.put_blob(io.BytesIO(data))
+    assert d.digest == oracle(data) and d.size == len(data)
+
+
+def test_existing_blob_is_not_uploaded_again(s3_store: clawstore.ArtifactStore, tmp_path: Path) -> None:
+    data = rand(12 * MiB, 5)
+    p = tmp_path / "f"
+    p.write_bytes(data)
+    s3_store.put_blob(data)
+    c = Counter(s3_store)
+    assert s3_store.put_blob(data).digest == oracle(data)
+    assert s3_store.put_blob(p).digest == oracle(data)
+    assert s3_store.put_blob(p, expected=oracle(data)).digest == oracle(data)
+    assert s3_store.put_blob(b"small") and c.writes() == 1  # only the new small blob
+    s3_store.put_blob(b"small")
+    assert c.writes() == 1
+
+
+@pytest.mark.parametrize("kind", ["bytes", "path", "stream", "stream-small"])
+def test_refused_upload_leaves_nothing_at_a_digest_key(
+    s3_store: clawstore.ArtifactStore, s3_client: Any, s3_bucket: str, tmp_path: Path, kind: str
+) -> None:
+    data = rand(100 if kind == "stream-small" else 11 * MiB, 6)
+    wrong = oracle(b"something else")
+    src: Any = io.BytesIO(data) if kind.startswith("stream") else data
+    if kind == "path":
+        src = tmp_path / "f"
+        src.write_bytes(data)
+    with pytest.raises(DigestMismatchError):
+        s3_store.put_blob(src, expected=wrong)
+    assert digest_keys(s3_client, s3_bucket) == []
+    assert uploads(s3_client, s3_bucket) == []
+    assert not s3_store.has_blob(wrong) and not s3_store.has_blob(oracle(data))
+
+
+def test_stream_unknown_digest_stages_then_copies(
+    s3_store: clawstore.ArtifactStore, s3_client: Any, s3_bucket: str
+) -> None:
+    c = Counter(s3_store)
+    data = rand(12 * MiB, 7)
+    d = s3_store.put_blob(io.BytesIO(data))
+    assert c.calls.get("CopyObject") == 1
+    assert keys(s3_client, s3_bucket, "store/uploads/") == []  # staging object deleted
+    # The same stream again: staged, found to exist, staging deleted, no copy.
+    s3_store.put_blob(io.BytesIO(data))
+    assert c.calls.get("CopyObject") == 1
+    assert keys(s3_client, s3_bucket, "store/uploads/") == []
+    assert s3_store.read_blob(d.digest) == data
+
+
+def test_large_copy_uses_upload_part_copy(
+    s3_store: clawstore.ArtifactStore, s3_client: Any, s3_bucket: str
+) -> None:
+    backend(s3_store).max_single_copy = 6 * MiB  # stand-in for S3's 5 GiB CopyObject limit
+    c = Counter(s3_store)
+    data = rand(16 * MiB + 3, 8)
+    d = s3_store.put_blob(io.BytesIO(data))
+    assert c.calls.get("UploadPartCopy") == 4 and not c.calls.get("CopyObject")
+    assert s3_store.read_blob(d.digest) == data
+    assert keys(s3_client, s3_bucket, "store/uploads/") == []
+
+
+def test_memory_source_types(s3_store: clawstore.ArtifactStore) -> None:
+    data = rand(6 * MiB, 9)
+    for src in (bytearray(data), memoryview(data)):
+        assert s3_store.put_blob(src).digest == oracle(data)
+
+
+def test_file_object_without_readinto(s3_store: clawstore.ArtifactStore) -> None:
+    data = rand(7 * MiB, 10)
+
+    class ReadOnly:
+        def __init__(self) -> None:
+            self.f = io.BytesIO(data)
+
+        def read(self, n: int = -1) -> bytes:
+            return self.f.read(min(n, 100_000) if n > 0 else n)
+
+    assert s3_store.put_blob(ReadOnly()).digest == oracle(data)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["single", "ranged"])
+def test_corrupted_object_detected_on_read(
+    s3_store: clawstore.ArtifactStore, s3_client: Any, s3_bucket: str, tmp_path: Path, mode: str
+) -> None:
+    data = rand(13 * MiB, 11)
+    d = s3_store.put_blob(data)
+    enc = d.digest.encoded
+    bad = bytearray(data)
+    bad[7 * MiB] ^= 0x01
+    s3_client.put_object(Bucket=s3_bucket, Key=f"store/blobs/sha256/{enc[:2]}/{enc}", Body=bytes(bad))
+    with pytest.raises(DigestMismatchError), s3_store.get_blob(d.digest) as r:
+        r.read()
+    store = s3_store
+    if mode == "single":
+        store = clawstore.ArtifactStore(backend(s3_store).with_options(download_concurrency=1))
+    out = tmp_path / "out"
+    with pytest.raises(DigestMismatchError):
+        store.get_blob_to_path(d.digest, out)
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a temp file
+
+
+def test_truncated_object_detected(s3_store: clawstore.ArtifactStore, s3_client: Any, s3_bucket: str) -> None:
+    d = s3_store.put_blob(b"0123456789")
+    enc = d.digest.encoded
+    s3_client.put_object(Bucket=s3_bucket, Key=f"store/blobs/sha256/{enc[:2]}/{enc}", Body=b"01234")
+    with pytest.raises(DigestMismatchError), s3_store.get_blob(d.digest) as r:
+        r.read()
+
+
+def test_missing_blob(s3_store: clawstore.ArtifactStore, tmp_path: Path) -> None:
+    missing = oracle(b"nope")
+    with pytest.raises(BlobNotFoundError):
+        s3_store.get_blob(missing)
+    with pytest.raises(BlobNotFoundError):
+        s3_store.get_blob_to_path(missing, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    assert not s3_store.has_blob(missing)
+    with pytest.raises(BlobNotFoundError):
+        s3_store.delete_blob(missing)
+
+
+def _manifest(store: clawstore.ArtifactStore, n: int) -> str:
+    cfg = store.put_blob(b"{}")
+    assert cfg.digest == EMPTY_CONFIG.digest
+    layer = store.put_blob(f"layer {n}".encode())
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/vnd.example.test.v1",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": cfg.digest, "size": cfg.size},
+        "layers": [
+            {"mediaType": "application/octet-stream", "digest": layer.digest, "size": layer.size},
+        ],
+    }
+    import json
+
+    data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    return store.put_manifest(data).digest
+
+
+def test_tags_compare_and_swap(s3_store: clawstore.ArtifactStore, s3_client: Any, s3_bucket: str) -> None:
+    m1, m2, m3 = (_manifest(s3_store, i) for i in range(3))
+    assert s3_store.tag("team/app", "v1", m1, expect=clawstore.MISSING) is None
+    with pytest.raises(TagConflictError):
+        s3_store.tag("team/app", "v1", m2, expect=clawstore.MISSING)
+    with pytest.raises(TagConflictError):
+        s3_store.tag("team/app", "v1", m2, expect=m3)
+    assert s3_store.tag("team/app", "v1", m2, expect=m1) == m1
+    assert s3_store.tag("team/app", "v1", m3) == m2
+    assert s3_store.resolve("team/app", "v1") == m3
+    s3_store.tag("team/app/sub", "v1", m1)
+    s3_store.tag("team", "latest", m1)
+    assert s3_store.list_tags("team/app") == ["v1"]
+    assert s3_store.list_repos() == ["team", "team/app", "team/app/sub"]
+    assert "store/refs/team/app/_tags/v1" in keys(s3_client, s3_bucket)
+    with pytest.raises(TagConflictError):
+        s3_store.untag("team/app", "v1", expect=m1)
+    assert s3_store.untag("team/app", "v1", expect=m3) == m3
+    with pytest.raises(RefNotFoundError):
+        s3_store.resolve("team/app", "v1")
+    with pytest.raises(RefNotFoundError):
+        s3_store.untag("team/app", "v1")
+    assert s3_store.list_tags("team/app") == []
+
+
+def test_manifest_round_trip_and_iteration(s3_store: clawstore.ArtifactStore) -> None:
+    m = _manifest(s3_store, 1)
+    assert m in list(s3_store.iter_manifests())
+    assert s3_store.get_manifest(m)
+    assert _manifest(s3_store, 1) == m  # idempotent (If-None-Match on an existing manifest)
+    assert len(list(s3_store.iter_blobs())) == 2
+
+
+def test_cleanup_aborts_stale_uploads_and_staging(
+    s3_store: clawstore.ArtifactStore, s3_client: Any, s3_bucket: str
+) -> None:
+    s3_client.create_multipart_upload(Bucket=s3_bucket, Key="store/uploads/abandoned")
+    s3_client.put_object(Bucket=s3_bucket, Key="store/uploads/stale", Body=b"x" * 10)
+    s3_client.create_multipart_upload(Bucket=s3_bucket, Key="other-prefix/not-ours")
+    d = s3_store.put_blob(b"keep me")
+    # moto reports every multipart upload as initiated in 2010, so only the staging object's
+    # (real) age can be checked against a cutoff here.
+    s3_store.cleanup(older_than=3600)
+    assert keys(s3_client, s3_bucket, "store/uploads/") == ["store/uploads/stale"]
+    s3_client.create_multipart_upload(Bucket=s3_bucket, Key="store/uploads/abandoned")
+    report = s3_store.cleanup(older_than=0)
+    assert report.removed == 2 and report.bytes == 10
+    assert [u["Key"] for u in uploads(s3_client, s3_bucket)] == ["other-prefix/not-ours"]
+    assert keys(s3_client, s3_bucket, "store/uploads/") == []
+    assert s3_store.read_blob(d.digest) == b"keep me"
+
+
+def test_url_options(s3_endpoint: str, s3_bucket: str) -> None:
+    url = store_url(s3_endpoint, s3_bucket, "a/b") + "&part_size=8MiB&concurrency=3&max_attempts=2"
+    with clawstore.open(url) as s:
+        o = backend(s).options
+        assert (o.part_size, o.concurrency, o.max_attempts, o.region) == (8 * MiB, 3, 2, REGION)
+        assert backend(s).layout.blobs == "a/b/blobs/"
+        assert s.url.startswith(f"s3://{s3_bucket}/a/b/?endpoint_url=")
+    with pytest.raises(ClawstoreError, match="unknown S3 option"):
+        clawstore.open(url + "&colour=blue")
+    with pytest.raises(ClawstoreError, match="part_size"):
+        clawstore.open(url, part_size="1MiB")
+    with pytest.raises(ClawstoreError):
+        clawstore.open(f"s3:///x?endpoint_url={s3_endpoint}")
+    assert parse_size("1GiB") == 1 << 30 and parse_size("16M") == 16 * MiB and parse_size(7) == 7
+    assert S3Options.build({"verify_etags": "false"}, {}).verify_etags is False
+
+
+def test_missing_bucket_is_a_clear_error(s3_endpoint: str) -> None:
+    with pytest.raises(ClawstoreError, match="does not exist"):
+        clawstore.open(store_url(s3_endpoint, "clawstore-no-such-bucket"))
+
+
+def test_layout_parsing() -> None:
+    lay = S3Layout("/p/q/")
+    d = clawstore.Digest.parse(oracle(b"x"))
+    assert lay.blob(d) == f"p/q/blobs/sha256/{d.encoded[:2]}/{d.encoded}"
+    assert lay.parse_fanout(lay.blobs, lay.blob(d)) == d
+    assert lay.parse_fanout(lay.blobs, f"p/q/blobs/sha256/zz/{d.encoded}") is None
+    assert lay.parse_fanout(lay.blobs, "p/q/blobs/md5/aa/aabb") is None
+    assert lay.parse_repo(lay.tag("a/b", "v1")) == "a/b"
+    assert lay.parse_repo("p/q/refs/a/b") is None
+    assert S3Layout("").blob(d).startswith("blobs/")
+
+
+def test_parallel_stager_from_threads_matches_oracle(tmp_path: Path) -> None:
+    """The Rust stager under concurrent next_part() calls, for every source kind."""
+    import base64
+    import threading
+
+    from clawstore import _core
+
+    data = rand(9 * MiB + 17, 12)
+    p = tmp_path / "f"
+    p.write_bytes(data)
+    for src in (str(p), data, io.BytesIO(data)):
+        for alg in ("sha256", "blake3"):
+            st = _core.PartStager(src, 1 * MiB, alg)
+            got: dict[int, bytes] = {}
+
+            def work(st: Any = st, got: dict[int, bytes] = got) -> None:
+                while (part := st.next_part()) is not None:
+                    n, b, md5 = part
+                    assert base64.b64decode(md5) == hashlib.md5(b).digest()
+                    got[n] = b
+
+            threads = [threading.Thread(target=work) for _ in range(5)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            hexd, size, nparts = st.finish()
+            assert f"{alg}:{hexd}" == oracle(data, alg) and size == len(data) and nparts == 10
+            assert b"".join(got[i] for i in range(1, 11)) == data
+            if isinstance(src, io.BytesIO):
+                src.seek(0)
+
+
+def test_stager_rejects_bad_input(tmp_path: Path) -> None:
+    from clawstore import _core
+
+    with pytest.raises(ValueError):
+        _core.PartStager(b"x", 0)
+    with pytest.raises(ValueError):
+        _core.PartStager(object(), 1 * MiB)
+    with pytest.raises(FileNotFoundError):
+        _core.PartStager(str(tmp_path / "missing"), 1 * MiB)
+    st = _core.PartStager(b"abc", 1 * MiB)
+    with pytest.raises(RuntimeError):
+        st.finish()
+    st.abort("stop")
+    with pytest.raises(RuntimeError):
+        st.next_part()
+
+
+def test_file_shrinking_during_upload_fails_cleanly(
+    s3_store: clawstore.ArtifactStore, s3_client: Any, s3_bucket: str, tmp_path: Path
+) -> None:
+    from clawstore import _core
+
+    p = tmp_path / "f"
+    p.write_bytes(rand(12 * MiB, 13))
+    st = _core.PartStager(str(p), 5 * MiB)
+    os.truncate(p, 6 * MiB)
+    with pytest.raises(OSError):
+        backend(s3_store)._multipart("store/blobs/sha256/00/" + "0" * 64, st, None)
+    assert digest_keys(s3_client, s3_bucket) == [] and uploads(s3_client, s3_bucket) == []
