@@ -674,7 +674,7 @@ impl PyUnpacker {
     }
 
     /// Apply one layer from a path or a binary file object; verifies `digest` (of the compressed
-    /// bytes), `diff_id` and `size` (uncompressed) when given. `progress(files, bytes)` is called
+    /// bytes), `diff_id` and `size` (uncompressed) when given. `progress(files, tar_bytes)` is called
     /// now and then.
     #[pyo3(signature = (source, *, digest = None, diff_id = None, size = None, progress = None))]
     fn apply<'py>(
@@ -710,7 +710,7 @@ impl PyUnpacker {
         let perr = pyerr.clone();
         let mut cb = move |s: &UnpackStats| -> Result<(), UnpackError> {
             if let Some(cb) = &progress {
-                Python::with_gil(|py| cb.call1(py, (s.files, s.file_bytes)).map(|_| ())).map_err(
+                Python::with_gil(|py| cb.call1(py, (s.files, s.bytes)).map(|_| ())).map_err(
                     |e| {
                         let msg = e.to_string();
                         if let Ok(mut g) = perr.lock() {
