@@ -140,8 +140,10 @@ class Snapshot:
 class RestoreResult:
     snapshot: Snapshot
     dest: Path
+    #: regular files and their bytes in the restored tree (from the snapshot's config)
     files: int
     bytes: int
+    #: tar entries applied over all layers (deltas re-apply changed paths)
     entries: int
     seconds: float
     layers: tuple[Mapping[str, Any], ...] = field(default=())
@@ -414,8 +416,8 @@ def restore(
     return RestoreResult(
         snap,
         target,
-        files=totals["files"],
-        bytes=totals["file_bytes"],
+        files=snap.files,
+        bytes=snap.bytes,
         entries=totals["entries"],
         seconds=time.monotonic() - started,
         layers=tuple(layer_stats),

@@ -323,8 +323,15 @@ impl Delta {
         self.changed.is_empty() && self.whiteouts.is_empty() && self.opaque.is_empty()
     }
 
+    /// Bytes of file content the delta packs (a hardlinked inode counts once).
     pub fn changed_bytes(&self, new: &[Entry]) -> u64 {
-        self.changed.iter().map(|&i| new[i].size).sum()
+        let mut seen = HashSet::new();
+        self.changed
+            .iter()
+            .map(|&i| &new[i])
+            .filter(|e| !e.is_hardlinked() || seen.insert((e.dev, e.ino)))
+            .map(|e| e.size)
+            .sum()
     }
 }
 
