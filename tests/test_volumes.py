@@ -18,7 +18,6 @@ from clawstore import mediatypes as mt
 from clawstore.errors import ClawstoreError, DigestMismatchError, TagConflictError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from volume_trees import NS, assert_same_tree, describe, make_every_kind, set_mtime
 
 REF = "volumes/workspace/alice:latest"
@@ -100,7 +99,17 @@ def edit_chain(src: Path) -> list[str]:
     (src / "setuid" / "child").write_text("c")
     os.chmod(src / "sticky", 0o755)  # mode only
     set_mtime(src / "héllo wörld ✓.txt", 1_234_567_890 * NS + 5)  # mtime only
-    return ["edit", "delete", "rename", "rmtree", "mkdir", "link->file", "file->link", "dir->file", "file->dir"]
+    return [
+        "edit",
+        "delete",
+        "rename",
+        "rmtree",
+        "mkdir",
+        "link->file",
+        "file->link",
+        "dir->file",
+        "file->dir",
+    ]
 
 
 def test_incremental_chain_restores_latest(store: clawstore.ArtifactStore, tmp_path: Path) -> None:
@@ -141,7 +150,9 @@ def test_unchanged_tree_makes_no_new_snapshot(store: clawstore.ArtifactStore, tm
     assert store.resolve(*REF.split(":")) == a.digest
 
 
-def test_squash_past_chain_length_and_when_deltas_outweigh(store: clawstore.ArtifactStore, tmp_path: Path) -> None:
+def test_squash_past_chain_length_and_when_deltas_outweigh(
+    store: clawstore.ArtifactStore, tmp_path: Path
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "base").write_bytes(os.urandom(50_000))
@@ -169,7 +180,9 @@ def test_full_flag_forces_one_layer(store: clawstore.ArtifactStore, tmp_path: Pa
     assert len(s.layers) == 1 and s.parent is not None
 
 
-def test_content_digests_catch_same_metadata_edits(local_store: clawstore.ArtifactStore, tmp_path: Path) -> None:
+def test_content_digests_catch_same_metadata_edits(
+    local_store: clawstore.ArtifactStore, tmp_path: Path
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_text("aaaa")
@@ -289,13 +302,25 @@ def test_progress_events(store: clawstore.ArtifactStore, tmp_path: Path) -> None
 
 NAMES = ["a", "b", "c d", "é"]
 op = st.one_of(
-    st.tuples(st.just("write"), st.lists(st.sampled_from(NAMES), min_size=1, max_size=3), st.binary(max_size=300)),
+    st.tuples(
+        st.just("write"), st.lists(st.sampled_from(NAMES), min_size=1, max_size=3), st.binary(max_size=300)
+    ),
     st.tuples(st.just("mkdir"), st.lists(st.sampled_from(NAMES), min_size=1, max_size=3), st.none()),
-    st.tuples(st.just("symlink"), st.lists(st.sampled_from(NAMES), min_size=1, max_size=3), st.sampled_from(NAMES)),
+    st.tuples(
+        st.just("symlink"), st.lists(st.sampled_from(NAMES), min_size=1, max_size=3), st.sampled_from(NAMES)
+    ),
     st.tuples(st.just("delete"), st.lists(st.sampled_from(NAMES), min_size=1, max_size=3), st.none()),
-    st.tuples(st.just("hardlink"), st.lists(st.sampled_from(NAMES), min_size=1, max_size=3), st.sampled_from(NAMES)),
-    st.tuples(st.just("chmod"), st.lists(st.sampled_from(NAMES), min_size=1, max_size=3), st.sampled_from([0o600, 0o755])),
-    st.tuples(st.just("rename"), st.lists(st.sampled_from(NAMES), min_size=1, max_size=3), st.sampled_from(NAMES)),
+    st.tuples(
+        st.just("hardlink"), st.lists(st.sampled_from(NAMES), min_size=1, max_size=3), st.sampled_from(NAMES)
+    ),
+    st.tuples(
+        st.just("chmod"),
+        st.lists(st.sampled_from(NAMES), min_size=1, max_size=3),
+        st.sampled_from([0o600, 0o755]),
+    ),
+    st.tuples(
+        st.just("rename"), st.lists(st.sampled_from(NAMES), min_size=1, max_size=3), st.sampled_from(NAMES)
+    ),
 )
 
 

@@ -85,7 +85,9 @@ def describe(root: Path, *, content: bool = True) -> dict[str, tuple[Any, ...]]:
 
 def assert_same_tree(a: Path, b: Path) -> None:
     da, db = describe(a), describe(b)
-    assert sorted(da) == sorted(db), f"paths differ: only in a {set(da) - set(db)}, only in b {set(db) - set(da)}"
+    assert sorted(da) == sorted(db), (
+        f"paths differ: only in a {set(da) - set(db)}, only in b {set(db) - set(da)}"
+    )
     for p in da:
         assert da[p] == db[p], f"{p}: {da[p]} != {db[p]}"
 

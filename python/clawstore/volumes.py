@@ -199,7 +199,9 @@ def _is_volume(manifest: ImageManifest) -> bool:
 def load(store: ArtifactStore, ref: str | Digest) -> Snapshot:
     """Read a snapshot by `repo:tag`, `repo@digest` or a manifest digest."""
     ref_text: str | None = None
-    if isinstance(ref, Digest) or (isinstance(ref, str) and ref.startswith(("sha256:", "sha512:", "blake3:"))):
+    if isinstance(ref, Digest) or (
+        isinstance(ref, str) and ref.startswith(("sha256:", "sha512:", "blake3:"))
+    ):
         digest = Digest.parse(ref)
     else:
         r = Reference.parse(str(ref))
@@ -400,15 +402,21 @@ def restore(
             local = store.blob_local_path(d.digest)
             if local is not None:
                 # zero-copy: the core hashes the blob itself and checks it against the digest
-                st = unpacker.apply(local, digest=str(d.digest), diff_id=diff_id, size=size, progress=on_progress)
+                st = unpacker.apply(
+                    local, digest=str(d.digest), diff_id=diff_id, size=size, progress=on_progress
+                )
             else:
                 with store.get_blob(d.digest) as r:  # verifying reader
                     st = unpacker.apply(r, diff_id=diff_id, size=size, progress=on_progress)
             if st["compressed"] != d.size:
-                raise DigestMismatchError(f"layer {d.digest} is {st['compressed']} bytes, descriptor says {d.size}")
+                raise DigestMismatchError(
+                    f"layer {d.digest} is {st['compressed']} bytes, descriptor says {d.size}"
+                )
             layer_stats.append(st)
         totals = unpacker.finish()
-        report(ProgressEvent("restore", totals["files"], totals["bytes"], total_files, total_bytes), force=True)
+        report(
+            ProgressEvent("restore", totals["files"], totals["bytes"], total_files, total_bytes), force=True
+        )
         _swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -52,29 +52,47 @@ def volume_group() -> None:
 @click.argument("ref")
 @click.option("--full", is_flag=True, help="Pack everything, even if REF has a previous snapshot.")
 @click.option("--content-digests", is_flag=True, help="Detect changes by content too (reads every file).")
-@click.option("--max-chain", type=click.IntRange(min=1), default=volumes.DEFAULT_MAX_CHAIN, show_default=True,
-              help="Squash into one full layer past this many layers.")
+@click.option(
+    "--max-chain",
+    type=click.IntRange(min=1),
+    default=volumes.DEFAULT_MAX_CHAIN,
+    show_default=True,
+    help="Squash into one full layer past this many layers.",
+)
 @click.option("--level", type=click.IntRange(1, 22), default=3, show_default=True, help="zstd level.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="zstd threads (0: one per CPU).")
 @pass_cli
 def snapshot_cmd(
-    cli: CliContext, directory: Path, ref: str, full: bool, content_digests: bool, max_chain: int,
-    level: int, threads: int,
+    cli: CliContext,
+    directory: Path,
+    ref: str,
+    full: bool,
+    content_digests: bool,
+    max_chain: int,
+    level: int,
+    threads: int,
 ) -> None:
     """Snapshot DIRECTORY to REF (REPO:TAG); incremental when REF exists. Prints the digest."""
     bar = _Bar("snapshot")
     with bar.bar:
         snap = volumes.snapshot(
-            cli.store, directory, ref, full=full, content_digests=content_digests, max_chain=max_chain,
-            level=level, threads=threads, progress=bar,
+            cli.store,
+            directory,
+            ref,
+            full=full,
+            content_digests=content_digests,
+            max_chain=max_chain,
+            level=level,
+            threads=threads,
+            progress=bar,
         )
     if not snap.created_now:
         click.echo(f"unchanged: {ref} is already {snap.digest}", err=True)
     elif snap.new_layer is not None:
         kind = (snap.new_layer.annotations or {}).get(volumes.ANNOTATION_LAYER_KIND, "?")
         click.echo(
-            f"{ref}: {snap.files} files, {_human(snap.bytes)}; new {kind} layer {_human(snap.new_layer.size)}, "
-            f"{len(snap.layers)} layers",
+            f"{ref}: {snap.files} files, {_human(snap.bytes)}; "
+            f"new {kind} layer {_human(snap.new_layer.size)}, {len(snap.layers)} layers",
             err=True,
         )
     click.echo(str(snap.digest))
