@@ -18,6 +18,8 @@ CHECKPOINT: Final = "application/vnd.elasticclaw.checkpoint.v1+json"
 VOLUME: Final = "application/vnd.elasticclaw.volume.v1+json"
 VOLUME_LAYER: Final = "application/vnd.elasticclaw.volume.layer.v1.tar+zstd"
 VOLUME_INDEX: Final = "application/vnd.elasticclaw.volume.index.v1+json"
+#: The file index of a volume snapshot as volumes.py stores it: VOLUME_INDEX JSON, zstd-compressed.
+VOLUME_INDEX_ZSTD: Final = "application/vnd.elasticclaw.volume.index.v1+json+zstd"
 CHECKPOINT_FILE: Final = "application/vnd.elasticclaw.checkpoint.file.v1"
 
 #: The empty JSON object `{}` used as config when a kind has none (OCI 1.1).

@@ -113,6 +113,17 @@ class ArtifactStore:
         with self.get_blob(digest) as r:
             return r.read()
 
+    def blob_local_path(self, digest: Digest | str) -> Path | None:
+        """Path of a stored blob on a local filesystem, for zero-copy readers that verify the bytes
+        themselves against the digest (layer unpacking); None if the backend is not local or the
+        blob is absent. Never write to it."""
+        d = Digest.parse(digest)
+        locate = getattr(self.backend, "blob_path", None)
+        if locate is None:
+            return None
+        path = locate(d)
+        return path if isinstance(path, Path) and path.is_file() else None
+
     def stat_blob(self, digest: Digest | str) -> int:
         size = self.backend.blob_size(Digest.parse(digest))
         if size is None:

@@ -1,0 +1,140 @@
+"""`clawstore volume ...`: snapshot a directory to REPO:TAG, restore it, list and show history."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from clawstore import volumes
+from clawstore.cli.common import CliContext, Progress, pass_cli
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class _Bar:
+    """Feeds volumes.ProgressEvent into one rich bar (bytes, throughput) with a file count."""
+
+    def __init__(self, verb: str) -> None:
+        self.verb = verb
+        self.bar = Progress(verb, None, unit="bytes")
+
+    def __call__(self, ev: volumes.ProgressEvent) -> None:
+        files = f"{ev.files}/{ev.total_files}" if ev.total_files is not None else f"{ev.files}"
+        self.bar.update(
+            description=f"{self.verb} ({ev.phase}) {files} files",
+            completed=ev.bytes,
+            total=ev.total_bytes,
+        )
+
+
+def _snapshot_line(s: volumes.Snapshot) -> str:
+    kinds = "+".join((d.annotations or {}).get(volumes.ANNOTATION_LAYER_KIND, "?") for d in s.layers)
+    return (
+        f"{s.digest}  {s.created or '-':20}  {s.files:>8} files  {_human(s.bytes):>10}  "
+        f"{len(s.layers)} layers ({kinds}), {_human(s.stored_size)} stored"
+    )
+
+
+@click.group("volume")
+def volume_group() -> None:
+    """Workspace volume snapshots (tar+zstd layers, incremental)."""
+
+
+@volume_group.command("snapshot")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("ref")
+@click.option("--full", is_flag=True, help="Pack everything, even if REF has a previous snapshot.")
+@click.option("--content-digests", is_flag=True, help="Detect changes by content too (reads every file).")
+@click.option(
+    "--max-chain",
+    type=click.IntRange(min=1),
+    default=volumes.DEFAULT_MAX_CHAIN,
+    show_default=True,
+    help="Squash into one full layer past this many layers.",
+)
+@click.option("--level", type=click.IntRange(1, 22), default=3, show_default=True, help="zstd level.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="zstd threads (0: one per CPU).")
+@pass_cli
+def snapshot_cmd(
+    cli: CliContext,
+    directory: Path,
+    ref: str,
+    full: bool,
+    content_digests: bool,
+    max_chain: int,
+    level: int,
+    threads: int,
+) -> None:
+    """Snapshot DIRECTORY to REF (REPO:TAG); incremental when REF exists. Prints the digest."""
+    bar = _Bar("snapshot")
+    with bar.bar:
+        snap = volumes.snapshot(
+            cli.store,
+            directory,
+            ref,
+            full=full,
+            content_digests=content_digests,
+            max_chain=max_chain,
+            level=level,
+            threads=threads,
+            progress=bar,
+        )
+    if not snap.created_now:
+        click.echo(f"unchanged: {ref} is already {snap.digest}", err=True)
+    elif snap.new_layer is not None:
+        kind = (snap.new_layer.annotations or {}).get(volumes.ANNOTATION_LAYER_KIND, "?")
+        click.echo(
+            f"{ref}: {snap.files} files, {_human(snap.bytes)}; "
+            f"new {kind} layer {_human(snap.new_layer.size)}, {len(snap.layers)} layers",
+            err=True,
+        )
+    click.echo(str(snap.digest))
+
+
+@volume_group.command("restore")
+@click.argument("ref")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace DIRECTORY if it is not empty.")
+@click.option("--allow-devices", is_flag=True, help="Create device nodes and FIFOs from the layers.")
+@pass_cli
+def restore_cmd(cli: CliContext, ref: str, directory: Path, force: bool, allow_devices: bool) -> None:
+    """Restore REF (REPO:TAG or REPO@DIGEST) into DIRECTORY (created; must be empty unless --force)."""
+    bar = _Bar("restore")
+    with bar.bar:
+        r = volumes.restore(cli.store, ref, directory, force=force, allow_devices=allow_devices, progress=bar)
+    rate = r.bytes / r.seconds if r.seconds > 0 else 0.0
+    click.echo(
+        f"restored {r.snapshot.digest} to {r.dest}: {r.files} files, {_human(r.bytes)} "
+        f"in {r.seconds:.2f}s ({_human(rate)}/s)",
+        err=True,
+    )
+
+
+@volume_group.command("ls")
+@click.argument("repo", required=False)
+@pass_cli
+def ls_cmd(cli: CliContext, repo: str | None) -> None:
+    """List tagged volume snapshots (of REPO, or of every repository)."""
+    for s in volumes.ls(cli.store, repo):
+        click.echo(f"{s.ref}  {_snapshot_line(s)}")
+
+
+@volume_group.command("history")
+@click.argument("ref")
+@click.option("-n", "--limit", type=click.IntRange(min=1), default=None, help="Show at most N snapshots.")
+@pass_cli
+def history_cmd(cli: CliContext, ref: str, limit: int | None) -> None:
+    """Show the snapshot at REF and its parents, newest first."""
+    for s in volumes.history(cli.store, ref, limit=limit):
+        click.echo(_snapshot_line(s))
+
+
+def register(group: click.Group) -> None:
+    group.add_command(volume_group)

@@ -1,0 +1,498 @@
+"""Workspace volume snapshots: a directory tree as an OCI artifact of tar+zstd layers.
+
+    snap = volumes.snapshot(store, "/srv/work/alice", "volumes/workspace/alice:latest")
+    volumes.restore(store, "volumes/workspace/alice:latest", "/srv/work/alice-copy")
+
+A snapshot is an OCI image manifest (artifactType `application/vnd.elasticclaw.volume.v1+json`):
+
+- `config` (same media type): canonical JSON with `entries`, `files`, `bytes`, `parent` (the
+  previous snapshot's manifest digest or null), `index` (descriptor of the file-index blob) and
+  `contentDigests` (whether the index holds content digests).
+- `layers`: one or more `application/vnd.elasticclaw.volume.layer.v1.tar+zstd` layers, applied in
+  order, each annotated with its diff_id (`io.elasticclaw.layer.diff_id`), uncompressed size and
+  kind (`full` or `delta`); then the file index (`...volume.index.v1+json+zstd`), listed as a
+  layer so that garbage collection keeps it. Restore only unpacks the tar+zstd layers.
+
+Incremental snapshots compare the tree with the parent's file index (type, size, mode, owner,
+mtime, ctime, inode; optionally content digests) and pack only what changed plus OCI whiteouts,
+so the new manifest is the parent's layers plus one small layer. Past `max_chain` layers, or when
+the deltas outweigh the base (`squash_ratio`), the snapshot is packed as one fresh full layer.
+The tag moves by compare-and-swap against the parent: a concurrent snapshot of the same ref
+makes one of them fail with TagConflictError instead of silently losing the other.
+
+Built only on the ArtifactStore API; the Rust core does scanning, packing and safe unpacking.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from clawstore import _core
+from clawstore import mediatypes as mt
+from clawstore.backends.base import MISSING
+from clawstore.digest import Digest
+from clawstore.errors import (
+    ClawstoreError,
+    DigestMismatchError,
+    InvalidManifestError,
+    ManifestNotFoundError,
+    RefNotFoundError,
+)
+from clawstore.manifest import Descriptor, ImageManifest, canonical_json, parse_manifest
+from clawstore.names import Reference
+from clawstore.store import ArtifactStore
+
+CONFIG_VERSION: Final = 1
+ANNOTATION_DIFF_ID: Final = "io.elasticclaw.layer.diff_id"
+ANNOTATION_UNCOMPRESSED_SIZE: Final = "io.elasticclaw.layer.uncompressed_size"
+ANNOTATION_LAYER_KIND: Final = "io.elasticclaw.layer.kind"
+ANNOTATION_CREATED: Final = "org.opencontainers.image.created"
+
+#: Squash into one full layer when a snapshot would have more layers than this.
+DEFAULT_MAX_CHAIN: Final = 16
+#: ... or when the deltas' uncompressed bytes exceed this fraction of the base layer's.
+DEFAULT_SQUASH_RATIO: Final = 1.0
+#: Progress callbacks are called at most this often (seconds).
+PROGRESS_INTERVAL: Final = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressEvent:
+    """Work done so far: `phase` is "scan", "pack" or "restore"; totals are None if unknown."""
+
+    phase: str
+    files: int
+    bytes: int
+    total_files: int | None = None
+    total_bytes: int | None = None
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A stored volume snapshot, as read back from its manifest and config."""
+
+    digest: Digest
+    manifest: ImageManifest
+    config: Mapping[str, Any]
+    ref: str | None = None
+    #: False when `snapshot` found nothing changed and returned the existing snapshot.
+    created_now: bool = False
+    #: The layer this snapshot call added (None if nothing changed).
+    new_layer: Descriptor | None = None
+
+    @property
+    def layers(self) -> tuple[Descriptor, ...]:
+        """The tar+zstd layers, in the order they are applied."""
+        return tuple(d for d in self.manifest.layers if d.media_type == mt.VOLUME_LAYER)
+
+    @property
+    def index(self) -> Descriptor:
+        idx = self.config.get("index")
+        if not isinstance(idx, dict):
+            raise InvalidManifestError(f"volume {self.digest}: config has no index descriptor")
+        return Descriptor.from_dict(idx, "config.index")
+
+    @property
+    def parent(self) -> Digest | None:
+        p = self.config.get("parent")
+        return Digest.parse(p) if p else None
+
+    @property
+    def files(self) -> int:
+        return int(self.config.get("files", 0))
+
+    @property
+    def entries(self) -> int:
+        return int(self.config.get("entries", 0))
+
+    @property
+    def bytes(self) -> int:
+        return int(self.config.get("bytes", 0))
+
+    @property
+    def content_digests(self) -> bool:
+        return bool(self.config.get("contentDigests", False))
+
+    @property
+    def created(self) -> str | None:
+        return (self.manifest.annotations or {}).get(ANNOTATION_CREATED)
+
+    @property
+    def stored_size(self) -> int:
+        """Compressed bytes of all layers (shared layers counted for each snapshot)."""
+        return sum(d.size for d in self.layers)
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreResult:
+    snapshot: Snapshot
+    dest: Path
+    #: regular files and their bytes in the restored tree (from the snapshot's config)
+    files: int
+    bytes: int
+    #: tar entries applied over all layers (deltas re-apply changed paths)
+    entries: int
+    seconds: float
+    layers: tuple[Mapping[str, Any], ...] = field(default=())
+
+
+class _Throttle:
+    def __init__(self, cb: ProgressCallback | None) -> None:
+        self.cb = cb
+        self.last = 0.0
+
+    def __call__(self, event: ProgressEvent, *, force: bool = False) -> None:
+        if self.cb is None:
+            return
+        now = time.monotonic()
+        if force or now - self.last >= PROGRESS_INTERVAL:
+            self.last = now
+            self.cb(event)
+
+
+class _PackReader:
+    """A raw binary reader over a PackStream that reports progress as the store consumes it."""
+
+    def __init__(self, stream: Any, report: _Throttle, total_files: int, total_bytes: int) -> None:
+        self._stream = stream
+        self._report = report
+        self._totals = (total_files, total_bytes)
+
+    def readable(self) -> bool:
+        return True
+
+    def _progress(self, force: bool = False) -> None:
+        _entries, files, nbytes = self._stream.progress
+        self._report(ProgressEvent("pack", files, nbytes, *self._totals), force=force)
+
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        n: int = self._stream.readinto(buf)
+        self._progress(force=n == 0)
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        data: bytes = self._stream.read(size)
+        self._progress(force=not data)
+        return data
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def _is_volume(manifest: ImageManifest) -> bool:
+    return manifest.artifact_type == mt.VOLUME or manifest.config.media_type == mt.VOLUME
+
+
+def load(store: ArtifactStore, ref: str | Digest) -> Snapshot:
+    """Read a snapshot by `repo:tag`, `repo@digest` or a manifest digest."""
+    ref_text: str | None = None
+    if isinstance(ref, Digest) or (
+        isinstance(ref, str) and ref.startswith(("sha256:", "sha512:", "blake3:"))
+    ):
+        digest = Digest.parse(ref)
+    else:
+        r = Reference.parse(str(ref))
+        digest = r.digest if r.digest is not None else store.resolve(r.repository, r.tag or "")
+        ref_text = str(r)
+    manifest = parse_manifest(store.get_manifest(digest))
+    if not isinstance(manifest, ImageManifest) or not _is_volume(manifest):
+        raise InvalidManifestError(f"{ref_text or digest} is not a volume snapshot")
+    try:
+        config = json.loads(store.read_blob(manifest.config.digest))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidManifestError(f"volume {digest}: config is not JSON: {e}") from None
+    if not isinstance(config, dict) or config.get("version") != CONFIG_VERSION:
+        raise InvalidManifestError(f"volume {digest}: unsupported config {str(config)[:80]!r}")
+    return Snapshot(digest, manifest, config, ref_text)
+
+
+def _layer_size(d: Descriptor) -> int | None:
+    value = (d.annotations or {}).get(ANNOTATION_UNCOMPRESSED_SIZE)
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def snapshot(
+    store: ArtifactStore,
+    path: str | os.PathLike[str],
+    ref: str,
+    *,
+    full: bool = False,
+    content_digests: bool = False,
+    max_chain: int = DEFAULT_MAX_CHAIN,
+    squash_ratio: float = DEFAULT_SQUASH_RATIO,
+    level: int = 3,
+    threads: int = 0,
+    progress: ProgressCallback | None = None,
+    annotations: Mapping[str, str] | None = None,
+) -> Snapshot:
+    """Snapshot the directory `path` to `ref` (`repo:tag`).
+
+    When `ref` already points at a volume snapshot (and not `full`), only what changed since it
+    is packed (plus whiteouts); the new snapshot lists the parent's layers and one new layer.
+    With `content_digests`, the index holds a digest of every file and changes are detected by
+    content too (reads every file on every snapshot). If nothing changed, the existing snapshot
+    is returned (`created_now` False) and the tag is left alone.
+    """
+    r = Reference.parse(ref)
+    if r.tag is None:
+        raise ClawstoreError(f"snapshot needs a tag, not a digest: {ref}")
+    repo, tag = r.repository, r.tag
+    root = Path(path)
+    if not root.is_dir() or root.is_symlink():
+        raise NotADirectoryError(f"not a directory: {root}")
+    if max_chain < 1:
+        raise ValueError("max_chain must be at least 1")
+    report = _Throttle(progress)
+
+    try:
+        prev_digest: Digest | None = store.resolve(repo, tag)
+    except RefNotFoundError:
+        prev_digest = None
+    prev = load(store, prev_digest) if prev_digest is not None else None
+
+    report(ProgressEvent("scan", 0, 0), force=True)
+    scan = _core.scan_tree(root, content_digests=content_digests)
+    report(ProgressEvent("scan", scan.files, scan.bytes, scan.files, scan.bytes), force=True)
+
+    delta = None
+    if prev is not None and not full:
+        old = _core.decode_index(store.read_blob(prev.index.digest))
+        d = scan.diff(old, content=content_digests and prev.content_digests)
+        if d.is_empty():
+            return Snapshot(prev.digest, prev.manifest, prev.config, str(r), created_now=False)
+        base, *deltas = prev.layers
+        base_size = _layer_size(base)
+        delta_sizes = [_layer_size(x) for x in deltas]
+        too_long = len(prev.layers) + 1 > max_chain
+        outweighs = (
+            base_size is None
+            or any(s is None for s in delta_sizes)
+            or sum(s or 0 for s in delta_sizes) + d.changed_bytes > squash_ratio * base_size
+        )
+        if not too_long and not outweighs:
+            delta = d
+
+    stream = _core.PackStream(scan, delta, level=level, threads=threads)
+    total_files = delta.changed if delta is not None else scan.files
+    total_bytes = delta.changed_bytes if delta is not None else scan.bytes
+    reader = _PackReader(stream, report, total_files, total_bytes)
+    try:
+        stored = store.put_blob(reader, media_type=mt.VOLUME_LAYER)  # type: ignore[arg-type]
+        packed = stream.result()
+    finally:
+        stream.close()
+    if stored.digest != packed["digest"] or stored.size != packed["size"]:
+        raise DigestMismatchError(
+            f"store recorded the layer as {stored.digest} ({stored.size} bytes), "
+            f"packer produced {packed['digest']} ({packed['size']} bytes)"
+        )
+    layer = Descriptor(
+        stored.digest,
+        stored.size,
+        mt.VOLUME_LAYER,
+        annotations={
+            ANNOTATION_DIFF_ID: packed["diff_id"],
+            ANNOTATION_UNCOMPRESSED_SIZE: str(packed["uncompressed_size"]),
+            ANNOTATION_LAYER_KIND: "delta" if delta is not None else "full",
+        },
+    )
+    layers = (*prev.layers, layer) if delta is not None and prev is not None else (layer,)
+
+    index_desc = store.put_blob(scan.encode(), media_type=mt.VOLUME_INDEX_ZSTD)
+    config: dict[str, Any] = {
+        "version": CONFIG_VERSION,
+        "entries": len(scan),
+        "files": scan.files,
+        "bytes": scan.bytes,
+        "parent": str(prev.digest) if prev is not None else None,
+        "index": index_desc.to_dict(),
+        "contentDigests": content_digests,
+    }
+    config_desc = store.put_blob(canonical_json(config), media_type=mt.VOLUME)
+    notes = {ANNOTATION_CREATED: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    notes.update(annotations or {})
+    manifest = ImageManifest(
+        config=config_desc,
+        layers=(*layers, index_desc),
+        artifact_type=mt.VOLUME,
+        annotations=notes,
+    )
+    stored_manifest = store.put_manifest(manifest.to_json(), mt.OCI_MANIFEST)
+    store.tag(repo, tag, stored_manifest.digest, expect=prev.digest if prev is not None else MISSING)
+    return Snapshot(stored_manifest.digest, manifest, config, str(r), created_now=True, new_layer=layer)
+
+
+def _non_empty(path: Path) -> bool:
+    with os.scandir(path) as it:
+        return any(True for _ in it)
+
+
+def restore(
+    store: ArtifactStore,
+    ref: str | Digest,
+    dest: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    allow_devices: bool = False,
+    same_owner: bool | None = None,
+    max_bytes: int | None = None,
+    max_entries: int | None = None,
+    max_ratio: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> RestoreResult:
+    """Restore a snapshot into `dest`.
+
+    Layers are unpacked into a fresh temporary directory beside `dest`, which is renamed into
+    place only when every layer has unpacked and verified (blob digest, diff_id, size): a failed
+    restore never leaves a half-restored `dest`. A non-empty `dest` is refused unless `force`,
+    in which case it is replaced. Limits default to what the manifest declares (each layer may
+    not decompress past its declared size; the ratio check is then off), and otherwise to the
+    core's limits; any explicit value overrides.
+    """
+    started = time.monotonic()
+    snap = load(store, ref)
+    target = Path(dest).absolute()
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise NotADirectoryError(f"restore target is not a directory: {target}")
+    if target.exists() and _non_empty(target) and not force:
+        raise ClawstoreError(f"restore target {target} is not empty (use force to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    declared = [_layer_size(d) for d in snap.layers]
+    all_declared = all(s is not None for s in declared)
+    if max_bytes is None and all_declared:
+        max_bytes = sum(s or 0 for s in declared)
+    if max_ratio is None and all_declared:
+        max_ratio = 0
+    report = _Throttle(progress)
+    # Progress counts uncompressed layer bytes (what the unpacker reads) against their declared
+    # sum; files against the snapshot's count when there is one layer (deltas rewrite files).
+    total_bytes = sum(s or 0 for s in declared) if all_declared else None
+    total_files = snap.files if len(snap.layers) == 1 else None
+
+    def on_progress(files: int, nbytes: int) -> None:
+        report(ProgressEvent("restore", files, nbytes, total_files, total_bytes))
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.restore-", dir=target.parent))
+    try:
+        unpacker = _core.Unpacker(
+            tmp,
+            max_bytes=max_bytes,
+            max_entries=max_entries,
+            max_ratio=max_ratio,
+            allow_devices=allow_devices,
+            same_owner=same_owner,
+        )
+        layer_stats = []
+        for d, size in zip(snap.layers, declared, strict=True):
+            diff_id = (d.annotations or {}).get(ANNOTATION_DIFF_ID)
+            local = store.blob_local_path(d.digest)
+            if local is not None:
+                # zero-copy: the core hashes the blob itself and checks it against the digest
+                st = unpacker.apply(
+                    local, digest=str(d.digest), diff_id=diff_id, size=size, progress=on_progress
+                )
+            else:
+                with store.get_blob(d.digest) as r:  # verifying reader
+                    st = unpacker.apply(r, diff_id=diff_id, size=size, progress=on_progress)
+            if st["compressed"] != d.size:
+                raise DigestMismatchError(
+                    f"layer {d.digest} is {st['compressed']} bytes, descriptor says {d.size}"
+                )
+            layer_stats.append(st)
+        totals = unpacker.finish()
+        report(
+            ProgressEvent("restore", totals["files"], totals["bytes"], total_files, total_bytes), force=True
+        )
+        _swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return RestoreResult(
+        snap,
+        target,
+        files=snap.files,
+        bytes=snap.bytes,
+        entries=totals["entries"],
+        seconds=time.monotonic() - started,
+        layers=tuple(layer_stats),
+    )
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    if target.exists() and _non_empty(target):
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.rename(target, old / "tree")
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(old / "tree", target)  # put the previous tree back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        # rename(2) atomically replaces an empty directory
+        os.rename(tmp, target)
+
+
+def history(store: ArtifactStore, ref: str | Digest, *, limit: int | None = None) -> list[Snapshot]:
+    """The snapshot at `ref`, then its parent, and so on (as far as they are still stored)."""
+    out: list[Snapshot] = []
+    snap: Snapshot | None = load(store, ref)
+    while snap is not None and (limit is None or len(out) < limit):
+        out.append(snap)
+        parent = snap.parent
+        if parent is None:
+            break
+        try:
+            snap = load(store, parent)
+        except (ManifestNotFoundError, InvalidManifestError):
+            break
+    return out
+
+
+def ls(store: ArtifactStore, repo: str | None = None) -> list[Snapshot]:
+    """Every tagged volume snapshot (in `repo`, or in every repository), sorted by reference."""
+    out: list[Snapshot] = []
+    repos = [repo] if repo is not None else store.list_repos()
+    for rp in repos:
+        for tag in store.list_tags(rp):
+            with contextlib.suppress(InvalidManifestError, ManifestNotFoundError, RefNotFoundError):
+                out.append(load(store, f"{rp}:{tag}"))
+    return out
+
+
+def files(store: ArtifactStore, ref: str | Digest) -> Iterator[tuple[str, str, int, int, int, str | None]]:
+    """(path, kind, size, mode, mtime_ns, link target) of every entry of a snapshot's index."""
+    snap = load(store, ref)
+    index = _core.decode_index(store.read_blob(snap.index.digest))
+    for path, kind, size, mode, mtime_ns, link, _digest in index.entries():
+        yield path, kind, size, mode, mtime_ns, link
+
+
+__all__ = [
+    "ANNOTATION_DIFF_ID",
+    "ANNOTATION_LAYER_KIND",
+    "ANNOTATION_UNCOMPRESSED_SIZE",
+    "ProgressEvent",
+    "RestoreResult",
+    "Snapshot",
+    "files",
+    "history",
+    "load",
+    "ls",
+    "restore",
+    "snapshot",
+]

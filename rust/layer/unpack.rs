@@ -1,0 +1,891 @@
+//! Apply tar+zstd layers, in order, to a target directory: OCI whiteouts, type changes, and
+//! parallel file writes, refusing anything that would touch the world outside the target.
+//!
+//! The decoding thread walks the tar stream sequentially and does everything that depends on
+//! order or on the namespace (path checks, removals, mkdir, creating each file with
+//! `O_CREAT|O_EXCL|O_NOFOLLOW`, symlinks, hard links). Bodies of small files go, with their
+//! already-open descriptor, to a pool of writer threads that write the bytes and set mode,
+//! owner and times through the descriptor, so a later rename, removal or hard link of the same
+//! path in the stream is safe whenever the pool gets to it. Directory modes and times are set
+//! at `finish`, deepest first, after every layer, through `O_NOFOLLOW|O_DIRECTORY` descriptors.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions, Permissions};
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{bounded, Sender};
+use filetime::FileTime;
+use tar::EntryType;
+
+use super::pack::{OPAQUE, WHITEOUT_PREFIX};
+use super::safety::{
+    clean_path, io_ctx, unsafe_err, Budget, CountingReader, LimitedReader, Limits, SafeRoot,
+    UnpackError,
+};
+use crate::digest::{validate_digest, StreamHasher};
+
+/// File bodies up to this size are handed to the writer pool; larger ones are written inline.
+pub const POOL_MAX: u64 = 1 << 20;
+/// Jobs queued for the writer pool (bounds memory to about POOL_QUEUE x POOL_MAX).
+pub const POOL_QUEUE: usize = 64;
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Meta {
+    mode: u32,
+    uid: u64,
+    gid: u64,
+    mtime_ns: i64,
+}
+
+impl Meta {
+    fn time(&self) -> FileTime {
+        FileTime::from_unix_time(
+            self.mtime_ns.div_euclid(1_000_000_000),
+            self.mtime_ns.rem_euclid(1_000_000_000) as u32,
+        )
+    }
+}
+
+/// What the caller knows about a layer (from its descriptor), all verified.
+#[derive(Clone, Debug, Default)]
+pub struct LayerSpec {
+    /// Digest of the compressed blob.
+    pub digest: Option<String>,
+    /// sha256 of the uncompressed tar.
+    pub diff_id: Option<String>,
+    /// Uncompressed tar size: the layer may not decompress to more.
+    pub uncompressed_size: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LayerStats {
+    pub digest: Option<String>,
+    pub diff_id: String,
+    pub compressed: u64,
+    pub uncompressed: u64,
+    pub entries: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UnpackStats {
+    pub layers: u64,
+    pub entries: u64,
+    pub files: u64,
+    pub file_bytes: u64,
+    pub bytes: u64,
+}
+
+struct Job {
+    file: File,
+    data: Vec<u8>,
+    meta: Meta,
+    path: PathBuf,
+}
+
+type SharedError = Arc<Mutex<Option<UnpackError>>>;
+
+fn record(slot: &SharedError, e: UnpackError) {
+    if let Ok(mut g) = slot.lock() {
+        g.get_or_insert(e);
+    }
+}
+
+fn take(slot: &SharedError) -> Option<UnpackError> {
+    slot.lock().ok().and_then(|mut g| g.take())
+}
+
+fn set_file_meta(file: &File, meta: &Meta, same_owner: bool) -> io::Result<()> {
+    if same_owner {
+        std::os::unix::fs::fchown(file, Some(meta.uid as u32), Some(meta.gid as u32))?;
+    }
+    file.set_permissions(Permissions::from_mode(meta.mode))?;
+    let t = meta.time();
+    filetime::set_file_handle_times(file, Some(t), Some(t))
+}
+
+struct WriterPool {
+    tx: Option<Sender<Job>>,
+    handles: Vec<JoinHandle<()>>,
+    error: SharedError,
+}
+
+impl WriterPool {
+    fn new(workers: usize, same_owner: bool) -> Self {
+        let (tx, rx) = bounded::<Job>(POOL_QUEUE);
+        let error: SharedError = Arc::new(Mutex::new(None));
+        let handles = (0..workers.max(1))
+            .map(|_| {
+                let rx = rx.clone();
+                let error = error.clone();
+                std::thread::spawn(move || {
+                    for mut job in rx.iter() {
+                        let r = job
+                            .file
+                            .write_all(&job.data)
+                            .and_then(|_| set_file_meta(&job.file, &job.meta, same_owner));
+                        if let Err(e) = r {
+                            record(&error, UnpackError::Io(job.path.display().to_string(), e));
+                        }
+                    }
+                })
+            })
+            .collect();
+        WriterPool {
+            tx: Some(tx),
+            handles,
+            error,
+        }
+    }
+
+    fn submit(&self, job: Job) -> Result<(), UnpackError> {
+        if let Some(e) = take(&self.error) {
+            return Err(e);
+        }
+        match &self.tx {
+            Some(tx) => tx.send(job).map_err(|_| {
+                UnpackError::Io(
+                    "writer pool".into(),
+                    io::Error::other("writer pool stopped"),
+                )
+            }),
+            None => Err(UnpackError::Io(
+                "writer pool".into(),
+                io::Error::other("writer pool closed"),
+            )),
+        }
+    }
+
+    fn join(&mut self) -> Result<(), UnpackError> {
+        self.tx = None;
+        for h in self.handles.drain(..) {
+            if h.join().is_err() {
+                return Err(UnpackError::Io(
+                    "writer pool".into(),
+                    io::Error::other("writer thread panicked"),
+                ));
+            }
+        }
+        match take(&self.error) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for WriterPool {
+    fn drop(&mut self) {
+        let _ = self.join();
+    }
+}
+
+/// Hashes (optionally) and counts the compressed side of a layer.
+struct HashingReader<R> {
+    inner: CountingReader<R>,
+    hasher: Option<StreamHasher>,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
+        Ok(n)
+    }
+}
+
+/// Applies layers, in order, to one target directory.
+pub struct Unpacker {
+    root: SafeRoot,
+    limits: Limits,
+    budget: Arc<Budget>,
+    pool: WriterPool,
+    dirs: HashMap<String, Meta>,
+    root_meta: Option<Meta>,
+    stats: UnpackStats,
+}
+
+fn pax_mtime(value: &str) -> Option<i64> {
+    let (neg, v) = match value.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, value),
+    };
+    let (secs, frac) = v.split_once('.').unwrap_or((v, ""));
+    let secs: i64 = secs.parse().ok()?;
+    let mut digits: String = frac.chars().take(9).collect();
+    if !digits.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    while digits.len() < 9 {
+        digits.push('0');
+    }
+    let nanos: i64 = digits.parse().ok()?;
+    let total = secs.checked_mul(1_000_000_000)?.checked_add(nanos)?;
+    Some(if neg { -total } else { total })
+}
+
+impl Unpacker {
+    /// `root` must exist and be a directory (normally a fresh one).
+    pub fn new(root: &Path, limits: Limits, workers: usize) -> Result<Self, UnpackError> {
+        let md = fs::symlink_metadata(root).map_err(io_ctx(root.display()))?;
+        if !md.is_dir() {
+            return Err(UnpackError::Io(
+                root.display().to_string(),
+                io::Error::new(io::ErrorKind::NotADirectory, "target is not a directory"),
+            ));
+        }
+        let same_owner = limits.same_owner;
+        Ok(Unpacker {
+            root: SafeRoot::new(root),
+            limits,
+            budget: Arc::new(Budget::default()),
+            pool: WriterPool::new(workers, same_owner),
+            dirs: HashMap::new(),
+            root_meta: None,
+            stats: UnpackStats::default(),
+        })
+    }
+
+    pub fn budget(&self) -> Arc<Budget> {
+        self.budget.clone()
+    }
+
+    fn stream_err(&self, what: &str) -> impl Fn(io::Error) -> UnpackError + '_ {
+        let what = what.to_owned();
+        move |e| match self.budget.violation() {
+            Some(v) => UnpackError::Unsafe(v),
+            None => UnpackError::Io(what.clone(), e),
+        }
+    }
+
+    /// Remove whatever is at `rel` (a directory recursively, a symlink itself, never its target).
+    fn clear(&mut self, rel: &str) -> Result<(), UnpackError> {
+        let full = self.root.full(rel);
+        match fs::symlink_metadata(&full) {
+            Ok(md) if md.is_dir() => {
+                self.root.forget(rel);
+                let prefix = format!("{rel}/");
+                self.dirs.retain(|p, _| p != rel && !p.starts_with(&prefix));
+                fs::remove_dir_all(&full).map_err(io_ctx(full.display()))
+            }
+            Ok(_) => fs::remove_file(&full).map_err(io_ctx(full.display())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(UnpackError::Io(full.display().to_string(), e)),
+        }
+    }
+
+    fn opaque(&mut self, dir: &str, written: &HashSet<String>) -> Result<(), UnpackError> {
+        let full = if dir.is_empty() {
+            self.root.root.clone()
+        } else {
+            self.root.full(dir)
+        };
+        let md = match fs::symlink_metadata(&full) {
+            Ok(md) => md,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(UnpackError::Io(full.display().to_string(), e)),
+        };
+        if !md.is_dir() {
+            return Ok(());
+        }
+        let mut victims = Vec::new();
+        for de in fs::read_dir(&full).map_err(io_ctx(full.display()))? {
+            let de = de.map_err(io_ctx(full.display()))?;
+            let name = de.file_name();
+            let Some(name) = name.to_str() else {
+                continue;
+            };
+            let rel = if dir.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{dir}/{name}")
+            };
+            if !written.contains(&rel) {
+                victims.push(rel);
+            }
+        }
+        for rel in victims {
+            self.clear(&rel)?;
+        }
+        Ok(())
+    }
+
+    /// Apply one layer read from `src` (compressed bytes).
+    pub fn apply<R: Read>(
+        &mut self,
+        src: R,
+        spec: &LayerSpec,
+        progress: &mut dyn FnMut(&UnpackStats) -> Result<(), UnpackError>,
+    ) -> Result<LayerStats, UnpackError> {
+        let hasher = match &spec.digest {
+            Some(d) => {
+                let (alg, _) = validate_digest(d).map_err(UnpackError::Digest)?;
+                Some(StreamHasher::new(alg))
+            }
+            None => None,
+        };
+        let compressed = Arc::new(AtomicU64::new(0));
+        let hreader = HashingReader {
+            inner: CountingReader {
+                inner: src,
+                count: compressed.clone(),
+            },
+            hasher,
+        };
+        let decoder =
+            zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(1 << 20, hreader))
+                .map_err(io_ctx("zstd"))?;
+        let limited = LimitedReader {
+            inner: decoder,
+            hasher: StreamHasher::new(crate::digest::Algorithm::Sha256),
+            layer_bytes: 0,
+            compressed: compressed.clone(),
+            budget: self.budget.clone(),
+            limits: self.limits.clone(),
+            max_layer_bytes: spec.uncompressed_size,
+        };
+        let mut archive = tar::Archive::new(limited);
+        let mut written: HashSet<String> = HashSet::new();
+        let mut entries_in_layer = 0u64;
+        {
+            let entries = archive.entries().map_err(self.stream_err("tar"))?;
+            for entry in entries {
+                let mut entry = entry.map_err(self.stream_err("tar"))?;
+                entries_in_layer += 1;
+                let n = self.budget.entries.fetch_add(1, Ordering::Relaxed) + 1;
+                if n > self.limits.max_entries {
+                    return Err(unsafe_err(format!(
+                        "more than {} entries (limit)",
+                        self.limits.max_entries
+                    )));
+                }
+                self.entry(&mut entry, &mut written)?;
+                if n.is_multiple_of(256) {
+                    self.sync_stats();
+                    progress(&self.stats)?;
+                }
+            }
+        }
+        // Drain what follows the end-of-archive marker: it is part of the diff_id and of the
+        // blob digest, and limits apply to it as well.
+        let mut limited = archive.into_inner();
+        io::copy(&mut limited, &mut io::sink()).map_err(self.stream_err("zstd"))?;
+        let diff_id = limited.hasher.digest_string();
+        let uncompressed = limited.layer_bytes;
+        let mut inner = limited.inner.finish();
+        io::copy(&mut inner, &mut io::sink()).map_err(self.stream_err("layer"))?;
+        let hreader = inner.into_inner();
+        let digest = hreader.hasher.map(|h| h.digest_string());
+        if let (Some(want), Some(got)) = (&spec.digest, &digest) {
+            if want != got {
+                return Err(UnpackError::Digest(format!("layer {want} hashes to {got}")));
+            }
+        }
+        if let Some(want) = &spec.diff_id {
+            if *want != diff_id {
+                return Err(UnpackError::Digest(format!(
+                    "layer diff_id is {diff_id}, its descriptor says {want}"
+                )));
+            }
+        }
+        if let Some(want) = spec.uncompressed_size {
+            if want != uncompressed {
+                return Err(UnpackError::Digest(format!(
+                    "layer is {uncompressed} bytes uncompressed, its descriptor says {want}"
+                )));
+            }
+        }
+        self.stats.layers += 1;
+        self.sync_stats();
+        progress(&self.stats)?;
+        Ok(LayerStats {
+            digest,
+            diff_id,
+            compressed: compressed.load(Ordering::Relaxed),
+            uncompressed,
+            entries: entries_in_layer,
+        })
+    }
+
+    fn sync_stats(&mut self) {
+        self.stats.entries = self.budget.entries.load(Ordering::Relaxed);
+        self.stats.bytes = self.budget.bytes.load(Ordering::Relaxed);
+        self.stats.files = self.budget.files.load(Ordering::Relaxed);
+        self.stats.file_bytes = self.budget.file_bytes.load(Ordering::Relaxed);
+    }
+
+    fn entry<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        written: &mut HashSet<String>,
+    ) -> Result<(), UnpackError> {
+        let etype = entry.header().entry_type();
+        if etype.is_pax_global_extensions() {
+            return Ok(());
+        }
+        let raw = entry.path_bytes().into_owned();
+        let rel = clean_path(&raw)?;
+        let header = entry.header();
+        let mut meta = Meta {
+            mode: header.mode().map_err(io_ctx("tar header"))? & 0o7777,
+            uid: header.uid().map_err(io_ctx("tar header"))?,
+            gid: header.gid().map_err(io_ctx("tar header"))?,
+            mtime_ns: (header.mtime().map_err(io_ctx("tar header"))? as i64)
+                .saturating_mul(1_000_000_000),
+        };
+        if let Some(exts) = entry.pax_extensions().map_err(self.stream_err("tar"))? {
+            for ext in exts {
+                let ext = ext.map_err(self.stream_err("tar"))?;
+                if ext.key_bytes() == b"mtime" {
+                    if let Some(ns) = ext.value().ok().and_then(pax_mtime) {
+                        meta.mtime_ns = ns;
+                    }
+                }
+            }
+        }
+        let Some(rel) = rel else {
+            // `./`: the root directory's own metadata.
+            if etype.is_dir() {
+                self.root_meta = Some(meta);
+                return Ok(());
+            }
+            return Err(unsafe_err("a non-directory entry names the target root"));
+        };
+        let (parent, name) = match rel.rfind('/') {
+            Some(i) => (&rel[..i], &rel[i + 1..]),
+            None => ("", rel.as_str()),
+        };
+        if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
+            // Deleting through a symlinked parent would delete outside the target.
+            if !self.root.ensure_parents(&rel, false)? {
+                return Ok(()); // nothing below a missing directory to hide
+            }
+            if name == OPAQUE {
+                let parent = parent.to_owned();
+                return self.opaque(&parent, written);
+            }
+            if hidden.is_empty() || hidden == "." || hidden == ".." {
+                return Err(unsafe_err(format!("bad whiteout {rel:?}")));
+            }
+            let target = if parent.is_empty() {
+                hidden.to_owned()
+            } else {
+                format!("{parent}/{hidden}")
+            };
+            if !written.contains(&target) {
+                self.clear(&target)?;
+            }
+            return Ok(());
+        }
+        self.root.ensure_parents(&rel, true)?;
+        let full = self.root.full(&rel);
+        match etype {
+            EntryType::Directory => {
+                match fs::symlink_metadata(&full) {
+                    Ok(md) if md.is_dir() => {}
+                    Ok(_) => {
+                        self.clear(&rel)?;
+                        fs::create_dir(&full).map_err(io_ctx(full.display()))?;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        fs::create_dir(&full).map_err(io_ctx(full.display()))?;
+                    }
+                    Err(e) => return Err(UnpackError::Io(full.display().to_string(), e)),
+                }
+                self.root.mark_dir(&rel);
+                self.dirs.insert(rel.clone(), meta);
+            }
+            EntryType::Regular | EntryType::Continuous => {
+                self.clear(&rel)?;
+                let mut file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&full)
+                    .map_err(io_ctx(full.display()))?;
+                let size = entry.size();
+                if size <= POOL_MAX {
+                    let mut data = Vec::with_capacity(size as usize);
+                    entry
+                        .read_to_end(&mut data)
+                        .map_err(self.stream_err(&rel))?;
+                    self.pool.submit(Job {
+                        file,
+                        data,
+                        meta,
+                        path: full,
+                    })?;
+                } else {
+                    let mut w = io::BufWriter::with_capacity(1 << 20, &mut file);
+                    io::copy(entry, &mut w).map_err(self.stream_err(&rel))?;
+                    w.flush().map_err(io_ctx(full.display()))?;
+                    drop(w);
+                    set_file_meta(&file, &meta, self.limits.same_owner)
+                        .map_err(io_ctx(full.display()))?;
+                }
+                self.budget.files.fetch_add(1, Ordering::Relaxed);
+                self.budget.file_bytes.fetch_add(size, Ordering::Relaxed);
+            }
+            EntryType::Symlink => {
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| unsafe_err(format!("symlink {rel:?} without a target")))?
+                    .into_owned();
+                if target.is_empty() || target.contains(&0) {
+                    return Err(unsafe_err(format!("symlink {rel:?} has an invalid target")));
+                }
+                self.clear(&rel)?;
+                let target_path = Path::new(std::ffi::OsStr::from_bytes(&target));
+                std::os::unix::fs::symlink(target_path, &full).map_err(io_ctx(full.display()))?;
+                if self.limits.same_owner {
+                    std::os::unix::fs::lchown(&full, Some(meta.uid as u32), Some(meta.gid as u32))
+                        .map_err(io_ctx(full.display()))?;
+                }
+                let t = meta.time();
+                filetime::set_symlink_file_times(&full, t, t).map_err(io_ctx(full.display()))?;
+            }
+            EntryType::Link => {
+                let raw_target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| unsafe_err(format!("hard link {rel:?} without a target")))?
+                    .into_owned();
+                let target = clean_path(&raw_target)?
+                    .ok_or_else(|| unsafe_err(format!("hard link {rel:?} to the target root")))?;
+                if target == rel {
+                    return Err(unsafe_err(format!("hard link {rel:?} to itself")));
+                }
+                if !self.root.ensure_parents(&target, false)? {
+                    return Err(unsafe_err(format!(
+                        "hard link {rel:?} to missing {target:?}"
+                    )));
+                }
+                let tfull = self.root.full(&target);
+                match fs::symlink_metadata(&tfull) {
+                    Ok(md) if md.is_dir() => {
+                        return Err(unsafe_err(format!("hard link {rel:?} to a directory")));
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        return Err(unsafe_err(format!(
+                            "hard link {rel:?} to missing {target:?}"
+                        )));
+                    }
+                }
+                self.clear(&rel)?;
+                // linkat(2) without AT_SYMLINK_FOLLOW: links the symlink itself, never its target.
+                fs::hard_link(&tfull, &full).map_err(io_ctx(full.display()))?;
+            }
+            EntryType::Char | EntryType::Block | EntryType::Fifo => {
+                if !self.limits.allow_devices {
+                    return Err(unsafe_err(format!(
+                        "{rel:?} is a device node or FIFO (not allowed)"
+                    )));
+                }
+                self.clear(&rel)?;
+                let kind = match etype {
+                    EntryType::Char => libc::S_IFCHR,
+                    EntryType::Block => libc::S_IFBLK,
+                    _ => libc::S_IFIFO,
+                };
+                let major = entry.header().device_major().ok().flatten().unwrap_or(0);
+                let minor = entry.header().device_minor().ok().flatten().unwrap_or(0);
+                mknod(
+                    &full,
+                    kind | (meta.mode & 0o7777),
+                    libc::makedev(major, minor),
+                )
+                .map_err(io_ctx(full.display()))?;
+                if self.limits.same_owner {
+                    std::os::unix::fs::lchown(&full, Some(meta.uid as u32), Some(meta.gid as u32))
+                        .map_err(io_ctx(full.display()))?;
+                }
+                fs::set_permissions(&full, Permissions::from_mode(meta.mode))
+                    .map_err(io_ctx(full.display()))?;
+                let t = meta.time();
+                filetime::set_symlink_file_times(&full, t, t).map_err(io_ctx(full.display()))?;
+            }
+            other => {
+                return Err(unsafe_err(format!(
+                    "{rel:?}: unsupported tar entry type {:?}",
+                    other.as_byte() as char
+                )));
+            }
+        }
+        written.insert(rel);
+        Ok(())
+    }
+
+    /// Wait for every file write, then set directory modes and times (deepest first).
+    pub fn finish(mut self) -> Result<UnpackStats, UnpackError> {
+        self.pool.join()?;
+        let mut dirs: Vec<(String, Meta)> = self.dirs.drain().collect();
+        dirs.sort_by(|a, b| {
+            let da = a.0.matches('/').count();
+            let db = b.0.matches('/').count();
+            db.cmp(&da).then_with(|| a.0.cmp(&b.0))
+        });
+        let same_owner = self.limits.same_owner;
+        for (rel, meta) in &dirs {
+            let full = self.root.full(rel);
+            set_dir_meta(&full, meta, same_owner)?;
+        }
+        if let Some(meta) = self.root_meta {
+            set_dir_meta(&self.root.root, &meta, same_owner)?;
+        }
+        self.sync_stats();
+        Ok(self.stats.clone())
+    }
+}
+
+fn set_dir_meta(full: &Path, meta: &Meta, same_owner: bool) -> Result<(), UnpackError> {
+    let dir = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(full)
+    {
+        Ok(d) => d,
+        // replaced by a file or symlink in a later layer, or removed: nothing to set
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOTDIR) | Some(libc::ELOOP) | Some(libc::ENOENT)
+            ) =>
+        {
+            return Ok(());
+        }
+        Err(e) => return Err(UnpackError::Io(full.display().to_string(), e)),
+    };
+    set_file_meta(&dir, meta, same_owner).map_err(io_ctx(full.display()))
+}
+
+fn mknod(path: &Path, mode: u32, dev: libc::dev_t) -> io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
+    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+    let rc = unsafe { libc::mknod(c.as_ptr(), mode as libc::mode_t, dev) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::index::{diff, scan, Entry, Kind};
+    use super::super::pack::{pack, PackOptions, PackProgress};
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn layer(root: &Path, entries: &[&Entry], wh: &[String], opq: &[String]) -> Vec<u8> {
+        pack(
+            root,
+            entries,
+            wh,
+            opq,
+            Vec::new(),
+            &PackOptions::default(),
+            &PackProgress::default(),
+        )
+        .expect("pack")
+        .1
+    }
+
+    fn unpack_all(
+        layers: &[Vec<u8>],
+        dest: &Path,
+        limits: Limits,
+    ) -> Result<UnpackStats, UnpackError> {
+        let mut u = Unpacker::new(dest, limits, 2)?;
+        for l in layers {
+            u.apply(l.as_slice(), &LayerSpec::default(), &mut |_| Ok(()))?;
+        }
+        u.finish()
+    }
+
+    fn same_tree(a: &Path, b: &Path) {
+        let ea = scan(a, None).expect("scan a");
+        let eb = scan(b, None).expect("scan b");
+        assert_eq!(ea.len(), eb.len(), "entry count");
+        for (x, y) in ea.iter().zip(eb.iter()) {
+            assert_eq!(x.path, y.path);
+            assert_eq!(x.kind, y.kind, "{}", x.path);
+            assert_eq!(x.mode, y.mode, "{}", x.path);
+            assert_eq!(x.size, y.size, "{}", x.path);
+            assert_eq!(x.link, y.link, "{}", x.path);
+            assert_eq!(x.mtime_ns, y.mtime_ns, "{}", x.path);
+            assert_eq!(x.nlink, y.nlink, "{}", x.path);
+            if x.kind == Kind::File {
+                assert_eq!(
+                    fs::read(a.join(&x.path)).ok(),
+                    fs::read(b.join(&y.path)).ok(),
+                    "{}",
+                    x.path
+                );
+            }
+        }
+    }
+
+    fn sample(r: &Path) {
+        fs::create_dir_all(r.join("d/e/f")).expect("mkdir");
+        fs::create_dir(r.join("empty")).expect("mkdir");
+        fs::write(r.join("d/a file"), b"alpha").expect("write");
+        fs::write(r.join("big"), vec![7u8; 3 << 20]).expect("write");
+        fs::hard_link(r.join("big"), r.join("d/big2")).expect("link");
+        std::os::unix::fs::symlink("/etc/passwd", r.join("abs")).expect("symlink");
+        std::os::unix::fs::symlink("../big", r.join("d/rel")).expect("symlink");
+        fs::set_permissions(r.join("d/a file"), Permissions::from_mode(0o4755)).expect("chmod");
+        fs::set_permissions(r.join("d/e"), Permissions::from_mode(0o555)).expect("chmod");
+        let t = FileTime::from_unix_time(1_600_000_000, 123_456_789);
+        filetime::set_file_times(r.join("d/a file"), t, t).expect("utime");
+    }
+
+    #[test]
+    fn round_trip_full_and_incremental() {
+        let src = tempfile::tempdir().expect("tmp");
+        let r = src.path();
+        sample(r);
+        let v1 = scan(r, None).expect("scan");
+        let all: Vec<&Entry> = v1.iter().collect();
+        let l1 = layer(r, &all, &[], &[]);
+        // edits: delete a dir, dir -> file, file -> dir, new file
+        fs::remove_file(r.join("d/rel")).expect("rm");
+        fs::set_permissions(r.join("d/e"), Permissions::from_mode(0o755)).expect("chmod");
+        fs::remove_dir_all(r.join("d/e")).expect("rm");
+        fs::write(r.join("d/e"), b"now a file").expect("write");
+        fs::remove_file(r.join("abs")).expect("rm");
+        fs::create_dir(r.join("abs")).expect("mkdir");
+        fs::write(r.join("abs/inner"), b"x").expect("write");
+        let v2 = scan(r, None).expect("scan");
+        let d = diff(&v1, &v2, false);
+        let changed: Vec<&Entry> = d.changed.iter().map(|&i| &v2[i]).collect();
+        let l2 = layer(r, &changed, &d.whiteouts, &d.opaque);
+        let dest = tempfile::tempdir().expect("tmp");
+        unpack_all(&[l1, l2], dest.path(), Limits::default()).expect("unpack");
+        same_tree(r, dest.path());
+        let big = fs::metadata(dest.path().join("big")).expect("stat");
+        let big2 = fs::metadata(dest.path().join("d/big2")).expect("stat");
+        assert_eq!(big.ino(), big2.ino());
+    }
+
+    fn raw_layer(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        build(&mut b);
+        let tar = b.into_inner().expect("tar");
+        zstd::stream::encode_all(tar.as_slice(), 3).expect("zstd")
+    }
+
+    fn hdr(kind: EntryType, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h
+    }
+
+    fn set_raw_name(h: &mut tar::Header, name: &[u8]) {
+        let g = h.as_gnu_mut().expect("gnu");
+        g.name.fill(0);
+        g.name[..name.len()].copy_from_slice(name);
+    }
+
+    fn set_raw_link(h: &mut tar::Header, name: &[u8]) {
+        let g = h.as_gnu_mut().expect("gnu");
+        g.linkname.fill(0);
+        g.linkname[..name.len()].copy_from_slice(name);
+    }
+
+    fn refused(layers: &[Vec<u8>], limits: Limits) -> (tempfile::TempDir, tempfile::TempDir) {
+        let base = tempfile::tempdir().expect("tmp");
+        let outside = tempfile::tempdir().expect("tmp");
+        let dest = base.path().join("dest");
+        fs::create_dir(&dest).expect("mkdir");
+        let err = unpack_all(layers, &dest, limits).expect_err("must be refused");
+        assert!(matches!(err, UnpackError::Unsafe(_)), "{err}");
+        (base, outside)
+    }
+
+    #[test]
+    fn escapes_refused() {
+        let abs = raw_layer(|b| {
+            let mut h = hdr(EntryType::Regular, 1);
+            set_raw_name(&mut h, b"/tmp/evil");
+            h.set_cksum();
+            b.append(&h, &b"x"[..]).expect("append");
+        });
+        refused(&[abs], Limits::default());
+        let dotdot = raw_layer(|b| {
+            let mut h = hdr(EntryType::Regular, 1);
+            set_raw_name(&mut h, b"a/../../evil");
+            h.set_cksum();
+            b.append(&h, &b"x"[..]).expect("append");
+        });
+        refused(&[dotdot], Limits::default());
+        let fifo = raw_layer(|b| {
+            let mut h = hdr(EntryType::Fifo, 0);
+            set_raw_name(&mut h, b"p");
+            h.set_cksum();
+            b.append(&h, io::empty()).expect("append");
+        });
+        refused(&[fifo], Limits::default());
+    }
+
+    #[test]
+    fn symlink_then_write_through_refused() {
+        let outside = tempfile::tempdir().expect("tmp");
+        let target = outside.path().to_string_lossy().into_owned();
+        let l = raw_layer(|b| {
+            let mut h = hdr(EntryType::Symlink, 0);
+            set_raw_name(&mut h, b"link");
+            set_raw_link(&mut h, target.as_bytes());
+            h.set_cksum();
+            b.append(&h, io::empty()).expect("append");
+            let mut h = hdr(EntryType::Regular, 4);
+            set_raw_name(&mut h, b"link/pwned");
+            h.set_cksum();
+            b.append(&h, &b"evil"[..]).expect("append");
+        });
+        let (_b, _o) = refused(&[l], Limits::default());
+        assert!(!outside.path().join("pwned").exists());
+        assert_eq!(fs::read_dir(outside.path()).expect("ls").count(), 0);
+    }
+
+    #[test]
+    fn bomb_refused_by_ratio_and_bytes() {
+        let zeros = raw_layer(|b| {
+            let h = {
+                let mut h = hdr(EntryType::Regular, 200 << 20);
+                set_raw_name(&mut h, b"zeros");
+                h.set_cksum();
+                h
+            };
+            b.append(&h, io::repeat(0).take(200 << 20)).expect("append");
+        });
+        assert!(zeros.len() < 1 << 20);
+        refused(std::slice::from_ref(&zeros), Limits::default());
+        let limits = Limits {
+            max_ratio: 0,
+            max_bytes: 10 << 20,
+            ..Limits::default()
+        };
+        refused(&[zeros], limits);
+    }
+
+    #[test]
+    fn pax_mtime_parse() {
+        assert_eq!(pax_mtime("1.5"), Some(1_500_000_000));
+        assert_eq!(pax_mtime("-1.5"), Some(-1_500_000_000));
+        assert_eq!(pax_mtime("12"), Some(12_000_000_000));
+        assert_eq!(pax_mtime("1.123456789123"), Some(1_123_456_789));
+        assert_eq!(pax_mtime("x"), None);
+    }
+}
