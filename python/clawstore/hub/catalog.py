@@ -268,8 +268,6 @@ class Catalog:
             if schema:
                 if not schema.replace("_", "").isalnum():
                     raise ClawstoreError(f"invalid catalog schema name {schema!r}")
-                with self.engine.begin() as c:
-                    c.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
 
                 def _search_path(dbapi_conn: Any, _rec: Any) -> None:
                     cur = dbapi_conn.cursor()
@@ -277,7 +275,12 @@ class Catalog:
                     cur.close()
                     dbapi_conn.commit()
 
+                # Listen before the first connection, so every pooled connection has the path.
                 event.listen(self.engine, "connect", _search_path)
+                with self.engine.begin() as c:
+                    # IF NOT EXISTS still races between sessions: serialise on an advisory lock.
+                    c.exec_driver_sql("SELECT pg_advisory_xact_lock(1668047223)")
+                    c.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         else:
             raise ClawstoreError(f"unsupported catalog database {self.dialect!r} (sqlite or postgresql)")
         if migrate:

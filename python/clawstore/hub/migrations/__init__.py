@@ -24,6 +24,7 @@ _ADVISORY_KEY = 0x636C6177  # "claw"
 def alembic_config() -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(HERE))
+    cfg.set_main_option("path_separator", "os")
     cfg.set_main_option("version_locations", str(HERE / "versions"))
     return cfg
 
