@@ -1,0 +1,394 @@
+"""Online mark-and-sweep garbage collection of the store, driven by the catalog.
+
+Roots: tags, pins, digests held by live leases, and manifests seen (pushed or recorded) within
+the grace period. Liveness flows along `manifest_edges` (index -> child, subject -> referrer),
+so referrers of live subjects live; live manifests keep their blobs. Everything else that the
+catalog knows is garbage once its `seen_at` is older than the grace period.
+
+One run:
+1. reconcile tags: make catalog tags equal the store's (the store is the source of truth for
+   refs; writers that bypass the hub still get their tags counted as roots). Each differing tag
+   is re-read from the store inside the catalog transaction that fixes it.
+2. adopt orphans (optional scan): store objects the catalog does not know (a crash between store
+   write and catalog write, or writes that bypass the hub) are recorded with `adopted=true`.
+   An adopted row is only collectable once no lease older than its adoption is live, because the
+   push that wrote it may not have recorded it yet.
+3. mark, in one exclusive catalog transaction, in SQL: a recursive CTE over the roots into a
+   temporary table, then INSERT ... SELECT the garbage into `gc_trash` and delete its catalog rows.
+4. drain `gc_trash` in batches: each batch's rows are deleted and its objects removed from the
+   store in the same transaction (manifests before blobs).
+5. store.cleanup(): temp files and stale uploads.
+
+Why a push is safe even with grace 0 (the protocol `clawstore.hub.Hub` follows): a push holds a
+lease and adds each digest to it *before* relying on the object (`has_blob`, `put_blob` with a
+known digest, `put_manifest` for the manifest and everything it references). Adding rescues the
+digest from `gc_trash`. Since step 3 runs with the catalog locked exclusively, a digest added
+before it is a root, and a digest added after it is rescued from the trash unless step 4 has
+already removed the object in a committed transaction, in which case the pusher sees the object
+missing and uploads it again (or `put_manifest` refuses the dangling reference).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, delete, select, text
+
+from clawstore.errors import ClawstoreError, NotFoundError, RefNotFoundError
+from clawstore.hub import catalog as c
+from clawstore.manifest import parse_manifest
+from clawstore.store import ArtifactStore
+
+BATCH = 1000
+INF = float("inf")
+
+
+@dataclass
+class GCReport:
+    dry_run: bool
+    grace: float
+    manifests: int = 0
+    manifest_bytes: int = 0
+    blobs: int = 0
+    blob_bytes: int = 0
+    deleted_objects: int = 0  # store objects actually removed (not already absent)
+    adopted: int = 0
+    tags_reconciled: int = 0
+    expired_leases: int = 0
+    temp_removed: int = 0
+    temp_bytes: int = 0
+    seconds: float = 0.0
+    mark_seconds: float = 0.0
+    garbage: list[tuple[str, str, int]] = field(default_factory=list)  # (kind, digest, size), capped
+
+    @property
+    def bytes(self) -> int:
+        return self.manifest_bytes + self.blob_bytes
+
+    def summary(self) -> str:
+        verb = "would delete" if self.dry_run else "deleted"
+        return (
+            f"{verb} {self.manifests} manifests ({self.manifest_bytes} bytes) and {self.blobs} blobs "
+            f"({self.blob_bytes} bytes); adopted {self.adopted} orphans, reconciled "
+            f"{self.tags_reconciled} tags, removed {self.temp_removed} temp files ({self.temp_bytes} bytes) "
+            f"in {self.seconds:.2f}s"
+        )
+
+
+def _chunks(it: Iterator[Any], n: int) -> Iterator[list[Any]]:
+    buf: list[Any] = []
+    for x in it:
+        buf.append(x)
+        if len(buf) >= n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+class GarbageCollector:
+    def __init__(self, catalog: c.Catalog, store: ArtifactStore | None) -> None:
+        self.catalog = catalog
+        self.store = store
+
+    # -- 1. tags -----------------------------------------------------------------------------
+    def reconcile_tags(self, conn: Connection | None = None) -> int:
+        """Make catalog tags equal the store's tags. Returns how many catalog tags changed."""
+        store = self._need_store()
+        store_refs: set[tuple[str, str]] = set()
+        for repo in store.list_repos():
+            for tag in store.list_tags(repo):
+                store_refs.add((repo, tag))
+        with self._tx(conn) as cx:
+            cat = {(r.repository, r.tag): r.digest for r in cx.execute(select(c.tags))}
+        changed = 0
+        for repo, tag in sorted(store_refs | set(cat)):
+            with self._tx(conn) as cx:
+                current = cx.execute(
+                    select(c.tags.c.digest).where(c.tags.c.repository == repo, c.tags.c.tag == tag)
+                ).scalar()
+                try:
+                    target: str | None = str(store.resolve(repo, tag))
+                except RefNotFoundError:
+                    target = None
+                if target == current:
+                    continue
+                if target is not None and not self._ensure_manifest(cx, target):
+                    continue  # dangling store tag: fsck reports it
+                c.set_tag(cx, repo, tag, target, actor="gc-reconcile")
+                changed += 1
+        return changed
+
+    def _ensure_manifest(self, conn: Connection, digest: str) -> bool:
+        """Record a manifest (and rescue it and what it references from the trash) if the catalog
+        lacks it. False if the store lacks it too."""
+        store = self._need_store()
+        if conn.execute(select(c.manifests.c.digest).where(c.manifests.c.digest == digest)).first():
+            return True
+        try:
+            data = store.get_manifest(digest)
+        except NotFoundError:
+            return False
+        m = parse_manifest(data)
+        refs = [str(d.digest) for d in m.blobs()] + [str(d.digest) for d in getattr(m, "manifests", ())]
+        conn.execute(delete(c.gc_trash).where(c.gc_trash.c.digest.in_([digest, *refs])))
+        c.record_manifest(conn, digest, m, len(data))
+        for child in getattr(m, "manifests", ()):
+            self._ensure_manifest(conn, str(child.digest))
+        return True
+
+    # -- 2. orphans --------------------------------------------------------------------------
+    def adopt_orphans(self, conn: Connection | None = None) -> int:
+        store = self._need_store()
+        adopted = 0
+        for kind, it, table in (
+            ("manifest", store.iter_manifests(), c.manifests),
+            ("blob", store.iter_blobs(), c.blobs),
+        ):
+            for batch in _chunks(it, BATCH):
+                keys = [str(d) for d in batch]
+                with self._tx(conn) as cx:
+                    known = {r[0] for r in cx.execute(select(table.c.digest).where(table.c.digest.in_(keys)))}
+                    known |= {
+                        r[0]
+                        for r in cx.execute(select(c.gc_trash.c.digest).where(c.gc_trash.c.digest.in_(keys)))
+                    }
+                    t = c.now()
+                    for d in keys:
+                        if d in known:
+                            continue
+                        try:
+                            if kind == "manifest":
+                                data = store.get_manifest(d)
+                                c.record_manifest(cx, d, parse_manifest(data), len(data), t=t, adopted=True)
+                            else:
+                                c.record_blob(cx, d, store.stat_blob(d), t, adopted=True)
+                        except (NotFoundError, ClawstoreError):
+                            continue  # vanished meanwhile, or unreadable: fsck's business
+                        adopted += 1
+        return adopted
+
+    # -- 3. mark -----------------------------------------------------------------------------
+    def mark(
+        self,
+        conn: Connection,
+        *,
+        grace: float,
+        dry_run: bool,
+        force: list[str] | None = None,
+        list_limit: int = 0,
+    ) -> tuple[dict[str, tuple[int, int]], list[tuple[str, str, int]], int]:
+        """Choose garbage; unless dry_run move it to gc_trash and drop its catalog rows.
+        Returns ({kind: (count, bytes)}, up to list_limit [(kind, digest, size)], expired leases).
+        `force`: manifests that do not get the grace period's protection (retention's deletion of
+        untagged manifests)."""
+        t = c.now()
+        cutoff = t - grace
+        pg = conn.dialect.name == "postgresql"
+        on_commit = " ON COMMIT DROP" if pg else ""
+        for name in ("gc_live", "gc_force", "gc_garbage"):
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {'' if pg else 'temp.'}{name}")
+        conn.exec_driver_sql(f"CREATE TEMPORARY TABLE gc_live (digest VARCHAR(200) PRIMARY KEY){on_commit}")
+        conn.exec_driver_sql(f"CREATE TEMPORARY TABLE gc_force (digest VARCHAR(200) PRIMARY KEY){on_commit}")
+        conn.exec_driver_sql(
+            "CREATE TEMPORARY TABLE gc_garbage (digest VARCHAR(200) PRIMARY KEY, kind VARCHAR(16) NOT NULL,"
+            f" size BIGINT NOT NULL){on_commit}"
+        )
+        if force:
+            conn.execute(
+                text("INSERT INTO gc_force (digest) VALUES (:d)"), [{"d": d} for d in sorted(set(force))]
+            )
+        expired = 0
+        if not dry_run:
+            from clawstore.hub.leases import Leases
+
+            expired = Leases(self.catalog).expire(conn, t)
+        oldest = conn.execute(
+            text("SELECT MIN(created_at) FROM leases WHERE expires_at > :t"), {"t": t}
+        ).scalar()
+        oldest_lease = float(oldest) if oldest is not None else t + 1.0
+        params = {"t": t, "cutoff": cutoff, "oldest": oldest_lease}
+        conn.execute(
+            text(
+                """
+                INSERT INTO gc_live (digest)
+                WITH RECURSIVE live(digest) AS (
+                    SELECT digest FROM tags
+                    UNION SELECT digest FROM pins
+                    UNION SELECT lr.digest FROM lease_resources lr JOIN leases l ON l.id = lr.lease_id
+                          WHERE l.expires_at > :t
+                    UNION SELECT m.digest FROM manifests m
+                          WHERE m.seen_at >= :cutoff
+                            AND NOT EXISTS (SELECT 1 FROM gc_force f WHERE f.digest = m.digest)
+                    UNION SELECT e.child FROM manifest_edges e JOIN live ON e.parent = live.digest
+                )
+                SELECT digest FROM live
+                """
+            ),
+            params,
+        )
+        conn.execute(
+            text(
+                """
+                INSERT INTO gc_garbage (digest, kind, size)
+                SELECT m.digest, 'manifest', m.size FROM manifests m
+                WHERE NOT EXISTS (SELECT 1 FROM gc_live l WHERE l.digest = m.digest)
+                  AND (m.adopted = false OR m.created_at < :oldest)
+                """
+            ),
+            params,
+        )
+        conn.execute(
+            text(
+                """
+                INSERT INTO gc_garbage (digest, kind, size)
+                SELECT b.digest, 'blob', b.size FROM blobs b
+                WHERE b.seen_at < :cutoff
+                  AND (b.adopted = false OR b.created_at < :oldest)
+                  AND NOT EXISTS (SELECT 1 FROM gc_live l WHERE l.digest = b.digest)
+                  AND NOT EXISTS (SELECT 1 FROM manifest_blobs mb JOIN gc_live l ON l.digest = mb.manifest
+                                  WHERE mb.blob = b.digest)
+                """
+            ),
+            params,
+        )
+        totals = {
+            r[0]: (int(r[1]), int(r[2] or 0))
+            for r in conn.execute(text("SELECT kind, COUNT(*), SUM(size) FROM gc_garbage GROUP BY kind"))
+        }
+        listing: list[tuple[str, str, int]] = []
+        if list_limit > 0:
+            listing = [
+                (r[0], r[1], int(r[2]))
+                for r in conn.execute(
+                    text("SELECT kind, digest, size FROM gc_garbage ORDER BY kind DESC, digest LIMIT :n"),
+                    {"n": list_limit},
+                )
+            ]
+        if not dry_run and totals:
+            conn.execute(
+                text(
+                    "INSERT INTO gc_trash (digest, kind, size, queued_at) "
+                    "SELECT g.digest, g.kind, g.size, :t FROM gc_garbage g "
+                    "WHERE NOT EXISTS (SELECT 1 FROM gc_trash x WHERE x.digest = g.digest)"
+                ),
+                params,
+            )
+            gm = "(SELECT digest FROM gc_garbage WHERE kind = 'manifest')"
+            for stmt in (
+                f"DELETE FROM manifest_blobs WHERE manifest IN {gm}",
+                f"DELETE FROM manifest_edges WHERE kind = 'child' AND parent IN {gm}",
+                f"DELETE FROM manifest_edges WHERE kind = 'referrer' AND child IN {gm}",
+                f"DELETE FROM repo_manifests WHERE digest IN {gm}",
+                f"DELETE FROM manifests WHERE digest IN {gm}",
+                "DELETE FROM blobs WHERE digest IN (SELECT digest FROM gc_garbage WHERE kind = 'blob')",
+            ):
+                conn.exec_driver_sql(stmt)
+        if not pg:
+            for name in ("gc_live", "gc_force", "gc_garbage"):
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS temp.{name}")
+        return totals, listing, expired
+
+    # -- 4. sweep ----------------------------------------------------------------------------
+    def drain(self, batch: int = BATCH) -> tuple[int, int]:
+        """Delete trashed objects from the store. Returns (rows drained, objects removed)."""
+        store = self._need_store()
+        drained = removed = 0
+        while True:
+            with self.catalog.tx() as conn:
+                pick = select(c.gc_trash.c.digest).order_by(c.gc_trash.c.kind.desc(), c.gc_trash.c.digest)
+                pick = pick.limit(batch)
+                if conn.dialect.name == "postgresql":
+                    pick = pick.with_for_update(skip_locked=True)
+                rows = conn.execute(
+                    delete(c.gc_trash)
+                    .where(c.gc_trash.c.digest.in_(pick.scalar_subquery()))
+                    .returning(c.gc_trash.c.digest, c.gc_trash.c.kind)
+                ).all()
+                if not rows:
+                    return drained, removed
+                # Objects go inside the transaction that removed their trash rows: a push that
+                # rescues a digest waits for this commit and then finds the object gone.
+                for digest, kind in sorted(rows, key=lambda r: r[1] != "manifest"):
+                    try:
+                        (store.delete_manifest if kind == "manifest" else store.delete_blob)(digest)
+                        removed += 1
+                    except NotFoundError:
+                        pass
+                drained += len(rows)
+
+    # -- the whole run -----------------------------------------------------------------------
+    def run(
+        self,
+        *,
+        grace: float = 3600.0,
+        dry_run: bool = False,
+        scan_store: bool = True,
+        reconcile: bool = True,
+        force: list[str] | None = None,
+        cleanup_older_than: float = 3600.0,
+        list_limit: int = 10000,
+    ) -> GCReport:
+        if grace < 0:
+            raise ClawstoreError("grace must not be negative")
+        start = time.perf_counter()
+        report = GCReport(dry_run=dry_run, grace=grace)
+        if dry_run:
+            # Everything, including catalog repairs, in one transaction that is rolled back.
+            with self.catalog.engine.connect() as conn:
+                tx = conn.begin()
+                try:
+                    if self.catalog.dialect == "postgresql":
+                        conn.execute(text("SELECT id FROM catalog_lock WHERE id = 1 FOR SHARE"))
+                    if reconcile and self.store is not None:
+                        report.tags_reconciled = self.reconcile_tags(conn)
+                    if scan_store and self.store is not None:
+                        report.adopted = self.adopt_orphans(conn)
+                    m0 = time.perf_counter()
+                    totals, garbage, _ = self.mark(
+                        conn, grace=grace, dry_run=True, force=force, list_limit=list_limit
+                    )
+                    report.mark_seconds = time.perf_counter() - m0
+                finally:
+                    tx.rollback()
+        else:
+            if reconcile and self.store is not None:
+                report.tags_reconciled = self.reconcile_tags()
+            if scan_store and self.store is not None:
+                report.adopted = self.adopt_orphans()
+            m0 = time.perf_counter()
+            with self.catalog.tx(exclusive=True) as conn:
+                totals, garbage, report.expired_leases = self.mark(
+                    conn, grace=grace, dry_run=False, force=force, list_limit=list_limit
+                )
+            report.mark_seconds = time.perf_counter() - m0
+            if self.store is not None:
+                _drained, report.deleted_objects = self.drain()
+                cr = self.store.cleanup(cleanup_older_than)
+                report.temp_removed, report.temp_bytes = cr.removed, cr.bytes
+        report.garbage = garbage
+        report.manifests, report.manifest_bytes = totals.get("manifest", (0, 0))
+        report.blobs, report.blob_bytes = totals.get("blob", (0, 0))
+        report.seconds = time.perf_counter() - start
+        return report
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _need_store(self) -> ArtifactStore:
+        if self.store is None:
+            raise ClawstoreError("this operation needs the store")
+        return self.store
+
+    @contextlib.contextmanager
+    def _tx(self, conn: Connection | None) -> Iterator[Connection]:
+        if conn is not None:
+            yield conn
+        else:
+            with self.catalog.tx() as cx:
+                yield cx
+
+
+__all__ = ["GCReport", "GarbageCollector"]

@@ -1,0 +1,118 @@
+"""Catalog: migrations, what a push records, fsck drift and rebuild — on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import clawstore
+import pytest
+from clawstore.hub import Catalog, Hub
+from clawstore.hub import catalog as c
+from clawstore.hub.migrations import current
+from hub_support import ADMIN, catalog_kind, catalog_url, hub, push_artifact, push_index  # noqa: F401
+from sqlalchemy import select
+
+
+def test_migrations_reach_head_and_are_idempotent(catalog_url: str) -> None:
+    cat = Catalog(catalog_url)
+    assert current(cat) == "0001"
+    Catalog(catalog_url).close()  # second open: no-op upgrade
+    with cat.tx() as conn:
+        assert conn.execute(select(c.catalog_lock.c.id)).scalar() == 1
+    cat.close()
+
+
+def test_concurrent_opens_migrate_once(catalog_url: str) -> None:
+    errors: list[BaseException] = []
+
+    def open_one() -> None:
+        try:
+            Catalog(catalog_url).close()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    cat = Catalog(catalog_url)
+    assert current(cat) == "0001"
+
+
+def test_push_records_manifests_edges_tags_and_history(hub: Hub) -> None:
+    with hub.session(ADMIN, "proj/app") as s:
+        a = push_artifact(s, "proj/app", "v1", [b"one", b"two"])
+        sig = push_artifact(s, "proj/app", None, [b"sig"], subject=a, artifact_type="application/vnd.test.sig")
+        idx = push_index(s, "proj/app", "multi", [a])
+        s.tag("proj/app", "v1", idx.digest)  # a tag move
+    row = hub.catalog_manifest(ADMIN, "proj/app", sig.digest)
+    assert row is not None
+    assert row["subject"] == a.digest
+    assert row["artifact_type"] == "application/vnd.test.sig"
+    assert row["size"] == sig.size
+    assert row["media_type"] == "application/vnd.oci.image.manifest.v1+json"
+    with hub.catalog.tx() as conn:
+        edges = set(conn.execute(select(c.manifest_edges.c.parent, c.manifest_edges.c.child, c.manifest_edges.c.kind)))
+        mblobs = {r[0] for r in conn.execute(select(c.manifest_blobs.c.blob).where(c.manifest_blobs.c.manifest == a.digest))}
+        sizes = dict(conn.execute(select(c.blobs.c.digest, c.blobs.c.size)).all())
+    assert (idx.digest, a.digest, "child") in edges
+    assert (a.digest, sig.digest, "referrer") in edges
+    assert len(mblobs) == 3  # two layers + config
+    assert all(sizes[b] >= 2 for b in mblobs)
+    hist = hub.tag_history(ADMIN, "proj/app", "v1")
+    assert [(h["old_digest"], h["new_digest"]) for h in hist] == [(None, a.digest), (a.digest, idx.digest)]
+    assert [r["digest"] for r in hub.referrers(ADMIN, "proj/app", a.digest)] == [sig.digest]
+    hub.untag(ADMIN, "proj/app", "v1")
+    assert hub.tag_history(ADMIN, "proj/app", "v1")[-1]["new_digest"] is None
+    assert hub.fsck(ADMIN).ok
+
+
+def test_fsck_reports_drift_and_rebuild_repairs_it(hub: Hub, tmp_path: Path) -> None:
+    with hub.session(ADMIN, "r") as s:
+        a = push_artifact(s, "r", "keep", [b"kept"])
+        b = push_artifact(s, "r", "gone", [b"will vanish"])
+    store = hub.store
+    # Writes that bypass the hub, and damage:
+    orphan = store.put_blob(b"orphan blob")
+    store.tag("r", "direct", a.digest)
+    victim = next(d.digest for d in store.get_manifest_typed(b.digest).layers)
+    store.delete_blob(victim)
+    r = hub.fsck(ADMIN)
+    kinds = {k for k, _ in r.problems}
+    assert {"uncatalogued", "missing", "tag", "dangling"} <= kinds
+    assert any(orphan.digest in d for _, d in r.problems)
+    assert any("r:direct" in d for _, d in r.problems)
+    # Rebuild from the store: the catalog now mirrors it (the dangling manifest stays reported).
+    hub.fsck(ADMIN, rebuild=True)
+    r2 = hub.fsck(ADMIN)
+    assert {k for k, _ in r2.problems} == {"dangling"}
+    with hub.catalog.tx() as conn:
+        assert conn.execute(select(c.tags.c.digest).where(c.tags.c.tag == "direct")).scalar() == a.digest
+        assert conn.execute(select(c.blobs.c.digest).where(c.blobs.c.digest == orphan.digest)).scalar()
+
+
+def test_fsck_verify_blobs_detects_bit_flip(hub: Hub) -> None:
+    with hub.session(ADMIN, "r") as s:
+        a = push_artifact(s, "r", "t", [b"x" * 1000])
+    layer = hub.store.get_manifest_typed(a.digest).layers[0]
+    path = hub.store.backend.blob_path(layer.digest)  # type: ignore[attr-defined]
+    data = bytearray(path.read_bytes())
+    data[500] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert hub.fsck(ADMIN).ok  # sizes agree: only re-hashing can tell
+    r = hub.fsck(ADMIN, verify_blobs=True)
+    assert [k for k, _ in r.problems] == ["bad-blob"]
+
+
+def test_default_catalog_lives_beside_local_store(tmp_path: Path) -> None:
+    h = Hub(clawstore.open(tmp_path / "s"))
+    assert (tmp_path / "s" / "catalog.sqlite").is_file()
+    h.close()
+
+
+def test_unsupported_catalog_url_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(clawstore.ClawstoreError, match="unsupported catalog"):
+        Catalog("mysql://x@localhost/db")
