@@ -240,28 +240,145 @@ pub fn copy_hashed<R: Read, W: Write>(
     Ok((hasher.hex(), total))
 }
 
-/// Write every buffer received to `out`, hand it back for reuse, and start writeback of the
-/// destination as it grows; fsync at the end when `sync`.
-fn write_buffers(
-    mut out: File,
-    full: Receiver<(Vec<u8>, usize)>,
-    empty: SyncSender<Vec<u8>>,
-    sync: bool,
-) -> io::Result<()> {
-    let mut written = 0u64;
-    let mut flushed = 0u64;
-    for (buf, n) in full {
-        out.write_all(&buf[..n])?;
-        written += n as u64;
-        // The reader may have finished and dropped its end: then the buffer is simply freed.
-        let _ = empty.send(buf);
-        if sync && written - flushed >= WRITEBACK_EVERY {
-            start_writeback(&out, flushed, written - flushed);
-            flushed = written;
+/// Alignment of buffers, offsets and lengths for `O_DIRECT` writes (covers 512 B and 4 KiB
+/// logical blocks).
+const DIRECT_ALIGN: usize = 4096;
+/// Files at least this large are written with `O_DIRECT` where the filesystem allows it.
+pub const DIRECT_MIN: u64 = 8 << 20;
+
+/// A `READ_CHUNK` window of a heap buffer, aligned to `DIRECT_ALIGN` (no unsafe allocation:
+/// the Vec is over-allocated and the window starts at the first aligned byte).
+struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+}
+
+impl AlignedBuf {
+    fn new() -> Self {
+        let raw = vec![0u8; READ_CHUNK + DIRECT_ALIGN];
+        let start = raw.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        AlignedBuf { raw, start }
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + READ_CHUNK]
+    }
+
+    fn get(&self, n: usize) -> &[u8] {
+        &self.raw[self.start..self.start + n]
+    }
+}
+
+/// Fill `buf` from `input` (short only at end of file), so that every chunk but the last is a
+/// whole number of `DIRECT_ALIGN` blocks.
+fn read_full(input: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match input.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         }
     }
+    Ok(n)
+}
+
+/// The destination of `copy_path_hashed`: direct I/O for large files where the filesystem
+/// supports it (no page-cache copy, nothing left for fsync to flush, the cache not flooded by
+/// a blob just stored), buffered with early writeback otherwise or as soon as direct I/O
+/// refuses a write (unaligned tail, filesystem quirks).
+struct Sink {
+    file: File,
+    direct: bool,
+    written: u64,
+    flushed: u64,
+}
+
+impl Sink {
+    fn new(file: File, want_direct: bool) -> Self {
+        let mut sink = Sink {
+            file,
+            direct: false,
+            written: 0,
+            flushed: 0,
+        };
+        if want_direct {
+            sink.direct = sink.set_direct(true);
+        }
+        sink
+    }
+
+    /// Switch `O_DIRECT` on or off; false when the filesystem refuses (tmpfs, some FUSE).
+    fn set_direct(&mut self, on: bool) -> bool {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::io::AsRawFd;
+            let fd = self.file.as_raw_fd();
+            // SAFETY: F_GETFL/F_SETFL on a descriptor we own; no memory is passed.
+            let ok = unsafe {
+                let flags = libc::fcntl(fd, libc::F_GETFL);
+                flags >= 0 && {
+                    let new = if on {
+                        flags | libc::O_DIRECT
+                    } else {
+                        flags & !libc::O_DIRECT
+                    };
+                    libc::fcntl(fd, libc::F_SETFL, new) == 0
+                }
+            };
+            self.direct = on && ok;
+            ok
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = on;
+            self.direct = false;
+            false
+        }
+    }
+
+    fn write(&mut self, mut data: &[u8], sync: bool) -> io::Result<()> {
+        if self.direct && !data.len().is_multiple_of(DIRECT_ALIGN) {
+            self.set_direct(false); // the unaligned tail goes through the page cache
+        }
+        while !data.is_empty() {
+            match self.file.write(data) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(k) => {
+                    data = &data[k..];
+                    self.written += k as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // EINVAL from a direct write: alignment the device wants that we did not meet.
+                Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.set_direct(false);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if sync && !self.direct && self.written - self.flushed >= WRITEBACK_EVERY {
+            start_writeback(&self.file, self.flushed, self.written - self.flushed);
+            self.flushed = self.written;
+        }
+        Ok(())
+    }
+}
+
+/// Write every buffer received, hand it back for reuse; fsync at the end when `sync`.
+fn write_buffers(
+    mut sink: Sink,
+    full: Receiver<(AlignedBuf, usize)>,
+    empty: SyncSender<AlignedBuf>,
+    sync: bool,
+) -> io::Result<()> {
+    for (buf, n) in full {
+        sink.write(buf.get(n), sync)?;
+        // The reader may have finished and dropped its end: then the buffer is simply freed.
+        let _ = empty.send(buf);
+    }
     if sync {
-        out.sync_all()?;
+        sink.file.sync_all()?;
     }
     Ok(())
 }
@@ -271,8 +388,9 @@ fn write_buffers(
 ///
 /// The caller's thread reads and hashes; a second thread writes, so hashing and writing overlap
 /// (one pass costs max(hash, write) rather than their sum). At most `COPY_BUFFERS + 2` buffers
-/// of `READ_CHUNK` bytes exist at once. Writeback of `dst` is started every `WRITEBACK_EVERY`
-/// bytes, so the final fsync does not wait for the whole file to reach the disk.
+/// of `READ_CHUNK` bytes exist at once. Files of `DIRECT_MIN` bytes or more are written with
+/// `O_DIRECT` where the filesystem supports it; otherwise writeback of `dst` is started every
+/// `WRITEBACK_EVERY` bytes, so the final fsync does not wait for the whole file.
 ///
 /// The digest is of the bytes handed to the writer, never of a second read of `src`: a source
 /// modified during the copy cannot produce a blob whose content differs from its digest.
@@ -282,11 +400,14 @@ pub fn copy_path_hashed(
     dst: &Path,
     sync: bool,
 ) -> io::Result<(String, u64)> {
+    let mut input = File::open(src)?;
+    advise_sequential(&input);
+    let direct = input.metadata()?.len() >= DIRECT_MIN;
     let out = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(dst)?;
-    copy_into(algorithm, src, out, sync).inspect_err(|_| {
+    copy_into(algorithm, &mut input, Sink::new(out, direct), sync).inspect_err(|_| {
         // We created `dst`: leave nothing half-written behind.
         let _ = std::fs::remove_file(dst);
     })
@@ -300,22 +421,32 @@ pub fn copy_path_synced(
     src: &Path,
     out: &mut File,
 ) -> io::Result<(String, u64)> {
-    copy_into(algorithm, src, out.try_clone()?, true)
-}
-
-/// The pipelined copy behind `copy_path_hashed` and `copy_path_synced`.
-fn copy_into(algorithm: Algorithm, src: &Path, out: File, sync: bool) -> io::Result<(String, u64)> {
     let mut input = File::open(src)?;
     advise_sequential(&input);
-    let (full_tx, full_rx) = sync_channel::<(Vec<u8>, usize)>(COPY_BUFFERS);
-    let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(COPY_BUFFERS + 2);
+    let direct = input.metadata()?.len() >= DIRECT_MIN;
+    copy_into(
+        algorithm,
+        &mut input,
+        Sink::new(out.try_clone()?, direct),
+        true,
+    )
+}
+
+fn copy_into(
+    algorithm: Algorithm,
+    input: &mut File,
+    sink: Sink,
+    sync: bool,
+) -> io::Result<(String, u64)> {
+    let (full_tx, full_rx) = sync_channel::<(AlignedBuf, usize)>(COPY_BUFFERS);
+    let (empty_tx, empty_rx) = sync_channel::<AlignedBuf>(COPY_BUFFERS + 2);
     for _ in 0..COPY_BUFFERS + 1 {
         // Cannot fail: the channel has room and its receiver is alive.
-        let _ = empty_tx.send(vec![0u8; READ_CHUNK]);
+        let _ = empty_tx.send(AlignedBuf::new());
     }
     let writer = std::thread::Builder::new()
         .name("clawstore-copy-writer".into())
-        .spawn(move || write_buffers(out, full_rx, empty_tx, sync))?;
+        .spawn(move || write_buffers(sink, full_rx, empty_tx, sync))?;
 
     let mut hasher = StreamHasher::new(algorithm);
     let mut total = 0u64;
@@ -324,18 +455,12 @@ fn copy_into(algorithm: Algorithm, src: &Path, out: File, sync: bool) -> io::Res
         let Ok(mut buf) = empty_rx.recv() else {
             break Ok(());
         };
-        let n = loop {
-            match input.read(&mut buf) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                r => break r,
-            }
-        };
-        let n = match n {
+        let n = match read_full(input, buf.as_mut()) {
             Ok(0) => break Ok(()),
             Ok(n) => n,
             Err(e) => break Err(e),
         };
-        hasher.update_parallel(&buf[..n]);
+        hasher.update_parallel(buf.get(n));
         total += n as u64;
         if full_tx.send((buf, n)).is_err() {
             break Ok(()); // writer gone: its error comes from join below
@@ -649,6 +774,8 @@ mod tests {
             READ_CHUNK + 1,
             (COPY_BUFFERS + 3) * READ_CHUNK + 17,
             WRITEBACK_EVERY as usize + 4097,
+            DIRECT_MIN as usize,                  // direct I/O, whole blocks only
+            DIRECT_MIN as usize + READ_CHUNK + 5, // direct I/O, then a buffered tail
         ];
         for (i, &size) in sizes.iter().enumerate() {
             let data = pseudo_random(size, i as u64 + 1);
@@ -700,6 +827,37 @@ mod tests {
             io::ErrorKind::NotFound
         );
         assert!(!dst2.exists());
+        Ok(())
+    }
+
+    #[test]
+    fn sink_falls_back_from_direct_io_without_losing_bytes() -> io::Result<()> {
+        // /dev/shm is tmpfs, which refuses O_DIRECT; the temp dir usually accepts it.
+        let shm = Path::new("/dev/shm");
+        let mut dirs = vec![tempfile::tempdir()?];
+        if shm.is_dir() {
+            dirs.push(tempfile::tempdir_in(shm)?);
+        }
+        for dir in &dirs {
+            let path = dir.path().join("out");
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)?;
+            let mut sink = Sink::new(file, true);
+            let mut buf = AlignedBuf::new();
+            let block = pseudo_random(READ_CHUNK, 3);
+            buf.as_mut().copy_from_slice(&block);
+            sink.write(buf.get(READ_CHUNK), true)?; // aligned: direct if the filesystem allows
+            sink.write(buf.get(1000), true)?; // unaligned tail: buffered
+            assert!(!sink.direct);
+            sink.write(buf.get(DIRECT_ALIGN), true)?; // after the switch: still buffered, fine
+            sink.file.sync_all()?;
+            let mut expect = block.clone();
+            expect.extend_from_slice(&block[..1000]);
+            expect.extend_from_slice(&block[..DIRECT_ALIGN]);
+            assert_eq!(std::fs::read(&path)?, expect, "{}", dir.path().display());
+        }
         Ok(())
     }
 

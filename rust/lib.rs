@@ -9,8 +9,8 @@ use pyo3::prelude::*;
 
 pub mod digest;
 pub mod errors;
-pub mod stage;
 pub mod layer;
+pub mod stage;
 
 #[pymodule(name = "_core")]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {

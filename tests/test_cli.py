@@ -318,3 +318,36 @@ def test_installed_entry_point(tmp_path: Path) -> None:
     )
     assert broken.returncode == 1 and broken.stderr.startswith("error: invalid digest")
     assert "Traceback" not in broken.stderr
+
+
+def test_terminal_progress_path_stores_the_same_bytes(
+    cs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a terminal, large puts/gets stream through a progress bar: same digests, same bytes."""
+    import clawstore.cli.blob as blob_cli
+    import clawstore.cli.common as common
+
+    monkeypatch.setattr(common, "is_interactive", lambda: True)
+    monkeypatch.setattr(blob_cli, "is_interactive", lambda: True)
+    used: list[int] = []
+
+    class CountingReader(blob_cli._ProgressReader):
+        def readinto(self, buf: bytearray | memoryview) -> int:
+            n = super().readinto(buf)
+            used.append(n)
+            return n
+
+    monkeypatch.setattr(blob_cli, "_ProgressReader", CountingReader)
+    data = os.urandom(blob_cli.PROGRESS_MIN + 12345)
+    src = tmp_path / "big"
+    src.write_bytes(data)
+    expect = f"sha256:{hashlib.sha256(data).hexdigest()}"
+    r = cs("blob", "put", str(src))
+    assert r.code == 0 and r.text.strip() == expect, r
+    assert sum(used) == len(data)  # the file went through the progress reader
+    assert cs("blob", "put", "-", input=data).text.strip() == expect
+    assert sum(used) == 2 * len(data)
+    out = tmp_path / "out"
+    assert cs("blob", "get", expect, "-o", str(out)).code == 0
+    assert out.read_bytes() == data
+    assert cs("fsck").code == 0

@@ -42,10 +42,9 @@ from clawstore.digest import Digest
 from clawstore.errors import (
     ClawstoreError,
     DigestMismatchError,
-    InvalidManifestError,
     NotFoundError,
 )
-from clawstore.manifest import parse_manifest, references
+from clawstore.manifest import Manifest, parse_manifest, references
 from clawstore.store import ArtifactStore
 
 #: Temp files older than this (or of dead writers) are abandoned; `repair` removes them.
@@ -224,7 +223,7 @@ def _check_manifests(
     digests = list(store.iter_manifests())
     bad: dict[Digest, str] = {}
     sizes: dict[Digest, int] = {}
-    parsed = {}
+    parsed: dict[Digest, Manifest] = {}
     progress("manifests", 0, len(digests))
     for i, digest in enumerate(digests, 1):
         try:
@@ -248,7 +247,7 @@ def _check_manifests(
         sizes[digest] = len(data)
         try:
             parsed[digest] = parse_manifest(data)
-        except (InvalidManifestError, ClawstoreError) as e:
+        except ClawstoreError as e:  # InvalidManifestError, or a bad digest inside
             bad[digest] = "invalid"
             report.problems.append(Problem(ProblemKind.INVALID_MANIFEST, digest, str(e)))
     # References, once every manifest is known (an index may list a manifest stored after it).

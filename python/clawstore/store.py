@@ -8,8 +8,8 @@ bytes, atomicity and compare-and-swap.
 from __future__ import annotations
 
 import builtins
-import errno
 import contextlib
+import errno
 import os
 import shutil
 from collections.abc import Iterator

@@ -13,7 +13,7 @@ import click
 
 from clawstore.cli.common import CliContext, Progress, is_interactive, pass_cli
 from clawstore.digest import ALGORITHMS, Digest
-from clawstore.errors import ClawstoreError, InvalidManifestError
+from clawstore.errors import ClawstoreError
 from clawstore.manifest import parse_manifest, references
 
 #: Below this size a progress bar is just flicker.
@@ -177,7 +177,7 @@ def _referrers(ctx: CliContext, blob: Digest) -> list[Digest]:
     for m in store.iter_manifests():
         try:
             refs = references(parse_manifest(store.get_manifest(m)))
-        except (InvalidManifestError, ClawstoreError):
+        except ClawstoreError:
             continue  # fsck reports those
         if any(desc.digest == blob for desc in refs.blobs):
             out.append(m)
