@@ -21,6 +21,8 @@ pub const GIL_RELEASE_THRESHOLD: usize = 64 * 1024;
 pub const READ_CHUNK: usize = 1 << 20;
 /// Above this size blake3 hashes a memory map with all cores (rayon).
 const BLAKE3_PARALLEL_MIN: u64 = 1 << 20;
+/// Read size for parallel blake3: enough 1 KiB chunks for every core to get a large subtree.
+const BLAKE3_READ_CHUNK: usize = 8 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Algorithm {
@@ -148,16 +150,45 @@ pub fn hash_reader<R: Read>(algorithm: Algorithm, mut reader: R) -> io::Result<(
     Ok((hasher.hex(), total))
 }
 
-/// Hash a file by path. blake3 on large files uses a memory map and every core.
+/// Hash a file by path. blake3 on large files hashes big read buffers with every core.
+///
+/// Reads, not a memory map: a file truncated by someone else while we hash it must give a
+/// wrong digest or an error, never a SIGBUS that kills the whole process.
 pub fn hash_path(algorithm: Algorithm, path: &Path) -> io::Result<(String, u64)> {
     let file = File::open(path)?;
     let len = file.metadata()?.len();
     if algorithm == Algorithm::Blake3 && len >= BLAKE3_PARALLEL_MIN {
-        let mut hasher = blake3::Hasher::new();
-        hasher.update_mmap_rayon(path)?;
-        return Ok((hasher.finalize().to_hex().to_string(), len));
+        return blake3_parallel_reader(file);
     }
     hash_reader(algorithm, file)
+}
+
+/// blake3 over a reader, each large buffer hashed by all cores (rayon).
+pub fn blake3_parallel_reader<R: Read>(mut reader: R) -> io::Result<(String, u64)> {
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; BLAKE3_READ_CHUNK];
+    let mut total = 0u64;
+    loop {
+        // Fill the whole buffer (short reads happen) so each rayon pass gets plenty of work.
+        let mut filled = 0;
+        while filled < buf.len() {
+            match reader.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        hasher.update_rayon(&buf[..filled]);
+        total += filled as u64;
+        if filled < buf.len() {
+            break;
+        }
+    }
+    Ok((hasher.finalize().to_hex().to_string(), total))
 }
 
 /// Copy `src` into `dst` while hashing it, in one read of the source (the caller syncs `dst`).
@@ -483,6 +514,43 @@ mod tests {
         let mut out = File::create(dir.path().join("x"))?;
         let err = copy_path_synced(Algorithm::Sha256, &dir.path().join("missing"), &mut out);
         assert_eq!(err.map_err(|e| e.kind()), Err(io::ErrorKind::NotFound));
+        Ok(())
+    }
+
+    #[test]
+    fn parallel_blake3_matches_serial_for_any_read_pattern() -> io::Result<()> {
+        /// A reader returning short reads of varying size.
+        struct Short<'a>(&'a [u8], usize);
+        impl Read for Short<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                self.1 = (self.1 * 7 + 3) % 100_003 + 1;
+                let n = buf.len().min(self.1).min(self.0.len());
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        for size in [
+            0,
+            1,
+            1024,
+            1025,
+            BLAKE3_READ_CHUNK - 1,
+            BLAKE3_READ_CHUNK,
+            BLAKE3_READ_CHUNK + 1,
+            2 * BLAKE3_READ_CHUNK + 4097,
+        ] {
+            let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+            let want = blake3::hash(&data).to_hex().to_string();
+            assert_eq!(
+                blake3_parallel_reader(&data[..])?,
+                (want.clone(), size as u64)
+            );
+            assert_eq!(
+                blake3_parallel_reader(Short(&data, 1))?,
+                (want, size as u64)
+            );
+        }
         Ok(())
     }
 

@@ -299,3 +299,36 @@ def test_cleanup_rules(tmp_path: Path) -> None:
     assert store.cleanup(older_than=0).removed == 1
     assert not locked.exists()
     assert link.is_symlink() and target.read_bytes() == b"keep me"
+
+
+HASHER = r"""
+import sys, clawstore
+print("start", flush=True)
+try:
+    print(clawstore.digest_file(sys.argv[1], sys.argv[2]), flush=True)
+except OSError as e:
+    print("oserror", e, flush=True)
+"""
+
+
+@pytest.mark.parametrize("algorithm", ["blake3"])
+def test_file_truncated_while_hashing(tmp_path: Path, algorithm: str) -> None:
+    """Hashing a file someone truncates meanwhile gives a digest or an error, never a SIGBUS
+    (a memory-mapped hash would kill the process)."""
+    path = tmp_path / "victim"
+    block = os.urandom(1 << 20)
+    for _ in range(2):
+        with open(path, "wb") as f:
+            for _ in range(96):
+                f.write(block)
+        p = subprocess.Popen(
+            [sys.executable, "-c", HASHER, str(path), algorithm], stdout=subprocess.PIPE, text=True
+        )
+        assert p.stdout is not None
+        assert p.stdout.readline().strip() == "start"
+        time.sleep(0.01)
+        os.truncate(path, 4096)
+        out = p.stdout.read()
+        p.stdout.close()
+        assert p.wait(timeout=60) == 0, f"hasher died with {p.returncode}"
+        assert out.startswith((f"{algorithm}:", "oserror"))
