@@ -215,19 +215,6 @@ pub fn copy_hashed<R: Read, W: Write>(
     Ok((hasher.hex(), total))
 }
 
-/// Copy the file at `src` into `out` (an open, empty file owned by the caller) while hashing,
-/// then fsync `out`. Returns (hex, size). The caller keeps `out` and whatever lock it holds on it.
-pub fn copy_path_synced(
-    algorithm: Algorithm,
-    src: &Path,
-    out: &mut File,
-) -> io::Result<(String, u64)> {
-    let input = File::open(src)?;
-    let r = copy_hashed(algorithm, input, out)?;
-    out.sync_all()?;
-    Ok(r)
-}
-
 pub fn parse_algorithm(name: &str) -> PyResult<Algorithm> {
     Algorithm::parse(name).ok_or_else(|| {
         InvalidDigestError::new_err(format!(
@@ -387,33 +374,6 @@ fn copy_file_hashed(
     .map_err(|e| io_err(&format!("{} -> {}", src.display(), dst.display()), e))
 }
 
-/// Copy the file at `src` into the already open, empty file `fd` (borrowed: the caller keeps
-/// owning and closing it, and any lock it holds on it), hashing in the same pass; fsyncs it.
-/// Returns (hex digest, size). Lets the local backend create and lock its temp file first.
-#[pyfunction]
-#[pyo3(signature = (src, fd, algorithm = "sha256"))]
-fn copy_file_hashed_fd(
-    py: Python<'_>,
-    src: std::path::PathBuf,
-    fd: i32,
-    algorithm: &str,
-) -> PyResult<(String, u64)> {
-    use std::os::fd::BorrowedFd;
-    let alg = parse_algorithm(algorithm)?;
-    if fd < 0 {
-        return Err(PyValueError::new_err(
-            "fd must be a non-negative file descriptor",
-        ));
-    }
-    // SAFETY: the caller passes an fd it keeps open for the duration of the call; we only dup it.
-    let owned = unsafe { BorrowedFd::borrow_raw(fd) }
-        .try_clone_to_owned()
-        .map_err(|e| io_err("dup", e))?;
-    let mut out = File::from(owned);
-    py.allow_threads(|| copy_path_synced(alg, &src, &mut out))
-        .map_err(|e| io_err(&format!("{} -> fd {fd}", src.display()), e))
-}
-
 /// Raise InvalidDigestError unless `digest` is `algorithm:hex` of a supported algorithm.
 #[pyfunction]
 fn validate_digest_str(digest: &str) -> PyResult<(String, String)> {
@@ -427,7 +387,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(digest_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(digest_file, m)?)?;
     m.add_function(wrap_pyfunction!(copy_file_hashed, m)?)?;
-    m.add_function(wrap_pyfunction!(copy_file_hashed_fd, m)?)?;
     m.add_function(wrap_pyfunction!(validate_digest_str, m)?)?;
     Ok(())
 }
@@ -486,34 +445,6 @@ mod tests {
             assert_eq!(h2, h);
             assert_eq!(out, data);
         }
-        Ok(())
-    }
-
-    #[test]
-    fn copy_into_open_file_keeps_the_callers_handle() -> io::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let src = dir.path().join("src");
-        let data: Vec<u8> = (0..(2 * READ_CHUNK + 3)).map(|i| (i % 253) as u8).collect();
-        std::fs::write(&src, &data)?;
-        for alg in [Algorithm::Sha256, Algorithm::Sha512, Algorithm::Blake3] {
-            let dst = dir.path().join(format!("dst-{}", alg.name()));
-            let mut out = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&dst)?;
-            let (h, n) = copy_path_synced(alg, &src, &mut out)?;
-            assert_eq!(n, data.len() as u64);
-            assert_eq!(h, hash_reader(alg, &data[..])?.0);
-            // the caller's handle is still usable afterwards
-            out.write_all(b"!")?;
-            drop(out);
-            let mut want = data.clone();
-            want.push(b'!');
-            assert_eq!(std::fs::read(&dst)?, want);
-        }
-        let mut out = File::create(dir.path().join("x"))?;
-        let err = copy_path_synced(Algorithm::Sha256, &dir.path().join("missing"), &mut out);
-        assert_eq!(err.map_err(|e| e.kind()), Err(io::ErrorKind::NotFound));
         Ok(())
     }
 
