@@ -20,7 +20,7 @@ use crate::errors::InvalidDigestError;
 pub const GIL_RELEASE_THRESHOLD: usize = 64 * 1024;
 /// Read size for streaming files: large enough to amortise syscalls, small enough for L2.
 pub const READ_CHUNK: usize = 1 << 20;
-/// Above this size blake3 hashes a memory map with all cores (rayon).
+/// Above this size blake3 hashes with all cores (rayon).
 const BLAKE3_PARALLEL_MIN: u64 = 1 << 20;
 /// blake3 chunks at least this large are hashed with rayon (below it threads cost more than
 /// they save, per the blake3 docs).
@@ -31,6 +31,8 @@ pub const COPY_BUFFERS: usize = 4;
 /// `copy_path_hashed` starts writeback of the destination every this many bytes, so the final
 /// fsync has little left to do and dirty page cache stays bounded.
 pub const WRITEBACK_EVERY: u64 = 8 << 20;
+/// Read size for parallel blake3: enough 1 KiB chunks for every core to get a large subtree.
+const BLAKE3_READ_CHUNK: usize = 8 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Algorithm {
@@ -203,17 +205,46 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
     let _ = (file, offset, len);
 }
 
-/// Hash a file by path. blake3 on large files uses a memory map and every core.
+/// Hash a file by path. blake3 on large files hashes big read buffers with every core.
+///
+/// Reads, not a memory map: a file truncated by someone else while we hash it must give a
+/// wrong digest or an error, never a SIGBUS that kills the whole process.
 pub fn hash_path(algorithm: Algorithm, path: &Path) -> io::Result<(String, u64)> {
     let file = File::open(path)?;
     let len = file.metadata()?.len();
     advise_sequential(&file);
     if algorithm == Algorithm::Blake3 && len >= BLAKE3_PARALLEL_MIN {
-        let mut hasher = blake3::Hasher::new();
-        hasher.update_mmap_rayon(path)?;
-        return Ok((hasher.finalize().to_hex().to_string(), len));
+        return blake3_parallel_reader(file);
     }
     hash_reader(algorithm, file)
+}
+
+/// blake3 over a reader, each large buffer hashed by all cores (rayon).
+pub fn blake3_parallel_reader<R: Read>(mut reader: R) -> io::Result<(String, u64)> {
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; BLAKE3_READ_CHUNK];
+    let mut total = 0u64;
+    loop {
+        // Fill the whole buffer (short reads happen) so each rayon pass gets plenty of work.
+        let mut filled = 0;
+        while filled < buf.len() {
+            match reader.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        hasher.update_rayon(&buf[..filled]);
+        total += filled as u64;
+        if filled < buf.len() {
+            break;
+        }
+    }
+    Ok((hasher.finalize().to_hex().to_string(), total))
 }
 
 /// Copy `src` into `dst` while hashing it, in one read of the source (the caller syncs `dst`).
@@ -646,33 +677,6 @@ fn hash_features(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
     Ok(d)
 }
 
-/// Copy the file at `src` into the already open, empty file `fd` (borrowed: the caller keeps
-/// owning and closing it, and any lock it holds on it), hashing in the same pass; fsyncs it.
-/// Returns (hex digest, size). Lets the local backend create and lock its temp file first.
-#[pyfunction]
-#[pyo3(signature = (src, fd, algorithm = "sha256"))]
-fn copy_file_hashed_fd(
-    py: Python<'_>,
-    src: std::path::PathBuf,
-    fd: i32,
-    algorithm: &str,
-) -> PyResult<(String, u64)> {
-    use std::os::fd::BorrowedFd;
-    let alg = parse_algorithm(algorithm)?;
-    if fd < 0 {
-        return Err(PyValueError::new_err(
-            "fd must be a non-negative file descriptor",
-        ));
-    }
-    // SAFETY: the caller passes an fd it keeps open for the duration of the call; we only dup it.
-    let owned = unsafe { BorrowedFd::borrow_raw(fd) }
-        .try_clone_to_owned()
-        .map_err(|e| io_err("dup", e))?;
-    let mut out = File::from(owned);
-    py.allow_threads(|| copy_path_synced(alg, &src, &mut out))
-        .map_err(|e| io_err(&format!("{} -> fd {fd}", src.display()), e))
-}
-
 /// Raise InvalidDigestError unless `digest` is `algorithm:hex` of a supported algorithm.
 #[pyfunction]
 fn validate_digest_str(digest: &str) -> PyResult<(String, String)> {
@@ -686,7 +690,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(digest_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(digest_file, m)?)?;
     m.add_function(wrap_pyfunction!(copy_file_hashed, m)?)?;
-    m.add_function(wrap_pyfunction!(copy_file_hashed_fd, m)?)?;
     m.add_function(wrap_pyfunction!(validate_digest_str, m)?)?;
     m.add_function(wrap_pyfunction!(hash_features, m)?)?;
     Ok(())
@@ -874,30 +877,39 @@ mod tests {
     }
 
     #[test]
-    fn copy_into_open_file_keeps_the_callers_handle() -> io::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let src = dir.path().join("src");
-        let data: Vec<u8> = (0..(2 * READ_CHUNK + 3)).map(|i| (i % 253) as u8).collect();
-        std::fs::write(&src, &data)?;
-        for alg in [Algorithm::Sha256, Algorithm::Sha512, Algorithm::Blake3] {
-            let dst = dir.path().join(format!("dst-{}", alg.name()));
-            let mut out = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&dst)?;
-            let (h, n) = copy_path_synced(alg, &src, &mut out)?;
-            assert_eq!(n, data.len() as u64);
-            assert_eq!(h, hash_reader(alg, &data[..])?.0);
-            // the caller's handle is still usable afterwards
-            out.write_all(b"!")?;
-            drop(out);
-            let mut want = data.clone();
-            want.push(b'!');
-            assert_eq!(std::fs::read(&dst)?, want);
+    fn parallel_blake3_matches_serial_for_any_read_pattern() -> io::Result<()> {
+        /// A reader returning short reads of varying size.
+        struct Short<'a>(&'a [u8], usize);
+        impl Read for Short<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                self.1 = (self.1 * 7 + 3) % 100_003 + 1;
+                let n = buf.len().min(self.1).min(self.0.len());
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
         }
-        let mut out = File::create(dir.path().join("x"))?;
-        let err = copy_path_synced(Algorithm::Sha256, &dir.path().join("missing"), &mut out);
-        assert_eq!(err.map_err(|e| e.kind()), Err(io::ErrorKind::NotFound));
+        for size in [
+            0,
+            1,
+            1024,
+            1025,
+            BLAKE3_READ_CHUNK - 1,
+            BLAKE3_READ_CHUNK,
+            BLAKE3_READ_CHUNK + 1,
+            2 * BLAKE3_READ_CHUNK + 4097,
+        ] {
+            let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+            let want = blake3::hash(&data).to_hex().to_string();
+            assert_eq!(
+                blake3_parallel_reader(&data[..])?,
+                (want.clone(), size as u64)
+            );
+            assert_eq!(
+                blake3_parallel_reader(Short(&data, 1))?,
+                (want, size as u64)
+            );
+        }
         Ok(())
     }
 

@@ -152,22 +152,31 @@ def listing(store: ArtifactStore) -> tuple[Any, ...]:
     )
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ArtifactStore, Path]]:
+    """One populated store (a blob, a manifest, tags) for the module: bad input is refused before
+    any backend call, and every test checks the whole directory is unchanged, so sharing it only
+    makes the check stricter (nothing may accumulate either)."""
+    root = tmp_path_factory.mktemp("bad-input")
+    (root / "cwd").mkdir()
+    with clawstore.open(root / "store") as store:
+        store.put_blob(mt.EMPTY_JSON)
+        layer = store.put_blob(b"layer")
+        d = store.put_manifest(ImageManifest(EMPTY_CONFIG, (layer,), artifact_type=mt.VOLUME).to_json())
+        store.tag("repo", "latest", d.digest)
+        store.tag("repo/sub", "latest", d.digest)
+        yield store, root
+
+
 @pytest.fixture
-def populated(
-    store: ArtifactStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[ArtifactStore]:
-    """A store with a blob, a manifest and a tag; cwd inside tmp_path; unchanged afterwards."""
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
+def populated(shared: tuple[ArtifactStore, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[ArtifactStore]:
+    """The shared store, with cwd inside its directory; unchanged afterwards, inside and out."""
+    store, root = shared
+    cwd = root / "cwd"
     monkeypatch.chdir(cwd)
-    store.put_blob(mt.EMPTY_JSON)
-    layer = store.put_blob(b"layer")
-    d = store.put_manifest(ImageManifest(EMPTY_CONFIG, (layer,), artifact_type=mt.VOLUME).to_json())
-    store.tag("repo", "latest", d.digest)
-    store.tag("repo/sub", "latest", d.digest)
-    before_tree, before_list = tree(tmp_path), listing(store)
+    before_tree, before_list = tree(root), listing(store)
     yield store
-    assert tree(tmp_path) == before_tree
+    assert tree(root) == before_tree
     assert listing(store) == before_list
     assert os.listdir(cwd) == []
 
@@ -188,7 +197,7 @@ def test_bad_digest_parse(bad: Any) -> None:
 
 
 @pytest.mark.parametrize("bad", BAD_DIGESTS, ids=ids(BAD_DIGESTS))
-def test_bad_digest_everywhere(populated: ArtifactStore, bad: Any, tmp_path: Path) -> None:
+def test_bad_digest_everywhere(populated: ArtifactStore, bad: Any) -> None:
     s = populated
     good_manifest = s.resolve("repo", "latest")
     calls: list[Callable[[], object]] = [
@@ -202,7 +211,7 @@ def test_bad_digest_everywhere(populated: ArtifactStore, bad: Any, tmp_path: Pat
         lambda: s.has_manifest(bad),
         lambda: s.delete_manifest(bad),
         lambda: s.put_blob(b"new content", expected=bad),
-        lambda: s.put_blob(tmp_path / "cwd" / "nonexistent", expected=bad),
+        lambda: s.put_blob(Path("nonexistent"), expected=bad),
         lambda: s.put_manifest(s.get_manifest(good_manifest), expected=bad),
         lambda: s.tag("repo", "new", bad),
         lambda: s.tag("repo", "latest", good_manifest, expect=bad),
@@ -225,8 +234,8 @@ def test_bad_algorithm(populated: ArtifactStore, algorithm: str) -> None:
         clawstore.Hasher(algorithm)
 
 
-def test_digest_mismatch_writes_nothing(populated: ArtifactStore, tmp_path: Path) -> None:
-    src = tmp_path / "cwd" / "src"
+def test_digest_mismatch_writes_nothing(populated: ArtifactStore) -> None:
+    src = Path("src").absolute()  # in cwd, inside the checked directory
     with pytest.raises(DigestMismatchError):
         populated.put_blob(b"some bytes", expected=GOOD)
     import io

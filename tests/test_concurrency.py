@@ -252,7 +252,7 @@ def test_threads_share_one_store(tmp_path: Path) -> None:
     store = clawstore.open(tmp_path / "store")
     store.put_blob(mt.EMPTY_JSON)
     store.tag("t/free", "head", _manifest(store, None, count="0"), expect=MISSING)
-    k = 15
+    k = 8
     data = [blob_data(j) for j in range(6)]
 
     def worker(i: int) -> int:

@@ -182,7 +182,7 @@ def test_put_from_os_pipe(store: ArtifactStore) -> None:
             for i in range(0, len(data), 65536):
                 out.write(data[i : i + 65536])
 
-    t = threading.Thread(target=feed)
+    t = threading.Thread(target=feed, daemon=True)
     t.start()
     with open(r, "rb") as src:
         d = store.put_blob(src, expected=sha256(data))
@@ -201,7 +201,7 @@ def test_put_from_fifo_path(store: ArtifactStore, tmp_path: Path) -> None:
         with open(fifo, "wb") as out:
             out.write(data)
 
-    t = threading.Thread(target=feed)
+    t = threading.Thread(target=feed, daemon=True)
     t.start()
     d = store.put_blob(fifo)
     t.join()

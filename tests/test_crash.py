@@ -223,7 +223,7 @@ def test_cleanup_spares_live_writer(tmp_path: Path) -> None:
         p.stdin.flush()
         deadline = time.monotonic() + 20
         while True:
-            temps = [t for t in (root / "tmp").iterdir() if t.stat().st_size >= len(chunk)]
+            temps = [t for t in (root / "tmp").iterdir() if t.lstat().st_size >= len(chunk)]
             if temps:
                 break
             assert time.monotonic() < deadline, "the writer never wrote its temp file"
@@ -242,7 +242,7 @@ def test_cleanup_spares_live_writer(tmp_path: Path) -> None:
             p.stdout.close()
             with clawstore.open(root) as store:
                 report = store.cleanup(older_than=0)
-            assert report.removed == 1 and report.bytes >= len(chunk)
+            assert report.removed == 2 and report.bytes >= len(chunk)  # the temp and its .lock
             assert not temp.exists()
         else:
             p.stdin.write(chunk)
@@ -266,36 +266,83 @@ def test_cleanup_rules(tmp_path: Path) -> None:
     )
     dead_pid = int(dead.stdout)  # exited: its pid is (almost surely) free now
 
-    # 1. a temp file of a dead pid, but locked (a writer in another pid namespace): kept
+    # 1. a temp file of a dead pid whose .lock is held (a writer in another pid namespace): kept
     locked = tmp / f"{dead_pid}-locked"
     locked.write_bytes(b"x" * 10)
-    fd = os.open(locked, os.O_RDONLY)
+    (tmp / f"{dead_pid}-locked.lock").touch()
+    fd = os.open(tmp / f"{dead_pid}-locked.lock", os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_EX)
-    # 2. unlocked, our (live) pid, young: kept unless older_than allows
+    # 2. a temp file whose .lock nobody holds (its writer was killed): removed at any age
+    killed = tmp / f"{os.getpid()}-killed"
+    killed.write_bytes(b"k" * 5)
+    (tmp / f"{os.getpid()}-killed.lock").touch()
+    # 3. a lone, unheld .lock (writer killed between removing its temp file and its lock)
+    (tmp / f"{os.getpid()}-lone.lock").touch()
+    # 4. no lock file, our (live) pid, young: kept unless older_than allows
     young = tmp / f"{os.getpid()}-young"
     young.write_bytes(b"y" * 20)
-    # 3. unlocked, dead pid: removed at any age
+    # 5. no lock file, dead pid: removed at any age
     orphan = tmp / f"{dead_pid}-orphan"
     orphan.write_bytes(b"z" * 30)
-    # 4. not a pid at all, old: removed by age
+    # 6. not a pid at all, old: removed by age
     odd = tmp / "not-a-pid"
     odd.write_bytes(b"w" * 40)
     os.utime(odd, (time.time() - 7200, time.time() - 7200))
-    # 5. a symlink is none of ours: left alone, and never followed
+    # 7. symlinks are none of ours: left alone, and never followed
     target = tmp_path / "outside"
     target.write_bytes(b"keep me")
-    link = tmp / "symlink"
-    link.symlink_to(target)
+    (tmp / "symlink").symlink_to(target)
+    (tmp / "evil.lock").symlink_to(target)
+    os.utime(tmp / "symlink", (0, 0), follow_symlinks=False)
 
     try:
         r = store.cleanup(older_than=3600)
-        assert (r.removed, r.bytes) == (2, 70)
-        assert locked.exists() and young.exists() and not orphan.exists() and not odd.exists()
+        # killed + its lock, the lone lock, orphan, odd
+        assert (r.removed, r.bytes) == (5, 75)
+        assert locked.exists() and young.exists()
+        assert not killed.exists() and not orphan.exists() and not odd.exists()
+        assert sorted(p.name for p in tmp.iterdir()) == sorted(
+            [locked.name, locked.name + ".lock", young.name, "symlink", "evil.lock"]
+        )
         r = store.cleanup(older_than=0)
         assert (r.removed, r.bytes) == (1, 20)
         assert locked.exists() and not young.exists()
     finally:
         os.close(fd)
-    assert store.cleanup(older_than=0).removed == 1
+    assert store.cleanup(older_than=0).removed == 2
     assert not locked.exists()
-    assert link.is_symlink() and target.read_bytes() == b"keep me"
+    assert sorted(p.name for p in tmp.iterdir()) == ["evil.lock", "symlink"]
+    assert target.read_bytes() == b"keep me"
+
+
+HASHER = r"""
+import sys, clawstore
+print("start", flush=True)
+try:
+    print(clawstore.digest_file(sys.argv[1], sys.argv[2]), flush=True)
+except OSError as e:
+    print("oserror", e, flush=True)
+"""
+
+
+@pytest.mark.parametrize("algorithm", ["blake3"])
+def test_file_truncated_while_hashing(tmp_path: Path, algorithm: str) -> None:
+    """Hashing a file someone truncates meanwhile gives a digest or an error, never a SIGBUS
+    (a memory-mapped hash would kill the process)."""
+    path = tmp_path / "victim"
+    block = os.urandom(1 << 20)
+    for _ in range(2):
+        with open(path, "wb") as f:
+            for _ in range(96):
+                f.write(block)
+        p = subprocess.Popen(
+            [sys.executable, "-c", HASHER, str(path), algorithm], stdout=subprocess.PIPE, text=True
+        )
+        assert p.stdout is not None
+        assert p.stdout.readline().strip() == "start"
+        time.sleep(0.01)
+        os.truncate(path, 4096)
+        out = p.stdout.read()
+        p.stdout.close()
+        assert p.wait(timeout=60) == 0, f"hasher died with {p.returncode}"
+        assert out.startswith((f"{algorithm}:", "oserror"))

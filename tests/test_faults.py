@@ -87,8 +87,9 @@ def test_fault_leaves_nothing(
     fake_copy = None
     if fault == "copy":
 
-        def fake_copy(path: str, fd: int, algorithm: str) -> tuple[str, int]:
-            os.write(fd, b"partial")
+        def fake_copy(path: str, dst: str, algorithm: str) -> tuple[str, int]:
+            with open(dst, "xb") as f:  # the Rust copier creates dst, then runs out of space
+                f.write(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
 
     target = {
@@ -96,7 +97,7 @@ def test_fault_leaves_nothing(
         "fsync": (os, "fsync", enospc),
         "link": (os, "link", enospc),
         "replace": (os, "replace", enospc),
-        "copy": (local_mod._core, "copy_file_hashed_fd", fake_copy),
+        "copy": (local_mod._core, "copy_file_hashed", fake_copy),
     }[fault]
     monkeypatch.setattr(*target)
     try:

@@ -410,7 +410,7 @@ class StoreModel(RuleBasedStateMachine):
 
 
 TestStoreModel = StoreModel.TestCase
-TestStoreModel.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+TestStoreModel.settings = settings(max_examples=30, stateful_step_count=25, deadline=None)
 
 
 # -- the verifying reader on its own (as a remote backend's stream would use it) -------------------

@@ -46,10 +46,6 @@ def copy_file_hashed(
 ) -> tuple[str, int]:
     """Copy src to a new file dst (fsynced), hashing in the same pass: (hex digest, size)."""
 
-def copy_file_hashed_fd(src: str | PathLike[str], fd: int, algorithm: str = "sha256") -> tuple[str, int]:
-    """Copy src into the open, empty file `fd` (not closed, locks kept), hashing in the same
-    pass, then fsync it: (hex digest, size)."""
-
 def validate_digest_str(digest: str) -> tuple[str, str]:
     """(algorithm, hex) or InvalidDigestError."""
 

@@ -6,8 +6,8 @@ Layout (every path is built by `LocalLayout`):
     manifests/<alg>/<2 hex>/<hex>         manifest bytes
     refs/<repo>/_tags/<tag>               a tag: the manifest digest, one line
     refs/<repo>/_tags/.lock               flock(2) serialising compare-and-swap across processes
-    tmp/<pid>-<random>                    temp files, flock()ed by their writer while in use;
-                                          linked/renamed into place, or removed by cleanup
+    tmp/<pid>-<random>                    temp files; linked/renamed into place, or removed by cleanup
+    tmp/<pid>-<random>.lock               flock()ed by the temp file's writer while it is in use
 
 Tags live under `_tags/` (not `refs/<repo>/<tag>`) because repository names nest: `a/b` is a
 repository and `b` could be a tag of `a`. `_` cannot start a repository component or a tag, so
@@ -42,6 +42,8 @@ from clawstore.errors import (
 )
 
 CHUNK = 1 << 20
+LOCK_SUFFIX = ".lock"
+_LOCKED, _NO_LOCK_FILE = -1, -2
 _NO_HARDLINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS})
 TAGS_DIR = "_tags"
 
@@ -62,6 +64,16 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class _Fd:
+    """An owned OS file descriptor, for `contextlib.closing`."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class LocalLayout:
@@ -128,22 +140,25 @@ class LocalBackend:
                 fsync_dir(d)
 
     @contextlib.contextmanager
-    def _temp(self) -> Iterator[tuple[Path, int]]:
-        """A new temp file in tmp/, open for writing and flock()ed for as long as it is in use.
+    def _temp(self) -> Iterator[Path]:
+        """Reserve a temp file name in tmp/ for as long as it is in use; yields the path, which
+        the caller creates exclusively (`_create` or the Rust copier's create-new).
 
-        The lock is what tells `cleanup` that a writer is alive (it dies with the process, in any
-        pid namespace). `cleanup` may take the lock in the instant between our O_EXCL create and
-        our flock; then the file is (being) unlinked, and we start over with a new name. On the
-        way out the temp name is removed: after a link commit, or after any failure.
+        The reservation is `<name>.lock`, created first and flock()ed until the temp file is
+        gone: that lock is what tells `cleanup` a writer is alive (it dies with the process, in
+        any pid namespace), so cleanup never removes a live writer's temp file. `cleanup` may
+        take the lock in the instant between our O_EXCL create and our flock; then the lock
+        file is (being) unlinked and we start over with a new name.
         """
         for _ in range(16):
             path = self.layout.new_temp()
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            lock = path.with_name(path.name + LOCK_SUFFIX)
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
             try:
-                fd = os.open(path, flags, 0o644)
+                fd = os.open(lock, flags, 0o644)
             except FileNotFoundError:  # tmp/ removed by hand: recreate it
                 self.layout.tmp.mkdir(parents=True, exist_ok=True)
-                fd = os.open(path, flags, 0o644)
+                fd = os.open(lock, flags, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 if os.fstat(fd).st_nlink > 0:
@@ -152,21 +167,26 @@ class LocalBackend:
                 pass
             except BaseException:
                 with contextlib.suppress(OSError):
-                    path.unlink()
+                    lock.unlink()
                 os.close(fd)
                 raise
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                lock.unlink()
             os.close(fd)
         else:  # pragma: no cover - needs a cleanup loop racing every single create
             raise OSError(f"could not create a temp file in {self.layout.tmp}")
         try:
-            yield path, fd
+            yield path
         finally:
             try:
                 path.unlink(missing_ok=True)  # a renamed temp is gone already; names never repeat
+                lock.unlink(missing_ok=True)
             finally:
-                os.close(fd)  # releases the lock, only once the temp name is gone
+                os.close(fd)  # releases the lock, only once the temp file is gone
+
+    @staticmethod
+    def _create(path: Path) -> int:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
 
     @staticmethod
     def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -213,10 +233,14 @@ class LocalBackend:
             return None
 
     def _put_bytes(self, data: bytes, final: Path, *, replace: bool) -> bool:
-        with self._temp() as (tmp, fd):
-            self._write_all(fd, data)
-            if self.fsync:
-                os.fsync(fd)
+        with self._temp() as tmp:
+            fd = self._create(tmp)
+            try:
+                self._write_all(fd, data)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             return self._commit(tmp, final, replace=replace, size=len(data))
 
     # -- blobs ---------------------------------------------------------------------------------
@@ -237,8 +261,9 @@ class LocalBackend:
                 if size is not None and size == os.stat(path).st_size:
                     # Already stored under the digest the caller vouches for: no need to read.
                     return expected, size
-            with self._temp() as (tmp, fd):
-                hexd, size = _core.copy_file_hashed_fd(path, fd, algorithm)  # fsyncs
+            with self._temp() as tmp:
+                # One pass: read, hash and write (overlapped in Rust), fsynced; removed on error.
+                hexd, size = _core.copy_file_hashed(path, os.fspath(tmp), algorithm)
                 digest = Digest.from_hex(algorithm, hexd)
                 self._check(digest, expected)
                 self._commit(tmp, self.layout.blob(digest), replace=False, size=size)
@@ -248,7 +273,8 @@ class LocalBackend:
     def _write_stream(self, src: BinaryIO, algorithm: str, expected: Digest | None) -> tuple[Digest, int]:
         hasher = Hasher(algorithm)
         size = 0
-        with self._temp() as (tmp, fd):
+        with self._temp() as tmp, contextlib.closing(_Fd(self._create(tmp))) as out:
+            fd = out.fd
             buf = bytearray(CHUNK)
             view = memoryview(buf)
             readinto = getattr(src, "readinto", None)
@@ -410,40 +436,72 @@ class LocalBackend:
             yield from self.layout.tmp.iterdir()
 
     def cleanup(self, older_than: float) -> CleanupReport:
-        """Remove abandoned temp files: those no live writer holds locked, and that are older than
-        `older_than` seconds or whose writing process (named in the file name) is gone.
+        """Remove abandoned temp files (and their lock files): those whose `.lock` no live writer
+        holds; temp files without a lock file only when older than `older_than` seconds or when
+        the process named in their name is gone.
 
-        A temp file in use is flock()ed by its writer until it is committed and its name removed,
-        so a live writer's temp file is never removed, whatever its age or `older_than`.
+        A writer holds `<temp>.lock` flock()ed from before it creates the temp file until after
+        it is committed or removed, so a live writer's temp file is never removed, whatever its
+        age or `older_than`.
         """
         now = time.time()
         removed = nbytes = 0
-        for p in self.iter_temp_files():
-            try:
-                # Read-write: on NFS, flock is emulated with fcntl locks, which need it for LOCK_EX.
-                fd = os.open(p, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-            except OSError:  # gone, a symlink, a directory, unreadable: none of ours to remove
+        for p in sorted(self.iter_temp_files()):
+            if p.name.endswith(LOCK_SUFFIX):
+                data, lock = p.with_name(p.name[: -len(LOCK_SUFFIX)]), p
+            else:
+                data, lock = p, p.with_name(p.name + LOCK_SUFFIX)
+                if lock.exists() or lock.is_symlink():
+                    continue  # handled with its lock file
+            fd = self._try_lock(lock)
+            if fd == _LOCKED:
                 continue
             try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    continue  # a live writer holds it (or it cannot be locked: leave it)
-                st = os.fstat(fd)
-                if st.st_nlink == 0 or not stat.S_ISREG(st.st_mode):
-                    continue
-                pid_text = p.name.partition("-")[0]
-                dead = pid_text.isdigit() and not pid_alive(int(pid_text))
-                if dead or now - st.st_mtime >= older_than:
+                if fd == _NO_LOCK_FILE:  # no lock file: judge by the writer's pid and the age
                     try:
-                        p.unlink()  # while holding the lock: a writer that locks later sees nlink 0
+                        st = data.lstat()
                     except FileNotFoundError:
                         continue
-                    removed += 1
-                    nbytes += st.st_size
+                    pid_text = data.name.partition("-")[0]
+                    dead = pid_text.isdigit() and not pid_alive(int(pid_text))
+                    if not stat.S_ISREG(st.st_mode) or not (dead or now - st.st_mtime >= older_than):
+                        continue
+                # Abandoned: remove the temp file, then its lock file while still holding it.
+                with contextlib.suppress(FileNotFoundError):
+                    st = data.lstat()
+                    if stat.S_ISREG(st.st_mode):
+                        data.unlink()
+                        removed += 1
+                        nbytes += st.st_size
+                if fd >= 0:
+                    with contextlib.suppress(FileNotFoundError):
+                        lock.unlink()
+                        removed += 1
             finally:
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
         return CleanupReport(removed, nbytes)
+
+    @staticmethod
+    def _try_lock(lock: Path) -> int:
+        """An fd holding `lock` flock()ed, or _LOCKED if a live writer holds it (or it cannot be
+        locked, or it is not a regular file: leave it), or _NO_LOCK_FILE."""
+        try:
+            # Read-write: on NFS, flock is emulated with fcntl locks, which need it for LOCK_EX.
+            fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return _NO_LOCK_FILE
+        except OSError:
+            return _LOCKED
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 0:
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+        return _LOCKED
 
     def close(self) -> None:
         pass
