@@ -18,6 +18,7 @@ that ignores conditional writes.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import struct
@@ -42,10 +43,8 @@ _ERROR_BODY = {
 
 
 def _rst(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
     sock.close()
 
 
@@ -155,14 +154,15 @@ class FaultProxy:
                 length = int(hdrs.get(b"content-length", b"0"))
                 if b"chunked" in hdrs.get(b"transfer-encoding", b""):
                     raise ConnectionError("chunked request bodies are not supported by the proxy")
+                if hdrs.get(b"expect", b"").lower() == b"100-continue":
+                    client_sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
                 body = client.read_exact(length) if length else b""
+                # We forward the whole body at once: no Expect handshake upstream.
+                drop: tuple[bytes, ...] = (b"expect:",)
                 if self.strip_conditionals:
-                    lines = [
-                        ln
-                        for ln in head[:-4].split(b"\r\n")
-                        if not ln.lower().startswith((b"if-match:", b"if-none-match:"))
-                    ]
-                    head = b"\r\n".join(lines) + b"\r\n\r\n"
+                    drop += (b"if-match:", b"if-none-match:")
+                lines = [ln for ln in head[:-4].split(b"\r\n") if not ln.lower().startswith(drop)]
+                head = b"\r\n".join(lines) + b"\r\n\r\n"
                 fault = self._choose(method, len(body))
                 if fault in _ERROR_BODY:
                     status, payload = _ERROR_BODY[fault]
@@ -180,12 +180,15 @@ class FaultProxy:
                 if upstream is None:
                     upstream = _Conn(socket.create_connection(self.upstream))
                 upstream.sock.sendall(head + body)
-                resp_head = upstream.read_until(b"\r\n\r\n")
-                if resp_head is None:
-                    raise ConnectionError("upstream closed")
-                status_line, rh = _headers(resp_head[:-4])
-                code = int(status_line.split(b" ")[1])
-                no_body = method == b"HEAD" or code in (204, 304) or 100 <= code < 200
+                while True:
+                    resp_head = upstream.read_until(b"\r\n\r\n")
+                    if resp_head is None:
+                        raise ConnectionError("upstream closed")
+                    status_line, rh = _headers(resp_head[:-4])
+                    code = int(status_line.split(b" ")[1])
+                    if not 100 <= code < 200:
+                        break  # interim responses are not relayed
+                no_body = method == b"HEAD" or code in (204, 304)
                 if no_body:
                     resp_body = b""
                 elif b"content-length" in rh:
@@ -213,10 +216,8 @@ class FaultProxy:
         finally:
             if upstream is not None:
                 upstream.sock.close()
-            try:
+            with contextlib.suppress(OSError):
                 client_sock.close()
-            except OSError:
-                pass
 
     @staticmethod
     def _read_chunked(conn: _Conn) -> bytes:

@@ -124,6 +124,7 @@ TEST_OPTIONS: dict[str, Any] = {
     "download_concurrency": 4,
     "retry_base": 0.01,
     "retry_cap": 0.2,
+    "read_timeout": 15.0,
 }
 
 

@@ -137,8 +137,11 @@ class S3Options:
     verify_etags: bool = True
     #: Probe conditional-write support at open time.
     probe: bool = True
-    #: Sign payloads with SHA-256 (None: botocore's default: signed over http, not over https).
-    payload_signing: bool | None = None
+    #: Sign request payloads with SHA-256 (an extra hash pass in Python per part). Off by default:
+    #: every body we send carries Content-MD5, which is itself signed and checked by the server,
+    #: so a changed body fails either way (the rule botocore applies over https). None: botocore's
+    #: default (signed over http).
+    payload_signing: bool | None = False
     addressing_style: str | None = None
 
     @classmethod

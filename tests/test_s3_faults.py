@@ -1,0 +1,275 @@
+"""Fault injection and races on the S3 backend: a loopback proxy between the store and moto
+answers 500 / 503 SlowDown, resets connections, loses responses, truncates bodies and corrupts
+request bodies for a seeded, bounded fraction of requests.
+
+Invariants checked after every scenario, with a plain boto3 client as the oracle:
+* every object at a digest key hashes to that digest (nothing unverified ever appears there);
+* an operation either ends with the right digest/content or raises a clear clawstore error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import multiprocessing
+import random
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import clawstore
+import pytest
+from clawstore.backends.s3 import S3ConfigurationError, S3Error
+from clawstore.errors import ClawstoreError, TagConflictError
+from fault_proxy import FaultProxy
+from s3_server import TEST_OPTIONS, set_fake_credentials, store_url
+from test_s3 import _manifest, oracle
+
+pytestmark = pytest.mark.s3
+
+MiB = 1 << 20
+
+
+def assert_digest_keys_verify(client: Any, bucket: str) -> int:
+    """Every object under blobs/ and manifests/ hashes to the digest its key names."""
+    n = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            key = obj["Key"]
+            parts = key.split("/")
+            if len(parts) >= 4 and parts[-4] in ("blobs", "manifests"):
+                alg, hexd = parts[-3], parts[-1]
+                data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+                assert hashlib.new(alg, data).hexdigest() == hexd, f"{key} holds other bytes"
+                n += 1
+    return n
+
+
+def staging_keys(client: Any, bucket: str) -> list[str]:
+    return [
+        o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="store/uploads/").get("Contents", [])
+    ]
+
+
+@pytest.fixture
+def faulty(s3_endpoint: str, s3_bucket: str) -> Iterator[Any]:
+    """Factory: (store through a fault proxy, proxy). The store is opened before faults start."""
+    made: list[tuple[clawstore.ArtifactStore, FaultProxy]] = []
+    port = int(s3_endpoint.rsplit(":", 1)[1])
+
+    def make(**proxy_kw: Any) -> tuple[clawstore.ArtifactStore, FaultProxy]:
+        rate = proxy_kw.pop("rate", 0.0)
+        store_kw = proxy_kw.pop("store", {})
+        proxy = FaultProxy(port, **proxy_kw)
+        store = clawstore.open(store_url(proxy.endpoint, s3_bucket), **{**TEST_OPTIONS, **store_kw})
+        proxy.rate = rate
+        made.append((store, proxy))
+        return store, proxy
+
+    yield make
+    for store, proxy in made:
+        store.close()
+        proxy.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("kind", ["bytes", "path", "stream"])
+def test_uploads_survive_faults(
+    faulty: Any,
+    s3_store: clawstore.ArtifactStore,
+    s3_client: Any,
+    s3_bucket: str,
+    tmp_path: Path,
+    kind: str,
+    seed: int,
+) -> None:
+    store, proxy = faulty(rate=0.25, seed=seed, max_faults=40)
+    data = random.Random(seed).randbytes(17 * MiB + seed)
+    src: Any = data
+    if kind == "path":
+        src = tmp_path / "f"
+        src.write_bytes(data)
+    elif kind == "stream":
+        src = io.BytesIO(data)
+    d = store.put_blob(src)
+    small = store.put_blob(b"small blob %d" % seed)
+    assert d.digest == oracle(data) and small.digest == oracle(b"small blob %d" % seed)
+    assert proxy.injected() > 0, proxy.counts
+    assert s3_store.read_blob(d.digest) == data  # read through a clean path
+    assert assert_digest_keys_verify(s3_client, s3_bucket) == 2
+    assert staging_keys(s3_client, s3_bucket) == []
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_downloads_survive_faults(
+    faulty: Any, s3_store: clawstore.ArtifactStore, tmp_path: Path, seed: int
+) -> None:
+    data = random.Random(seed).randbytes(14 * MiB + 5)
+    d = s3_store.put_blob(data)
+    store, proxy = faulty(rate=0.3, seed=seed, faults=("500", "503", "reset", "lost", "truncate"))
+    with store.get_blob(d.digest) as r:
+        assert r.read() == data
+    single = clawstore.ArtifactStore(store.backend.with_options(download_concurrency=1))  # type: ignore[attr-defined]
+    for s, name in ((store, "ranged"), (single, "single")):
+        out = tmp_path / name
+        assert s.get_blob_to_path(d.digest, out) == len(data)
+        assert out.read_bytes() == data
+    assert proxy.counts["truncate"] + proxy.counts["reset"] + proxy.counts["lost"] > 0, proxy.counts
+
+
+def test_corrupted_request_bodies_are_detected_and_resent(
+    faulty: Any, s3_client: Any, s3_bucket: str
+) -> None:
+    # moto does not check Content-MD5 (S3 would answer BadDigest): the part/object ETag check does.
+    store, proxy = faulty(rate=0.4, seed=5, faults=("corrupt",), max_faults=6)
+    data = random.Random(5).randbytes(16 * MiB)
+    d = store.put_blob(data)
+    small = random.Random(6).randbytes(3 * MiB)
+    d2 = store.put_blob(small)
+    assert d.digest == oracle(data) and d2.digest == oracle(small)
+    assert proxy.counts["corrupt"] > 0, proxy.counts
+    assert assert_digest_keys_verify(s3_client, s3_bucket) == 2
+
+
+@pytest.mark.parametrize("fault", ["500", "503", "reset"])
+@pytest.mark.parametrize("kind", ["small", "multipart", "stream"])
+def test_persistent_failure_is_a_clear_error_and_leaves_nothing(
+    faulty: Any, s3_client: Any, s3_bucket: str, fault: str, kind: str
+) -> None:
+    store, proxy = faulty(rate=1.0, faults=(fault,), store={"max_attempts": 3})
+    data = random.Random(7).randbytes(100 if kind == "small" else 11 * MiB)
+    src: Any = io.BytesIO(data) if kind == "stream" else data
+    with pytest.raises(S3Error, match="after 3 attempts"):
+        store.put_blob(src)
+    proxy.rate = 0.0
+    assert assert_digest_keys_verify(s3_client, s3_bucket) == 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_flaky_server_either_succeeds_or_fails_cleanly(
+    faulty: Any, s3_client: Any, s3_bucket: str, seed: int
+) -> None:
+    """Many faults and few attempts: whatever happens, no digest key holds unverified bytes and
+    a failure is a ClawstoreError; cleanup removes the leftovers."""
+    store, proxy = faulty(rate=0.35, seed=seed, store={"max_attempts": 2})
+    data = random.Random(seed).randbytes(12 * MiB)
+    try:
+        d = store.put_blob(io.BytesIO(data) if seed % 2 else data)
+        assert d.digest == oracle(data)
+    except ClawstoreError:
+        pass
+    proxy.rate = 0.0
+    assert assert_digest_keys_verify(s3_client, s3_bucket) <= 1
+    store.cleanup(older_than=0)
+    assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    assert staging_keys(s3_client, s3_bucket) == []
+
+
+def test_tag_cas_under_lost_responses(faulty: Any, s3_store: clawstore.ArtifactStore) -> None:
+    """A conditional write whose response is lost and is retried must not report a conflict it
+    caused itself, nor succeed where it should conflict."""
+    m = [_manifest(s3_store, i) for i in range(4)]
+    store, proxy = faulty(rate=0.4, seed=9, faults=("lost", "reset", "500", "503"))
+    for round_ in range(6):
+        tag = f"t{round_}"
+        assert store.tag("repo", tag, m[0], expect=clawstore.MISSING) is None
+        with pytest.raises(TagConflictError):
+            store.tag("repo", tag, m[1], expect=clawstore.MISSING)
+        assert store.tag("repo", tag, m[1], expect=m[0]) == m[0]
+        with pytest.raises(TagConflictError):
+            store.tag("repo", tag, m[2], expect=m[0])
+        assert store.tag("repo", tag, m[2]) == m[1]
+        assert store.untag("repo", tag, expect=m[2]) == m[2]
+        assert s3_store.backend.read_tag("repo", tag) is None
+    assert proxy.counts["lost"] > 0, proxy.counts
+
+
+def test_probe_detects_server_ignoring_conditional_writes(s3_endpoint: str, s3_bucket: str) -> None:
+    proxy = FaultProxy(int(s3_endpoint.rsplit(":", 1)[1]), strip_conditionals=True)
+    try:
+        with pytest.raises(S3ConfigurationError, match="ignored a conditional write"):
+            clawstore.open(store_url(proxy.endpoint, s3_bucket))
+    finally:
+        proxy.close()
+
+
+ROUNDS = 6
+
+
+def test_cas_race_threads(s3_store: clawstore.ArtifactStore) -> None:
+    base = _manifest(s3_store, 100)
+    mine = [_manifest(s3_store, i) for i in range(8)]
+    barrier = threading.Barrier(8)
+    wins: list[list[int]] = [[] for _ in range(ROUNDS)]
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def racer(i: int) -> None:
+        try:
+            for r in range(ROUNDS):
+                barrier.wait(timeout=60)
+                try:
+                    s3_store.tag("race", f"r{r}", mine[i], expect=base if r % 2 else clawstore.MISSING)
+                except TagConflictError:
+                    continue
+                with lock:
+                    wins[r].append(i)
+        except BaseException as e:
+            errors.append(e)
+            barrier.abort()
+
+    for r in range(ROUNDS):
+        if r % 2:
+            s3_store.tag("race", f"r{r}", base, expect=clawstore.MISSING)
+    threads = [threading.Thread(target=racer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for r in range(ROUNDS):
+        assert len(wins[r]) == 1, (r, wins[r])
+        assert s3_store.resolve("race", f"r{r}") == mine[wins[r][0]]
+
+
+def _race_process(url: str, options: dict[str, Any], base: str, mine: str, barrier: Any, out: Any) -> None:
+    set_fake_credentials()
+    results = []
+    with clawstore.open(url, **options) as store:
+        for r in range(ROUNDS):
+            barrier.wait(timeout=120)
+            try:
+                store.tag("race", f"p{r}", mine, expect=base if r % 2 else clawstore.MISSING)
+                results.append(True)
+            except TagConflictError:
+                results.append(False)
+    out.put((mine, results))
+
+
+def test_cas_race_processes(s3_store: clawstore.ArtifactStore, s3_endpoint: str, s3_bucket: str) -> None:
+    base = _manifest(s3_store, 200)
+    mine = [_manifest(s3_store, 300 + i) for i in range(4)]
+    for r in range(ROUNDS):
+        if r % 2:
+            s3_store.tag("race", f"p{r}", base, expect=clawstore.MISSING)
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    out = ctx.Queue()
+    opts = {**TEST_OPTIONS, "probe": False}
+    procs = [
+        ctx.Process(
+            target=_race_process, args=(store_url(s3_endpoint, s3_bucket), opts, base, m, barrier, out)
+        )
+        for m in mine
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    for r in range(ROUNDS):
+        winners = [m for m, res in results if res[r]]
+        assert len(winners) == 1, (r, winners)
+        assert s3_store.resolve("race", f"p{r}") == winners[0]
