@@ -14,6 +14,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use tar::{EntryType, Header};
@@ -342,12 +343,50 @@ fn append<W: Write, R: Read>(
     b: &mut tar::Builder<W>,
     header: &Header,
     pax: &[(&'static str, Vec<u8>)],
-    data: R,
+    mut data: R,
 ) -> io::Result<()> {
     if !pax.is_empty() {
         b.append_pax_extensions(pax.iter().map(|(k, v)| (*k, v.as_slice())))?;
     }
-    b.append(header, data)
+    // tar's own append copies through `dyn Write` in 8 KiB steps; bodies go in 1 MiB steps.
+    let out = b.get_mut();
+    out.write_all(header.as_bytes())?;
+    let mut buf = vec![0u8; COPY_CHUNK];
+    let mut len = 0u64;
+    loop {
+        let n = match data.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        out.write_all(&buf[..n])?;
+        len += n as u64;
+    }
+    let pad = (512 - (len % 512) as usize) % 512;
+    out.write_all(&[0u8; 512][..pad])
+}
+
+/// Copy step for large file bodies.
+const COPY_CHUNK: usize = 1 << 20;
+/// Chunk size of the tar stream handed to the diff_id hasher and the compressor.
+const TAR_BUFFER: usize = 1 << 20;
+
+/// Append a body already in memory.
+fn append_bytes<W: Write>(
+    b: &mut tar::Builder<W>,
+    header: &Header,
+    pax: &[(&'static str, Vec<u8>)],
+    data: &[u8],
+) -> io::Result<()> {
+    if !pax.is_empty() {
+        b.append_pax_extensions(pax.iter().map(|(k, v)| (*k, v.as_slice())))?;
+    }
+    let out = b.get_mut();
+    out.write_all(header.as_bytes())?;
+    out.write_all(data)?;
+    let pad = (512 - (data.len() % 512)) % 512;
+    out.write_all(&[0u8; 512][..pad])
 }
 
 type Loaded = io::Result<Vec<u8>>;
@@ -357,9 +396,55 @@ enum Slot {
     Inline,
 }
 
+/// The tar stream's sink: cuts it into `TAR_BUFFER` chunks shared with the diff_id hasher thread
+/// and the compressor thread, so framing, hashing and compression run side by side.
+struct ChunkSink {
+    buf: Vec<u8>,
+    to_hash: Sender<Arc<Vec<u8>>>,
+    to_compress: Sender<Arc<Vec<u8>>>,
+}
+
+impl ChunkSink {
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Arc::new(std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(TAR_BUFFER),
+        ));
+        let gone = || io::Error::new(io::ErrorKind::BrokenPipe, "compressor stopped");
+        self.to_hash.send(chunk.clone()).map_err(|_| gone())?;
+        self.to_compress.send(chunk).map_err(|_| gone())
+    }
+}
+
+impl Write for ChunkSink {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = TAR_BUFFER - self.buf.len();
+        let n = data.len().min(room);
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() >= TAR_BUFFER {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
+    }
+}
+
+/// Chunks in flight between the tar writer and each of the hasher and compressor.
+const PIPE_CHUNKS: usize = 8;
+
 /// Pack `entries` (sorted, as from `scan`; a subset for deltas) with `whiteouts` and `opaque`
 /// directories, from the tree at `root`, into `out`. Returns the result and the sink.
-pub fn pack<W: Write>(
+///
+/// Threads: `readers` file readers (read-ahead of small files), the tar writer (this thread),
+/// a diff_id hasher, a compressor feeding `threads` zstd workers and hashing their output.
+/// Memory: READ_WINDOW x PRELOAD_MAX + 2 x PIPE_CHUNKS x TAR_BUFFER + zstd's buffers.
+pub fn pack<W: Write + Send>(
     root: &Path,
     entries: &[&Entry],
     whiteouts: &[String],
@@ -369,59 +454,62 @@ pub fn pack<W: Write>(
     progress: &PackProgress,
 ) -> Result<(PackResult, W), PackError> {
     let plans = plan(entries, whiteouts, opaque);
-    let compressed = HashingWriter::new(out, opts.algorithm);
-    let mut enc = zstd::stream::write::Encoder::new(compressed, opts.level).map_err(ctx("zstd"))?;
+    let mut enc =
+        zstd::stream::write::Encoder::new(HashingWriter::new(out, opts.algorithm), opts.level)
+            .map_err(ctx("zstd"))?;
     enc.multithread(opts.threads.max(1)).map_err(ctx("zstd"))?;
     enc.include_checksum(false).map_err(ctx("zstd"))?;
-    let tar_out = HashingWriter::new(enc, Algorithm::Sha256);
-    let mut builder = tar::Builder::new(tar_out);
     let mut result = PackResult::default();
 
-    std::thread::scope(|s| -> Result<(), PackError> {
-        let (job_tx, job_rx) = bounded::<(PathBuf, u64, Sender<Loaded>)>(READ_WINDOW);
-        let (slot_tx, slot_rx) = bounded::<Slot>(READ_WINDOW);
-        for _ in 0..opts.readers.max(1) {
-            let job_rx = job_rx.clone();
-            s.spawn(move || {
-                for (path, size, reply) in job_rx.iter() {
-                    let _ = reply.send(read_exact_file(&path, size));
-                }
-            });
-        }
-        drop(job_rx);
-        let plans_ref = &plans;
-        s.spawn(move || {
-            for p in plans_ref {
-                let slot = match (&p.item, p.preload) {
-                    (Item::Entry(e), true) => {
-                        let (tx, rx) = bounded(1);
-                        if job_tx.send((root.join(&e.path), e.size, tx)).is_err() {
-                            return;
-                        }
-                        Slot::Ready(rx)
-                    }
-                    _ => Slot::Inline,
-                };
-                if slot_tx.send(slot).is_err() {
-                    return; // the writer stopped (error): stop reading ahead
-                }
+    let (diff, compressed) = std::thread::scope(|s| {
+        let (hash_tx, hash_rx) = bounded::<Arc<Vec<u8>>>(PIPE_CHUNKS);
+        let (comp_tx, comp_rx) = bounded::<Arc<Vec<u8>>>(PIPE_CHUNKS);
+        let hasher = s.spawn(move || {
+            let mut h = StreamHasher::new(Algorithm::Sha256);
+            let mut n = 0u64;
+            for chunk in hash_rx.iter() {
+                h.update(&chunk);
+                n += chunk.len() as u64;
             }
+            (h.digest_string(), n)
         });
-        // The writer: consumes slots in plan order. Dropping `slot_rx` on error stops the rest.
-        let slot_rx = slot_rx;
-        for p in &plans {
-            let slot = slot_rx
-                .recv()
-                .map_err(|_| PackError("reader".into(), io::Error::other("reader thread ended")))?;
-            write_one(root, p, slot, &mut builder, &mut result, progress)?;
-        }
-        Ok(())
+        let compressor = s.spawn(move || -> io::Result<HashingWriter<W>> {
+            let mut enc = enc;
+            for chunk in comp_rx.iter() {
+                enc.write_all(&chunk)?;
+            }
+            enc.finish()
+        });
+        let sink = ChunkSink {
+            buf: Vec::with_capacity(TAR_BUFFER),
+            to_hash: hash_tx,
+            to_compress: comp_tx,
+        };
+        let mut builder = tar::Builder::new(sink);
+        let written = write_all_entries(s, root, &plans, opts, &mut builder, &mut result, progress)
+            .and_then(|()| {
+                let mut sink = builder.into_inner().map_err(ctx("tar"))?;
+                sink.flush().map_err(ctx("tar"))
+            });
+        // (the builder and its senders are dropped here, ending both threads' loops)
+        let diff = hasher.join();
+        let compressed = compressor.join();
+        let compressed = match compressed {
+            Ok(Ok(w)) => Ok(w),
+            Ok(Err(e)) => Err(PackError("zstd".into(), e)),
+            Err(_) => Err(PackError(
+                "zstd".into(),
+                io::Error::other("compressor panicked"),
+            )),
+        };
+        // an output error explains a broken pipe on the writer side: report it first
+        let compressed = compressed?;
+        written?;
+        let diff =
+            diff.map_err(|_| PackError("sha256".into(), io::Error::other("hasher panicked")))?;
+        Ok::<_, PackError>((diff, compressed))
     })?;
 
-    let tar_out = builder.into_inner().map_err(ctx("tar"))?;
-    let diff_id = format!("sha256:{}", tar_out.hasher.hex());
-    let uncompressed = tar_out.count;
-    let compressed = tar_out.inner.finish().map_err(ctx("zstd"))?;
     let HashingWriter {
         mut inner,
         hasher,
@@ -429,10 +517,57 @@ pub fn pack<W: Write>(
     } = compressed;
     inner.flush().map_err(ctx("output"))?;
     result.digest = hasher.digest_string();
-    result.diff_id = diff_id;
+    result.diff_id = diff.0;
     result.size = count;
-    result.uncompressed_size = uncompressed;
+    result.uncompressed_size = diff.1;
     Ok((result, inner))
+}
+
+fn write_all_entries<'scope, 'env, W: Write>(
+    s: &'scope std::thread::Scope<'scope, 'env>,
+    root: &'env Path,
+    plans: &'env [Plan<'env>],
+    opts: &PackOptions,
+    builder: &mut tar::Builder<W>,
+    result: &mut PackResult,
+    progress: &PackProgress,
+) -> Result<(), PackError> {
+    let (job_tx, job_rx) = bounded::<(PathBuf, u64, Sender<Loaded>)>(READ_WINDOW);
+    let (slot_tx, slot_rx) = bounded::<Slot>(READ_WINDOW);
+    for _ in 0..opts.readers.max(1) {
+        let job_rx = job_rx.clone();
+        s.spawn(move || {
+            for (path, size, reply) in job_rx.iter() {
+                let _ = reply.send(read_exact_file(&path, size));
+            }
+        });
+    }
+    drop(job_rx);
+    s.spawn(move || {
+        for p in plans {
+            let slot = match (&p.item, p.preload) {
+                (Item::Entry(e), true) => {
+                    let (tx, rx) = bounded(1);
+                    if job_tx.send((root.join(&e.path), e.size, tx)).is_err() {
+                        return;
+                    }
+                    Slot::Ready(rx)
+                }
+                _ => Slot::Inline,
+            };
+            if slot_tx.send(slot).is_err() {
+                return; // the writer stopped (error): stop reading ahead
+            }
+        }
+    });
+    // Consumes slots in plan order; returning drops `slot_rx`, which stops the read-ahead.
+    for p in plans {
+        let slot = slot_rx
+            .recv()
+            .map_err(|_| PackError("reader".into(), io::Error::other("reader thread ended")))?;
+        write_one(root, p, slot, builder, result, progress)?;
+    }
+    Ok(())
 }
 
 fn write_one<W: Write>(
@@ -475,7 +610,7 @@ fn write_one<W: Write>(
                                 PackError(what(), io::Error::other("reader thread ended"))
                             })?
                             .map_err(ctx(what()))?;
-                        append(b, &h, &pax, data.as_slice()).map_err(ctx(what()))?;
+                        append_bytes(b, &h, &pax, &data).map_err(ctx(what()))?;
                     }
                     Slot::Inline => {
                         let file = File::open(&full).map_err(ctx(what()))?;

@@ -249,7 +249,7 @@ impl Selection {
         })
     }
 
-    fn run<W: Write>(
+    fn run<W: Write + Send>(
         &self,
         out: W,
         opts: &PackOptions,

@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""Volume snapshot/restore benchmarks, as ratios against the peer tools run side by side.
+
+    python benches/bench_volume.py [--data DIR] [--size 1GiB] [--repeat 3] [--json OUT]
+
+Data comes from /work/shared/bench/make_volume.py (generated once under --data): a ~1 GiB
+mixed volume, the 3,278-file small case, and a copy mutated by `--mutate 1`. Everything runs
+from the page cache (caches are not dropped: the machine is shared). Each figure is the median
+of --repeat runs. Compared:
+
+- full snapshot: `_core.pack_to_file` (scan + pack + both digests) and `volumes.snapshot` into a
+  local store (adds the store's copy-in with fsync, the index and the manifest) vs
+  `tar -cf - DIR | zstd -3 -T2 | tee FILE | openssl dgst -sha256` (and `sha256sum`), and vs
+  Python tarfile + zstandard (threads=2) + hashlib;
+- incremental snapshot after a 1% mutation vs the full snapshot;
+- restore (`volumes.restore` from the local store) vs `zstd -dc FILE | tar -xf -`;
+- the small case restore time;
+- peak RSS of a process packing the 1 GiB volume and a 4 GiB sparse-file tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import clawstore
+import zstandard
+from clawstore import _core, volumes
+
+MAKE_VOLUME = "/work/shared/bench/make_volume.py"
+
+
+def sh(cmd: str) -> None:
+    subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True, stdout=subprocess.DEVNULL)
+
+
+def timed(fn: Callable[[], object], repeat: int, setup: Callable[[], None] | None = None) -> float:
+    times = []
+    for _ in range(repeat):
+        if setup is not None:
+            setup()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def ensure_data(data: Path, size: str) -> tuple[Path, Path]:
+    vol, small = data / "vol", data / "small"
+    if not vol.exists():
+        subprocess.run([sys.executable, MAKE_VOLUME, str(vol), "--size", size], check=True)
+    if not small.exists():
+        subprocess.run([sys.executable, MAKE_VOLUME, str(small), "--small-case"], check=True)
+    return vol, small
+
+
+def tree_bytes(root: Path) -> tuple[int, int]:
+    n = total = 0
+    for r, _d, fs in os.walk(root):
+        for f in fs:
+            n += 1
+            total += os.lstat(os.path.join(r, f)).st_size
+    return n, total
+
+
+class HashingFile:
+    def __init__(self, f: object) -> None:
+        self.f = f
+        self.h = hashlib.sha256()
+
+    def write(self, b: bytes) -> int:
+        self.h.update(b)
+        return self.f.write(b)  # type: ignore[attr-defined,no-any-return]
+
+    def flush(self) -> None:
+        self.f.flush()  # type: ignore[attr-defined]
+
+
+def python_tarfile_zstd(src: Path, out: Path) -> str:
+    with open(out, "wb") as raw:
+        hf = HashingFile(raw)
+        cctx = zstandard.ZstdCompressor(level=3, threads=2)
+        with (
+            cctx.stream_writer(hf, closefd=False) as w,  # type: ignore[arg-type]
+            tarfile.open(fileobj=w, mode="w|", format=tarfile.PAX_FORMAT) as tf,  # type: ignore[call-overload]
+        ):
+            tf.add(str(src), arcname=".")
+        return hf.h.hexdigest()
+
+
+def peak_rss_of(code: str) -> int:
+    """Peak RSS (bytes) of a fresh Python process running `code`."""
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code + "\nimport resource,sys;print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return int(p.stdout.strip().splitlines()[-1]) * 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "volbench-volumes")
+    ap.add_argument("--size", default="1GiB")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--skip-python", action="store_true", help="skip the (slow) tarfile+zstandard peer")
+    ap.add_argument("--skip-4g", action="store_true", help="skip the 4 GiB sparse-tree memory run")
+    a = ap.parse_args()
+    vol, small = ensure_data(a.data, a.size)
+    nfiles, nbytes = tree_bytes(vol)
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=a.data))
+    res: dict[str, object] = {"files": nfiles, "bytes": nbytes, "load": os.getloadavg(), "cpus": os.cpu_count()}
+    print(f"volume: {nfiles} files, {nbytes / 2**20:.0f} MiB; load {os.getloadavg()}", flush=True)
+    try:
+        out = work / "layer.tar.zst"
+
+        def rm(p: Path) -> Callable[[], None]:
+            return lambda: (shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True))
+
+        # -- full snapshot -------------------------------------------------------------------
+        t_pack = timed(lambda: _core.pack_to_file(_core.scan_tree(vol), out), a.repeat, rm(out))
+        layer_size = out.stat().st_size
+        store_dir = work / "store"
+        counter = iter(range(1000))
+
+        def snap_full() -> None:
+            volumes.snapshot(store, vol, f"bench/vol:full{next(counter)}", full=True)
+
+        store = clawstore.open(store_dir)
+        t_snap = timed(snap_full, a.repeat, lambda: shutil.rmtree(store_dir / "blobs", ignore_errors=True) or None)
+        store.close()
+        shutil.rmtree(store_dir, ignore_errors=True)
+        store = clawstore.open(store_dir)
+        pipe = work / "pipe.tar.zst"
+        t_openssl = timed(
+            lambda: sh(f"tar -cf - -C '{vol}' . | zstd -q -3 -T2 | tee '{pipe}' | openssl dgst -sha256"),
+            a.repeat,
+        )
+        t_sha256sum = timed(
+            lambda: sh(f"tar -cf - -C '{vol}' . | zstd -q -3 -T2 | tee '{pipe}' | sha256sum"), a.repeat
+        )
+        res.update(
+            pack_to_file_s=t_pack,
+            snapshot_s=t_snap,
+            layer_bytes=layer_size,
+            pipe_bytes=pipe.stat().st_size,
+            tar_zstd_openssl_s=t_openssl,
+            tar_zstd_sha256sum_s=t_sha256sum,
+            ratio_pack_vs_openssl=t_openssl / t_pack,
+            ratio_snapshot_vs_openssl=t_openssl / t_snap,
+            ratio_pack_vs_sha256sum=t_sha256sum / t_pack,
+            ratio_snapshot_vs_sha256sum=t_sha256sum / t_snap,
+        )
+        print(
+            f"full: pack_to_file {t_pack:.2f}s, volumes.snapshot {t_snap:.2f}s | tar|zstd|tee|openssl "
+            f"{t_openssl:.2f}s ({t_openssl / t_pack:.2f}x / {t_openssl / t_snap:.2f}x), |sha256sum "
+            f"{t_sha256sum:.2f}s ({t_sha256sum / t_pack:.2f}x / {t_sha256sum / t_snap:.2f}x)",
+            flush=True,
+        )
+        if not a.skip_python:
+            py_out = work / "py.tar.zst"
+            t_py = timed(lambda: python_tarfile_zstd(vol, py_out), 1, rm(py_out))
+            py_out.unlink(missing_ok=True)
+            res.update(python_tarfile_zstandard_s=t_py, ratio_pack_vs_python=t_py / t_pack)
+            print(f"python tarfile+zstandard {t_py:.2f}s ({t_py / t_pack:.2f}x)", flush=True)
+
+        # -- incremental after a 1% mutation ----------------------------------------------------
+        mut = work / "vol-mut"
+        sh(f"cp -a '{vol}' '{mut}'")
+        base = volumes.snapshot(store, mut, "bench/mut:latest")
+        subprocess.run([sys.executable, MAKE_VOLUME, str(mut), "--mutate", "1"], check=True, stdout=subprocess.DEVNULL)
+        t0 = time.perf_counter()
+        inc = volumes.snapshot(store, mut, "bench/mut:latest")
+        t_inc = time.perf_counter() - t0
+        assert inc.created_now and len(inc.layers) == 2 and inc.parent == base.digest
+        res.update(
+            incremental_s=t_inc,
+            incremental_layer_bytes=inc.layers[-1].size,
+            ratio_full_vs_incremental=t_snap / t_inc,
+        )
+        print(
+            f"incremental after 1% mutate: {t_inc:.3f}s, layer {inc.layers[-1].size / 2**20:.1f} MiB "
+            f"({t_snap / t_inc:.1f}x faster than the full snapshot)",
+            flush=True,
+        )
+        inc_dest = work / "inc-restore"
+        volumes.restore(store, "bench/mut:latest", inc_dest)
+        assert tree_bytes(inc_dest) == tree_bytes(mut), "incremental restore differs from the source"
+        shutil.rmtree(inc_dest)
+        shutil.rmtree(mut)
+
+        # -- restore ---------------------------------------------------------------------------
+        full = volumes.snapshot(store, vol, "bench/vol:latest", full=True)
+        dest = work / "restore"
+        t_restore = timed(lambda: volumes.restore(store, "bench/vol:latest", dest), a.repeat, rm(dest))
+        assert tree_bytes(dest) == (nfiles, nbytes)
+        tar_dest = work / "tar-restore"
+
+        def tar_x() -> None:
+            tar_dest.mkdir()
+            sh(f"zstd -dc '{pipe}' | tar -xf - -C '{tar_dest}'")
+
+        t_tar = timed(tar_x, a.repeat, rm(tar_dest))
+        res.update(restore_s=t_restore, zstd_tar_x_s=t_tar, ratio_restore_vs_tar=t_tar / t_restore)
+        print(f"restore: {t_restore:.2f}s vs zstd -dc | tar -x {t_tar:.2f}s ({t_tar / t_restore:.2f}x)", flush=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.rmtree(tar_dest, ignore_errors=True)
+        del full
+
+        # -- small case (3,278 files) ----------------------------------------------------------
+        sfiles, sbytes = tree_bytes(small)
+        t_small_snap = timed(lambda: volumes.snapshot(store, small, f"bench/small:s{next(counter)}"), 1)
+        volumes.snapshot(store, small, "bench/small:latest")
+        sdest = work / "small-restore"
+        t_small = timed(lambda: volumes.restore(store, "bench/small:latest", sdest), a.repeat, rm(sdest))
+        res.update(small_files=sfiles, small_bytes=sbytes, small_snapshot_s=t_small_snap, small_restore_s=t_small)
+        print(
+            f"small case ({sfiles} files, {sbytes / 1e6:.0f} MB): snapshot {t_small_snap:.3f}s, "
+            f"restore {t_small:.3f}s",
+            flush=True,
+        )
+        store.close()
+
+        # -- peak memory -----------------------------------------------------------------------
+        out.unlink(missing_ok=True)
+        rss = peak_rss_of(f"from clawstore import _core; _core.pack_to_file(_core.scan_tree({str(vol)!r}), {str(out)!r})")
+        baseline = peak_rss_of("import clawstore")
+        res.update(pack_peak_rss=rss, python_baseline_rss=baseline)
+        print(f"peak RSS packing the volume: {rss / 2**20:.0f} MiB (python+clawstore alone {baseline / 2**20:.0f} MiB)")
+        out.unlink(missing_ok=True)
+        if not a.skip_4g:
+            big = work / "big4g"
+            big.mkdir()
+            for i in range(4):
+                with open(big / f"sparse{i}", "wb") as f:
+                    f.truncate(1 << 30)
+            for i in range(2000):
+                (big / f"s{i:04d}").write_bytes(os.urandom(2048))
+            rss4 = peak_rss_of(
+                f"from clawstore import _core; _core.pack_to_file(_core.scan_tree({str(big)!r}), {str(out)!r})"
+            )
+            res.update(pack_4g_peak_rss=rss4)
+            print(f"peak RSS packing a 4 GiB tree (4 sparse 1 GiB files + 2,000 small): {rss4 / 2**20:.0f} MiB")
+            shutil.rmtree(big)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    res["load_after"] = os.getloadavg()
+    print(json.dumps(res, indent=1))
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=1))
+    _ = resource
+
+
+if __name__ == "__main__":
+    main()
