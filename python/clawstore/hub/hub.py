@@ -134,12 +134,16 @@ class HubSession(ArtifactStore):
         with self.hub.catalog.tx() as conn:
             if not GarbageCollector(self.hub.catalog, self.hub.store)._ensure_manifest(conn, str(d)):
                 raise ManifestNotFoundError(f"cannot tag {repo}:{tag}: manifest {d} not found")
-            c.ensure_repository(conn, repo)
+            # Tagging is a push of the manifest into `repo`: it restarts its grace clock.
+            t = c.now()
+            c.ensure_repository(conn, repo, t)
+            conn.execute(c.manifests.update().where(c.manifests.c.digest == str(d)).values(seen_at=t))
             c.upsert(
                 conn,
                 c.repo_manifests,
-                [{"repository": repo, "digest": str(d), "pushed_at": c.now()}],
+                [{"repository": repo, "digest": str(d), "pushed_at": t}],
                 ["repository", "digest"],
+                ["pushed_at"],
             )
         prev = super().tag(repo, tag, d, expect)
         with self.hub.catalog.tx() as conn:
