@@ -349,6 +349,8 @@ def upsert(
         )
     else:
         stmt = stmt.on_conflict_do_nothing(index_elements=keys)
+    # A fixed row order makes concurrent upserts take row locks in the same order (no deadlocks).
+    rows = sorted(rows, key=lambda r: tuple(str(r[k]) for k in keys))
     for i in range(0, len(rows), 5000):
         conn.execute(stmt, rows[i : i + 5000])
 
