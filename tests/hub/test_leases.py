@@ -29,14 +29,28 @@ def test_many_readers_or_one_writer(hub: Hub) -> None:
     hub.acquire_volume(ADMIN, "vol/a", "rw", holder="n4").release()
 
 
-def test_ttl_heartbeat_and_takeover(hub: Hub) -> None:
-    w = hub.acquire_volume(ADMIN, "vol/a", "rw", holder="old", ttl=0.6)
-    time.sleep(0.3)
-    w.heartbeat(ttl=0.6)  # extends past the original expiry
-    time.sleep(0.4)
+class FakeClock:
+    """The catalog's clock (`clawstore.hub.catalog.now`), moved by hand: no sleeps, no flakes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from clawstore.hub import catalog
+
+        self.t = time.time()
+        monkeypatch.setattr(catalog, "now", lambda: self.t)
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def test_ttl_heartbeat_and_takeover(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock(monkeypatch)
+    w = hub.acquire_volume(ADMIN, "vol/a", "rw", holder="old", ttl=10)
+    clock.advance(6)
+    w.heartbeat(ttl=10)  # now expires at 16
+    clock.advance(6)  # 12: past the original expiry, inside the extended one
     with pytest.raises(LeaseConflictError):
         hub.acquire_volume(ADMIN, "vol/a", "rw", holder="new")
-    time.sleep(0.4)  # now expired: takeover
+    clock.advance(5)  # 17: expired, so it can be taken over
     new = hub.acquire_volume(ADMIN, "vol/a", "rw", holder="new", ttl=30)
     with pytest.raises(LeaseConflictError, match="expired or was taken over"):
         w.heartbeat()
@@ -44,9 +58,10 @@ def test_ttl_heartbeat_and_takeover(hub: Hub) -> None:
     new.release()
 
 
-def test_gc_lease_expiry_and_release(hub: Hub) -> None:
-    lease = hub.leases.create("upload", "x", ttl=0.3)
-    time.sleep(0.5)
+def test_gc_lease_expiry_and_release(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock(monkeypatch)
+    lease = hub.leases.create("upload", "x", ttl=10)
+    clock.advance(11)
     with pytest.raises(LeaseConflictError):
         lease.add(["sha256:" + "0" * 64])
     lease2 = hub.leases.create("upload", "x", ttl=30)
