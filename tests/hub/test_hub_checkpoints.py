@@ -116,6 +116,7 @@ def test_content_change_with_same_size_and_mtime_but_racy_is_rehashed(
     assert (tmp_path / "out" / "f").read_bytes() == b"BBBB"
 
 
+@pytest.mark.slow
 def test_large_file_streams(store: clawstore.ArtifactStore, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
