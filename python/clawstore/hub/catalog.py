@@ -41,7 +41,6 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
 
 from clawstore.errors import ClawstoreError
 
@@ -260,7 +259,7 @@ class Catalog:
         if self.dialect == "sqlite":
             if u.database and u.database != ":memory:":
                 Path(u.database).parent.mkdir(parents=True, exist_ok=True)
-            self.engine: Engine = create_engine(u, poolclass=NullPool, connect_args={"timeout": 120})
+            self.engine: Engine = create_engine(u, connect_args={"timeout": 120, "check_same_thread": False})
             event.listen(self.engine, "connect", _sqlite_connect)
             event.listen(self.engine, "begin", _sqlite_begin)
         elif self.dialect == "postgresql":
@@ -350,6 +349,8 @@ def upsert(
         )
     else:
         stmt = stmt.on_conflict_do_nothing(index_elements=keys)
+    # A fixed row order makes concurrent upserts take row locks in the same order (no deadlocks).
+    rows = sorted(rows, key=lambda r: tuple(str(r[k]) for k in keys))
     for i in range(0, len(rows), 5000):
         conn.execute(stmt, rows[i : i + 5000])
 

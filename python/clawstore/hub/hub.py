@@ -18,6 +18,7 @@ like any store and never know about the catalog.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,6 +55,7 @@ class HubSession(ArtifactStore):
         self.principal = principal
         self.repo = repo
         self.lease = lease
+        self._held: set[str] = set()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -61,8 +63,14 @@ class HubSession(ArtifactStore):
 
     # -- leasing -----------------------------------------------------------------------------
     def hold(self, *digests: str) -> None:
-        """Make `digests` GC roots for the life of this session (and rescue them from GC's trash)."""
-        self.lease.add([str(Digest.parse(d)) for d in digests])
+        """Make `digests` GC roots for the life of this session (and rescue them from GC's trash).
+        Digests this session already holds cost nothing (one transaction for the rest)."""
+        new = {str(Digest.parse(d)) for d in digests} - self._held
+        # Trust the cache only while the lease is far from expiry; otherwise add (a heartbeat,
+        # which raises LeaseConflictError if the lease already lapsed).
+        if new or self.lease.expires_at - time.time() < DEFAULT_TTL / 2:
+            self.lease.add(new)
+            self._held |= new
 
     # -- blobs -------------------------------------------------------------------------------
     def put_blob(self, src: BlobSource, expected: Digest | str | None = None, **kw: Any) -> Descriptor:
@@ -77,6 +85,7 @@ class HubSession(ArtifactStore):
             with self.hub.catalog.tx() as conn:
                 self.hub.leases.add_in(conn, self.lease, [str(d.digest)])
                 c.record_blob(conn, d.digest, d.size)
+            self._held.add(str(d.digest))
             # GC may have deleted an identical object between our write and the lease.
             if self.backend.blob_size(d.digest) == d.size:
                 return d
@@ -134,12 +143,16 @@ class HubSession(ArtifactStore):
         with self.hub.catalog.tx() as conn:
             if not GarbageCollector(self.hub.catalog, self.hub.store)._ensure_manifest(conn, str(d)):
                 raise ManifestNotFoundError(f"cannot tag {repo}:{tag}: manifest {d} not found")
-            c.ensure_repository(conn, repo)
+            # Tagging is a push of the manifest into `repo`: it restarts its grace clock.
+            t = c.now()
+            c.ensure_repository(conn, repo, t)
+            conn.execute(c.manifests.update().where(c.manifests.c.digest == str(d)).values(seen_at=t))
             c.upsert(
                 conn,
                 c.repo_manifests,
-                [{"repository": repo, "digest": str(d), "pushed_at": c.now()}],
+                [{"repository": repo, "digest": str(d), "pushed_at": t}],
                 ["repository", "digest"],
+                ["pushed_at"],
             )
         prev = super().tag(repo, tag, d, expect)
         with self.hub.catalog.tx() as conn:

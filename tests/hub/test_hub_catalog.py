@@ -10,7 +10,7 @@ import pytest
 from clawstore.hub import Catalog, Hub
 from clawstore.hub import catalog as c
 from clawstore.hub.migrations import current
-from hub_support import ADMIN, catalog_kind, catalog_url, hub, push_artifact, push_index  # noqa: F401
+from hubutil import ADMIN, push_artifact, push_index
 from sqlalchemy import select
 
 
@@ -45,7 +45,9 @@ def test_concurrent_opens_migrate_once(catalog_url: str) -> None:
 def test_push_records_manifests_edges_tags_and_history(hub: Hub) -> None:
     with hub.session(ADMIN, "proj/app") as s:
         a = push_artifact(s, "proj/app", "v1", [b"one", b"two"])
-        sig = push_artifact(s, "proj/app", None, [b"sig"], subject=a, artifact_type="application/vnd.test.sig")
+        sig = push_artifact(
+            s, "proj/app", None, [b"sig"], subject=a, artifact_type="application/vnd.test.sig"
+        )
         idx = push_index(s, "proj/app", "multi", [a])
         s.tag("proj/app", "v1", idx.digest)  # a tag move
     row = hub.catalog_manifest(ADMIN, "proj/app", sig.digest)
@@ -55,8 +57,15 @@ def test_push_records_manifests_edges_tags_and_history(hub: Hub) -> None:
     assert row["size"] == sig.size
     assert row["media_type"] == "application/vnd.oci.image.manifest.v1+json"
     with hub.catalog.tx() as conn:
-        edges = set(conn.execute(select(c.manifest_edges.c.parent, c.manifest_edges.c.child, c.manifest_edges.c.kind)))
-        mblobs = {r[0] for r in conn.execute(select(c.manifest_blobs.c.blob).where(c.manifest_blobs.c.manifest == a.digest))}
+        edges = set(
+            conn.execute(select(c.manifest_edges.c.parent, c.manifest_edges.c.child, c.manifest_edges.c.kind))
+        )
+        mblobs = {
+            r[0]
+            for r in conn.execute(
+                select(c.manifest_blobs.c.blob).where(c.manifest_blobs.c.manifest == a.digest)
+            )
+        }
         sizes = dict(conn.execute(select(c.blobs.c.digest, c.blobs.c.size)).all())
     assert (idx.digest, a.digest, "child") in edges
     assert (a.digest, sig.digest, "referrer") in edges

@@ -1,18 +1,15 @@
-"""Fixtures for the hub tests: every catalog test runs on SQLite and on the local PostgreSQL
-server (a fresh schema per test, dropped afterwards)."""
+"""Helpers for the hub tests (fixtures are in conftest.py)."""
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import clawstore
 import pytest
 from clawstore import mediatypes as mt
-from clawstore.hub import Catalog, Hub, Principal
+from clawstore.hub import Principal
 from clawstore.manifest import Descriptor, ImageManifest, Index
 
 PG_URL = os.environ.get("CLAWSTORE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -43,30 +40,6 @@ def make_catalog_url(kind: str, tmp_path: Path) -> tuple[str, str | None]:
     return PG_URL, f"clawtest_{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture(params=CATALOGS)
-def catalog_kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def catalog_url(catalog_kind: str, tmp_path: Path) -> Iterator[str]:
-    """A catalog URL (PostgreSQL URLs carry ?schema=...); the schema is dropped afterwards."""
-    url, schema = make_catalog_url(catalog_kind, tmp_path)
-    if schema is None:
-        yield url
-        return
-    full = f"{url}?schema={schema}"
-    yield full
-    Catalog(full, migrate=False).drop_schema()
-
-
-@pytest.fixture
-def hub(catalog_url: str, tmp_path: Path) -> Iterator[Hub]:
-    h = Hub(clawstore.open(tmp_path / "store"), catalog_url)
-    yield h
-    h.close()
-
-
 ADMIN = Principal.local_admin()
 
 
@@ -91,8 +64,13 @@ def push_artifact(
     return d
 
 
-def push_index(store: clawstore.ArtifactStore, repo: str, tag: str | None, children: list[Descriptor]) -> Descriptor:
-    idx = Index(tuple(Descriptor(c.digest, c.size, mt.OCI_MANIFEST) for c in children), artifact_type="application/vnd.test.index")
+def push_index(
+    store: clawstore.ArtifactStore, repo: str, tag: str | None, children: list[Descriptor]
+) -> Descriptor:
+    idx = Index(
+        tuple(Descriptor(c.digest, c.size, mt.OCI_MANIFEST) for c in children),
+        artifact_type="application/vnd.test.index",
+    )
     d = store.put_manifest(idx.to_json())
     if tag is not None:
         store.tag(repo, tag, d.digest)
@@ -101,17 +79,3 @@ def push_index(store: clawstore.ArtifactStore, repo: str, tag: str | None, child
 
 def store_objects(store: clawstore.ArtifactStore) -> tuple[set[str], set[str]]:
     return {str(d) for d in store.iter_manifests()}, {str(d) for d in store.iter_blobs()}
-
-
-__all__: list[Any] = [
-    "ADMIN",
-    "CATALOGS",
-    "catalog_kind",
-    "catalog_url",
-    "hub",
-    "make_catalog_url",
-    "pg_available",
-    "push_artifact",
-    "push_index",
-    "store_objects",
-]

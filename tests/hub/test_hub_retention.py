@@ -1,0 +1,87 @@
+"""Retention policies: keep last N, keep within, keep tags matching, untagged grace; the dry
+run lists exactly what the real run then removes, with the same bytes."""
+
+from __future__ import annotations
+
+import pytest
+from clawstore import ClawstoreError
+from clawstore.hub import Hub
+from clawstore.hub import catalog as c
+from clawstore.hub.retention import Policy
+from hubutil import ADMIN, push_artifact, store_objects
+
+
+def _age_tag(hub: Hub, repo: str, tag: str, seconds: float) -> None:
+    with hub.catalog.tx() as conn:
+        conn.execute(
+            c.tags.update()
+            .where(c.tags.c.repository == repo, c.tags.c.tag == tag)
+            .values(updated_at=c.tags.c.updated_at - seconds)
+        )
+
+
+def _age_everything(hub: Hub, seconds: float) -> None:
+    with hub.catalog.tx() as conn:
+        conn.execute(c.manifests.update().values(seen_at=c.manifests.c.seen_at - seconds))
+        conn.execute(c.blobs.update().values(seen_at=c.blobs.c.seen_at - seconds))
+        conn.execute(c.repo_manifests.update().values(pushed_at=c.repo_manifests.c.pushed_at - seconds))
+
+
+def test_keep_last_within_and_matching(hub: Hub) -> None:
+    with hub.session(ADMIN, "ci/app") as s:
+        for i in range(6):
+            push_artifact(s, "ci/app", f"build-{i}", [f"payload {i}".encode()])
+        push_artifact(s, "ci/app", "release-1", [b"release"])
+    with hub.session(ADMIN, "other") as s:
+        push_artifact(s, "other", "build-0", [b"untouched"])
+    for i in range(6):
+        _age_tag(hub, "ci/app", f"build-{i}", 1000 * (6 - i))  # build-5 newest
+    _age_tag(hub, "ci/app", "release-1", 100_000)
+    _age_everything(hub, 100_000)
+    hub.set_policy(ADMIN, Policy("ci/**", keep_last=2, keep_tags=r"release-.*"))
+    hub.set_policy(ADMIN, Policy("ci/*", keep_within=3500))  # keeps build-3 too (3000 s old)
+    dry = hub.apply_retention(ADMIN, dry_run=True, grace=3600)
+    removed = sorted(t for _r, t, _d in dry.tags)
+    assert removed == ["build-0", "build-1", "build-2"]
+    assert dry.bytes > 0 and dry.retention_bytes == dry.bytes  # nothing else was garbage
+    before = store_objects(hub.store)
+    assert hub.store.list_tags("ci/app") == sorted(
+        ["build-0", "build-1", "build-2", "build-3", "build-4", "build-5", "release-1"]
+    )
+    assert store_objects(hub.store) == before  # dry run changed nothing
+    real = hub.apply_retention(ADMIN, grace=3600)
+    assert sorted(t for _r, t, _d in real.tags) == removed
+    assert real.bytes == dry.bytes and real.gc_manifests == dry.gc_manifests == 3
+    assert hub.store.list_tags("ci/app") == ["build-3", "build-4", "build-5", "release-1"]
+    assert hub.store.list_tags("other") == ["build-0"]
+    assert hub.fsck(ADMIN).ok
+
+
+def test_untagged_grace_shortens_gc_grace_for_matching_repos(hub: Hub) -> None:
+    with hub.session(ADMIN, "tmp/x") as s:
+        scratch = push_artifact(s, "tmp/x", None, [b"scratch"])
+    with hub.session(ADMIN, "prod/x") as s:
+        kept = push_artifact(s, "prod/x", None, [b"prod scratch"])
+    _age_everything(hub, 600)  # 10 minutes old: inside the 1 h GC grace
+    hub.set_policy(ADMIN, Policy("tmp/**", untagged_grace=60))
+    dry = hub.apply_retention(ADMIN, dry_run=True, grace=3600)
+    assert dry.manifests == [scratch.digest]
+    r = hub.apply_retention(ADMIN, grace=3600)
+    assert r.manifests == [scratch.digest]
+    manifests, _ = store_objects(hub.store)
+    assert scratch.digest not in manifests and kept.digest in manifests
+    assert hub.fsck(ADMIN).ok
+
+
+def test_no_policy_no_change(hub: Hub) -> None:
+    with hub.session(ADMIN, "a") as s:
+        push_artifact(s, "a", "t", [b"x"])
+    r = hub.apply_retention(ADMIN, grace=0)
+    assert r.tags == [] and hub.store.list_tags("a") == ["t"]
+
+
+def test_invalid_policies_rejected() -> None:
+    with pytest.raises(ClawstoreError):
+        Policy("x", keep_last=-1)
+    with pytest.raises(ClawstoreError):
+        Policy("x", keep_tags="(")
