@@ -228,3 +228,51 @@ def test_tmp_dir_removed_by_hand(store: ArtifactStore) -> None:
     d = store.put_blob(b"after rm -r tmp").digest
     assert store.read_blob(d) == b"after rm -r tmp"
     assert list(tmp.iterdir()) == []
+
+
+def test_oversized_manifest_file_is_not_read_whole(store: ArtifactStore) -> None:
+    d = store.resolve("repo", "latest")
+    path = store.backend.layout.manifest(d)  # type: ignore[attr-defined]
+    good = path.read_bytes()
+    with open(path, "ab") as f:
+        f.truncate(64 << 20)  # sparse: 64 MiB on paper
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(clawstore.DigestMismatchError):
+            store.get_manifest(d)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"reading a damaged manifest allocated {peak} bytes"
+    path.write_bytes(good)
+    assert store.get_manifest(d) == good
+
+
+def test_damaged_tag_file(store: ArtifactStore) -> None:
+    d = store.resolve("repo", "latest")
+    tag_file = store.backend.layout.tag("repo", "latest")  # type: ignore[attr-defined]
+    tag_file.write_bytes(b"sha256:garbage\n")
+    with pytest.raises(clawstore.ClawstoreError):
+        store.resolve("repo", "latest")
+    with pytest.raises(clawstore.TagConflictError):
+        store.tag("repo", "latest", d, expect=clawstore.MISSING)
+    with pytest.raises(clawstore.TagConflictError):
+        store.tag("repo", "latest", d, expect=d)
+    assert store.tag("repo", "latest", d) is None  # expect=ANY repairs it
+    assert store.resolve("repo", "latest") == d
+    tag_file.write_bytes(b"\x00\x01")
+    with pytest.raises(clawstore.RefNotFoundError):
+        store.untag("repo", "latest")  # removed: there was no valid tag to return
+    assert store.list_tags("repo") == []
+
+
+def test_new_store_directories_are_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[str] = []
+    real = local_mod.fsync_dir
+    monkeypatch.setattr(local_mod, "fsync_dir", lambda p: (synced.append(os.fspath(p)), real(p)))
+    clawstore.open(tmp_path / "a" / "store").close()
+    assert str(tmp_path) in synced  # the new `a` entry
+    assert str(tmp_path / "a") in synced  # the new `store` entry
+    assert str(tmp_path / "a" / "store") in synced  # blobs, manifests, refs, tmp

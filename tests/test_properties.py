@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -478,3 +480,81 @@ def test_verifying_reader(
     assert not bad, "corruption reported as a clean end of data"
     assert bytes(got) == data
     assert r.verified
+
+
+# -- names and digests: an independent oracle, and containment of every accepted name ------------
+
+_ORACLE_DIGEST = re.compile(r"(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}|blake3:[0-9a-f]{64})")
+_NAME_ALPHABET = "ab0._-/:@\\\x00Z \n"
+
+
+def _oracle_repo(name: str) -> bool:
+    """The OCI repository grammar, written out by hand instead of as one regex."""
+    if not 0 < len(name) <= 255:
+        return False
+    for comp in name.split("/"):
+        i = 0
+        alnum = set("abcdefghijklmnopqrstuvwxyz0123456789")
+        if not comp or comp[0] not in alnum or comp[-1] not in alnum:
+            return False
+        while i < len(comp):
+            if comp[i] in alnum:
+                i += 1
+                continue
+            j = i
+            while j < len(comp) and comp[j] not in alnum:
+                j += 1
+            if comp[i:j] not in (".", "_", "__") and set(comp[i:j]) != {"-"}:
+                return False
+            i = j
+    return True
+
+
+@settings(max_examples=500, deadline=None)
+@given(name=st.text(alphabet=_NAME_ALPHABET, max_size=12), tag=st.text(alphabet="aZ0._-/:\x00 ", max_size=6))
+def test_names_match_oracle_and_stay_inside(name: str, tag: str) -> None:
+    from clawstore.names import validate_repository, validate_tag
+
+    try:
+        validate_repository(name)
+        repo_ok = True
+    except clawstore.InvalidNameError:
+        repo_ok = False
+    assert repo_ok == _oracle_repo(name), name
+    tag_ok = bool(tag) and len(tag) <= 128 and tag[0] not in ".-" and all(c in "aZ0._-" for c in tag)
+    try:
+        validate_tag(tag)
+        assert tag_ok, tag
+    except clawstore.InvalidNameError:
+        assert not tag_ok, tag
+    if repo_ok and tag_ok:
+        from clawstore.backends.local import LocalLayout
+
+        refs = Path("/store/refs")
+        p = LocalLayout(Path("/store")).tag(name, tag)
+        assert Path(os.path.normpath(p)) == p  # no `.`/`..` component, nothing to normalise
+        assert p.is_relative_to(refs) and p.parent.name == "_tags"
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    text=st.one_of(
+        st.text(max_size=140),
+        st.builds(
+            lambda a, h: f"{a}:{h}",
+            st.sampled_from(["sha256", "sha512", "blake3", "SHA256", "md5", ""]),
+            st.text(alphabet="0123456789abcdefABCDEF./g\x00", min_size=60, max_size=130),
+        ),
+    )
+)
+def test_digests_match_oracle_and_stay_inside(text: str) -> None:
+    try:
+        d = Digest.parse(text)
+    except clawstore.InvalidDigestError:
+        assert not _ORACLE_DIGEST.fullmatch(text)
+        return
+    assert _ORACLE_DIGEST.fullmatch(text)
+    from clawstore.backends.local import LocalLayout
+
+    p = LocalLayout(Path("/store")).blob(d)
+    assert p == Path("/store/blobs") / d.algorithm / d.encoded[:2] / d.encoded

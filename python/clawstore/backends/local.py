@@ -37,9 +37,11 @@ from clawstore.errors import (
     BlobNotFoundError,
     ClawstoreError,
     DigestMismatchError,
+    InvalidDigestError,
     ManifestNotFoundError,
     TagConflictError,
 )
+from clawstore.manifest import MAX_MANIFEST_SIZE
 
 CHUNK = 1 << 20
 LOCK_SUFFIX = ".lock"
@@ -120,7 +122,7 @@ class LocalBackend:
         self.url = self.root.as_uri()
         if create:
             for d in (self.layout.blobs, self.layout.manifests, self.layout.refs, self.layout.tmp):
-                d.mkdir(parents=True, exist_ok=True)
+                self._make_parent(d / "_")  # creates d, fsyncing each new directory entry
         elif not self.layout.blobs.is_dir():
             raise ClawstoreError(f"no clawstore store at {self.root}")
 
@@ -360,7 +362,10 @@ class LocalBackend:
 
     def read_manifest(self, digest: Digest) -> bytes:
         try:
-            return self.layout.manifest(digest).read_bytes()
+            with open(self.layout.manifest(digest), "rb") as f:
+                # Never more than the cap (+1, so an over-long file fails the digest check): a
+                # damaged or planted huge file cannot make a manifest read exhaust memory.
+                return f.read(MAX_MANIFEST_SIZE + 1)
         except FileNotFoundError:
             raise ManifestNotFoundError(f"manifest {digest} not found") from None
 
@@ -398,7 +403,14 @@ class LocalBackend:
     def swap_tag(self, repo: str, tag: str, new: Digest | None, expect: Expectation) -> Digest | None:
         path = self.layout.tag(repo, tag)
         with self._repo_lock(repo):
-            current = self.read_tag(repo, tag)
+            try:
+                current = self.read_tag(repo, tag)
+            except InvalidDigestError:  # a damaged tag file: only an unconditional write fixes it
+                if expect is not ANY:
+                    raise TagConflictError(f"{repo}:{tag} is damaged; only expect=ANY replaces it") from None
+                current = None
+                if new is None:
+                    self._remove(path)
             if expect is MISSING and current is not None:
                 raise TagConflictError(f"{repo}:{tag} exists (points at {current})")
             if expect is not ANY and expect is not MISSING and current != expect:
