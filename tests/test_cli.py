@@ -351,3 +351,45 @@ def test_terminal_progress_path_stores_the_same_bytes(
     assert cs("blob", "get", expect, "-o", str(out)).code == 0
     assert out.read_bytes() == data
     assert cs("fsck").code == 0
+
+
+_SOME_DIGEST = "sha256:" + "ab" * 32
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["fsck"],
+        ["fsck", "--repair"],
+        ["blob", "get", _SOME_DIGEST],
+        ["blob", "stat", _SOME_DIGEST],
+        ["blob", "rm", _SOME_DIGEST],
+        ["manifest", "get", _SOME_DIGEST],
+        ["resolve", "demo/app:v1"],
+        ["tag", "demo/app:v1", _SOME_DIGEST],
+        ["untag", "demo/app:v1"],
+        ["tags", "demo/app"],
+        ["repos"],
+        ["gc", "--dry-run"],
+    ],
+    ids=lambda a: " ".join(a[:2]),
+)
+def test_commands_needing_a_store_never_create_one(tmp_path: Path, args: list[str]) -> None:
+    """A mistyped store path must not become an empty store reported as fine."""
+    missing = tmp_path / "typo" / "store"
+    r = run(["--store", missing.as_uri(), *args])
+    assert r.code == 1, r
+    assert r.err == f"error: no clawstore store at {missing}\n"
+    assert not (tmp_path / "typo").exists()
+    # A plain path (no file:// scheme) and CLAWSTORE_URL behave the same.
+    r = run(args, env={"CLAWSTORE_URL": str(missing)})
+    assert r.code == 1 and "no clawstore store at" in r.err
+    assert not (tmp_path / "typo").exists()
+
+
+def test_writing_commands_create_the_store(tmp_path: Path) -> None:
+    fresh = tmp_path / "new" / "store"
+    r = run(["--store", fresh.as_uri(), "blob", "put", "-"], input=b"hello")
+    assert r.code == 0, r
+    assert r.text.strip() == "sha256:" + hashlib.sha256(b"hello").hexdigest()
+    assert run(["--store", fresh.as_uri(), "fsck"]).code == 0  # now it exists: reads work

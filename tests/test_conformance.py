@@ -740,3 +740,19 @@ def test_stores_are_independent(two_stores: tuple[ArtifactStore, ArtifactStore])
     a, b = two_stores
     d = a.put_blob(b"only in a").digest
     assert not b.has_blob(d)
+
+
+def test_open_create_false_refuses_a_path_without_a_store(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(clawstore.NotFoundError, match="no clawstore store at"):
+        clawstore.open(missing, create=False)
+    with pytest.raises(clawstore.NotFoundError):
+        clawstore.open(missing.as_uri(), create=False)
+    assert not missing.exists()
+    (tmp_path / "empty").mkdir()  # an existing directory that is not a store is refused too
+    with pytest.raises(clawstore.NotFoundError):
+        clawstore.open(tmp_path / "empty", create=False)
+    assert list((tmp_path / "empty").iterdir()) == []
+    created = clawstore.open(missing)  # the default creates
+    d = created.put_blob(b"x")
+    assert clawstore.open(missing, create=False).has_blob(d.digest)

@@ -264,10 +264,15 @@ def default_store_url() -> str:
     return Path(platformdirs.user_data_dir("clawstore")).as_uri()
 
 
-def open(url: str | os.PathLike[str] | None = None, **options: Any) -> ArtifactStore:
+def open(url: str | os.PathLike[str] | None = None, *, create: bool = True, **options: Any) -> ArtifactStore:
     """Open a store: `file:///path` (or a plain path), or `s3://bucket/prefix?endpoint_url=...`.
 
     With no URL: `$CLAWSTORE_URL`, else a local store under the user's data directory.
+
+    `create` (local stores): make the store's directories when the path holds no store yet (the
+    default, like `sqlite3.connect`). Pass `create=False` when only reading: a path that holds no
+    store then raises NotFoundError ("no clawstore store at PATH") instead of leaving an empty
+    store behind a typo. S3 stores are never created here: the bucket must exist.
     """
     text = os.fspath(url) if url is not None else default_store_url()
     parsed = urlparse(text)
@@ -277,7 +282,7 @@ def open(url: str | os.PathLike[str] | None = None, **options: Any) -> ArtifactS
         path = unquote(parsed.path) if parsed.scheme == "file" else text
         if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
             raise ClawstoreError(f"file URL must be local: {text}")
-        return ArtifactStore(LocalBackend(path, **options))
+        return ArtifactStore(LocalBackend(path, create=create, **options))
     if parsed.scheme == "s3":
         from clawstore.backends.s3 import S3Backend
 

@@ -39,6 +39,7 @@ from clawstore.errors import (
     DigestMismatchError,
     InvalidDigestError,
     ManifestNotFoundError,
+    NotFoundError,
     TagConflictError,
 )
 from clawstore.manifest import MAX_MANIFEST_SIZE
@@ -124,7 +125,7 @@ class LocalBackend:
             for d in (self.layout.blobs, self.layout.manifests, self.layout.refs, self.layout.tmp):
                 self._make_parent(d / "_")  # creates d, fsyncing each new directory entry
         elif not self.layout.blobs.is_dir():
-            raise ClawstoreError(f"no clawstore store at {self.root}")
+            raise NotFoundError(f"no clawstore store at {self.root}")
 
     # -- atomic file primitives --------------------------------------------------------------
     def _make_parent(self, path: Path) -> None:

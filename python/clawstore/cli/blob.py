@@ -11,7 +11,7 @@ from typing import BinaryIO
 
 import click
 
-from clawstore.cli.common import CliContext, Progress, is_interactive, pass_cli
+from clawstore.cli.common import CliContext, Progress, existing_store, is_interactive, pass_cli
 from clawstore.digest import ALGORITHMS, Digest
 from clawstore.errors import ClawstoreError
 from clawstore.manifest import parse_manifest, references
@@ -82,6 +82,7 @@ def blob_put(ctx: CliContext, source: str, expected: str | None, algorithm: str 
     click.echo(desc.digest)
 
 
+@existing_store
 @blob_group.command("get")
 @click.argument("digest")
 @click.option(
@@ -139,6 +140,7 @@ def _copy_out(reader: BinaryIO, out: BinaryIO, size: int) -> None:
                 bar.advance(n)
 
 
+@existing_store
 @blob_group.command("stat")
 @click.argument("digest")
 @pass_cli
@@ -147,6 +149,7 @@ def blob_stat(ctx: CliContext, digest: str) -> None:
     click.echo(ctx.store.stat_blob(Digest.parse(digest)))
 
 
+@existing_store
 @blob_group.command("rm")
 @click.argument("digest")
 @click.option(

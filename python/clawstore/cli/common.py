@@ -20,9 +20,35 @@ from clawstore.errors import ClawstoreError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+_EXISTING_STORE = "__clawstore_existing_store__"
+
+
+def existing_store(cmd: F) -> F:
+    """Mark a command that can only work on a store that exists (it reads, or changes what is
+    there): against a path that holds no store it fails with `error: no clawstore store at PATH`
+    instead of creating an empty store behind a typo and reporting success. Unmarked commands
+    (the writers: `blob put`, `volume snapshot`...) create a new store on first use."""
+    setattr(cmd, _EXISTING_STORE, True)
+    return cmd
+
+
+def _needs_existing_store(ctx: click.Context | None) -> bool:
+    """The running command is marked `existing_store`, or is a `--dry-run` (which must change
+    nothing, so must not create a store either)."""
+    if ctx is None:
+        return False
+    cmd = ctx.command
+    if getattr(cmd, _EXISTING_STORE, False) or getattr(
+        getattr(cmd, "callback", None), _EXISTING_STORE, False
+    ):
+        return True
+    return bool(ctx.params.get("dry_run"))
+
+
 @dataclass
 class CliContext:
-    """Per-invocation state: the store URL and the store, opened on first use."""
+    """Per-invocation state: the store URL and the store, opened on first use (created only for
+    commands that may write: see `existing_store`)."""
 
     store_url: str | None
     _store: clawstore.ArtifactStore | None = field(default=None, repr=False)
@@ -30,7 +56,8 @@ class CliContext:
     @property
     def store(self) -> clawstore.ArtifactStore:
         if self._store is None:
-            self._store = clawstore.open(self.store_url)
+            create = not _needs_existing_store(click.get_current_context(silent=True))
+            self._store = clawstore.open(self.store_url, create=create)
         return self._store
 
     def close(self) -> None:

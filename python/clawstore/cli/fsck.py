@@ -6,7 +6,7 @@ import json
 
 import click
 
-from clawstore.cli.common import CliContext, Progress, fail, pass_cli
+from clawstore.cli.common import CliContext, Progress, existing_store, fail, pass_cli
 from clawstore.fsck import DEFAULT_STALE_AFTER, fsck
 
 
@@ -34,6 +34,7 @@ class _PhaseBars:
             self._bar = None
 
 
+@existing_store
 @click.command("fsck")
 @click.option(
     "--repair",

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from clawstore.cli.blob import atomic_output
-from clawstore.cli.common import CliContext, pass_cli
+from clawstore.cli.common import CliContext, existing_store, pass_cli
 from clawstore.digest import Digest
 from clawstore.errors import InvalidManifestError
 from clawstore.manifest import MAX_MANIFEST_SIZE
@@ -49,6 +49,7 @@ def manifest_put(ctx: CliContext, source: str, media_type: str | None, expected:
     click.echo(ctx.store.put_manifest(data, media_type, expected=exp).digest)
 
 
+@existing_store
 @manifest_group.command("get")
 @click.argument("digest")
 @click.option("-o", "--output", metavar="FILE", help="Write to FILE instead of stdout.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from clawstore.backends.base import ANY, MISSING
-from clawstore.cli.common import CliContext, pass_cli
+from clawstore.cli.common import CliContext, existing_store, pass_cli
 from clawstore.digest import Digest
 from clawstore.errors import InvalidNameError, ManifestNotFoundError
 from clawstore.names import Reference
@@ -18,6 +18,7 @@ def _repo_tag(text: str) -> tuple[str, str]:
     return ref.repository, ref.tag
 
 
+@existing_store
 @click.command("tag")
 @click.argument("ref", metavar="REPO:TAG")
 @click.argument("digest")
@@ -38,6 +39,7 @@ def tag_cmd(ctx: CliContext, ref: str, digest: str, expect: str | None, create: 
     ctx.store.tag(repo, tag, d, expect=exp)
 
 
+@existing_store
 @click.command("untag")
 @click.argument("ref", metavar="REPO:TAG")
 @click.option("--expect", metavar="DIGEST", help="Only if the tag points at DIGEST now.")
@@ -49,6 +51,7 @@ def untag_cmd(ctx: CliContext, ref: str, expect: str | None) -> None:
     ctx.store.untag(repo, tag, expect=exp)
 
 
+@existing_store
 @click.command("resolve")
 @click.argument("ref", metavar="REPO:TAG")
 @pass_cli
@@ -64,6 +67,7 @@ def resolve_cmd(ctx: CliContext, ref: str) -> None:
     click.echo(ctx.store.resolve(parsed.repository, parsed.tag))
 
 
+@existing_store
 @click.command("tags")
 @click.argument("repo")
 @pass_cli
@@ -73,6 +77,7 @@ def tags_cmd(ctx: CliContext, repo: str) -> None:
         click.echo(t)
 
 
+@existing_store
 @click.command("repos")
 @pass_cli
 def repos_cmd(ctx: CliContext) -> None:
