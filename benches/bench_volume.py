@@ -127,13 +127,18 @@ def main() -> None:
     vol, small = ensure_data(a.data, a.size)
     nfiles, nbytes = tree_bytes(vol)
     work = Path(tempfile.mkdtemp(prefix="run-", dir=a.data))
-    res: dict[str, object] = {"files": nfiles, "bytes": nbytes, "load": os.getloadavg(), "cpus": os.cpu_count()}
+    res: dict[str, object] = {
+        "files": nfiles,
+        "bytes": nbytes,
+        "load": os.getloadavg(),
+        "cpus": os.cpu_count(),
+    }
     print(f"volume: {nfiles} files, {nbytes / 2**20:.0f} MiB; load {os.getloadavg()}", flush=True)
     try:
         out = work / "layer.tar.zst"
 
         def rm(p: Path) -> Callable[[], None]:
-            return lambda: (shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True))
+            return lambda: shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
         # -- full snapshot -------------------------------------------------------------------
         t_pack = timed(lambda: _core.pack_to_file(_core.scan_tree(vol), out), a.repeat, rm(out))
@@ -145,7 +150,9 @@ def main() -> None:
             volumes.snapshot(store, vol, f"bench/vol:full{next(counter)}", full=True)
 
         store = clawstore.open(store_dir)
-        t_snap = timed(snap_full, a.repeat, lambda: shutil.rmtree(store_dir / "blobs", ignore_errors=True) or None)
+        t_snap = timed(
+            snap_full, a.repeat, lambda: shutil.rmtree(store_dir / "blobs", ignore_errors=True) or None
+        )
         store.close()
         shutil.rmtree(store_dir, ignore_errors=True)
         store = clawstore.open(store_dir)
@@ -186,7 +193,9 @@ def main() -> None:
         mut = work / "vol-mut"
         sh(f"cp -a '{vol}' '{mut}'")
         base = volumes.snapshot(store, mut, "bench/mut:latest")
-        subprocess.run([sys.executable, MAKE_VOLUME, str(mut), "--mutate", "1"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, MAKE_VOLUME, str(mut), "--mutate", "1"], check=True, stdout=subprocess.DEVNULL
+        )
         t0 = time.perf_counter()
         inc = volumes.snapshot(store, mut, "bench/mut:latest")
         t_inc = time.perf_counter() - t0
@@ -220,7 +229,10 @@ def main() -> None:
 
         t_tar = timed(tar_x, a.repeat, rm(tar_dest))
         res.update(restore_s=t_restore, zstd_tar_x_s=t_tar, ratio_restore_vs_tar=t_tar / t_restore)
-        print(f"restore: {t_restore:.2f}s vs zstd -dc | tar -x {t_tar:.2f}s ({t_tar / t_restore:.2f}x)", flush=True)
+        print(
+            f"restore: {t_restore:.2f}s vs zstd -dc | tar -x {t_tar:.2f}s ({t_tar / t_restore:.2f}x)",
+            flush=True,
+        )
         shutil.rmtree(dest, ignore_errors=True)
         shutil.rmtree(tar_dest, ignore_errors=True)
         del full
@@ -231,7 +243,9 @@ def main() -> None:
         volumes.snapshot(store, small, "bench/small:latest")
         sdest = work / "small-restore"
         t_small = timed(lambda: volumes.restore(store, "bench/small:latest", sdest), a.repeat, rm(sdest))
-        res.update(small_files=sfiles, small_bytes=sbytes, small_snapshot_s=t_small_snap, small_restore_s=t_small)
+        res.update(
+            small_files=sfiles, small_bytes=sbytes, small_snapshot_s=t_small_snap, small_restore_s=t_small
+        )
         print(
             f"small case ({sfiles} files, {sbytes / 1e6:.0f} MB): snapshot {t_small_snap:.3f}s, "
             f"restore {t_small:.3f}s",
@@ -241,10 +255,15 @@ def main() -> None:
 
         # -- peak memory -----------------------------------------------------------------------
         out.unlink(missing_ok=True)
-        rss = peak_rss_of(f"from clawstore import _core; _core.pack_to_file(_core.scan_tree({str(vol)!r}), {str(out)!r})")
+        rss = peak_rss_of(
+            f"from clawstore import _core; _core.pack_to_file(_core.scan_tree({str(vol)!r}), {str(out)!r})"
+        )
         baseline = peak_rss_of("import clawstore")
         res.update(pack_peak_rss=rss, python_baseline_rss=baseline)
-        print(f"peak RSS packing the volume: {rss / 2**20:.0f} MiB (python+clawstore alone {baseline / 2**20:.0f} MiB)")
+        print(
+            f"peak RSS packing the volume: {rss / 2**20:.0f} MiB "
+            f"(python+clawstore alone {baseline / 2**20:.0f} MiB)"
+        )
         out.unlink(missing_ok=True)
         if not a.skip_4g:
             big = work / "big4g"
@@ -255,10 +274,13 @@ def main() -> None:
             for i in range(2000):
                 (big / f"s{i:04d}").write_bytes(os.urandom(2048))
             rss4 = peak_rss_of(
-                f"from clawstore import _core; _core.pack_to_file(_core.scan_tree({str(big)!r}), {str(out)!r})"
+                "from clawstore import _core; "
+                f"_core.pack_to_file(_core.scan_tree({str(big)!r}), {str(out)!r})"
             )
             res.update(pack_4g_peak_rss=rss4)
-            print(f"peak RSS packing a 4 GiB tree (4 sparse 1 GiB files + 2,000 small): {rss4 / 2**20:.0f} MiB")
+            print(
+                f"peak RSS packing a 4 GiB tree (4 sparse 1 GiB files + 2,000 small): {rss4 / 2**20:.0f} MiB"
+            )
             shutil.rmtree(big)
     finally:
         shutil.rmtree(work, ignore_errors=True)
