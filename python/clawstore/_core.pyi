@@ -1,7 +1,9 @@
 """Type stubs for the Rust core `clawstore._core`."""
 
+from collections.abc import Callable
 from os import PathLike
-from typing import Final
+from types import TracebackType
+from typing import Any, BinaryIO, Final, Literal
 
 from typing_extensions import Buffer
 
@@ -52,3 +54,146 @@ def validate_digest_str(digest: str) -> tuple[str, str]:
 def hash_features() -> dict[str, bool | int]:
     """CPU features the hashing uses here (`sha_ni`, `avx2`, `avx512f`), blake3 thread count and
     the read size: for benchmark reports and diagnostics."""
+
+# -- stage (rust/stage.rs): multipart part staging ---------------------------------------------
+
+MIN_PART_SIZE: Final[int]
+MAX_PART_SIZE: Final[int]
+MAX_PARTS: Final[int]
+
+class PartStager:
+    """Splits a file path, a bytes-like object or a binary stream into upload parts, hashing the
+    whole source in order. `next_part()` may be called from many threads at once."""
+
+    def __init__(
+        self, source: str | PathLike[str] | Buffer | BinaryIO, part_size: int, algorithm: str = "sha256"
+    ) -> None: ...
+    @property
+    def size(self) -> int | None:
+        """Total size when known up front (paths, buffers); None for streams."""
+    @property
+    def part_size(self) -> int: ...
+    @property
+    def algorithm(self) -> str: ...
+    def next_part(self) -> tuple[int, bytes, str] | None:
+        """(part number from 1, data, Content-MD5 base64), or None once the source is exhausted."""
+    def finish(self) -> tuple[str, int, int]:
+        """(hex digest, size, parts) of the whole source; RuntimeError before every part was staged."""
+    def abort(self, reason: str) -> None:
+        """Stop staging: workers blocked in or calling `next_part()` get an error."""
+
+def content_md5(data: Buffer) -> str:
+    """Base64 MD5 (`Content-MD5`) of a bytes-like object."""
+
+# -- layer (rust/layer/): volume tree scans, tar+zstd pack / unpack ----------------------------
+
+EntryKind = Literal["file", "dir", "symlink", "fifo", "char", "block"]
+
+class Scan:
+    """A scanned tree (or a decoded index): sorted entries kept in Rust."""
+
+    @property
+    def root(self) -> str | None: ...
+    def __len__(self) -> int: ...
+    @property
+    def files(self) -> int:
+        """Number of regular files."""
+    @property
+    def bytes(self) -> int:
+        """Bytes of regular files (each hardlinked inode counted once)."""
+    def encode(self) -> bytes:
+        """The serialised index (zstd-compressed JSON)."""
+    def entries(self) -> list[tuple[str, EntryKind, int, int, int, str | None, str | None]]:
+        """(path, kind, size, mode, mtime_ns, link target, content digest) for every entry."""
+    def diff(self, old: Scan, content: bool = False) -> Delta:
+        """What changed from `old` (e.g. a decoded parent index) to this tree."""
+
+class Delta:
+    """The difference between two scans: what an incremental layer packs."""
+
+    @property
+    def changed(self) -> int: ...
+    @property
+    def changed_bytes(self) -> int: ...
+    @property
+    def changed_paths(self) -> list[str]: ...
+    @property
+    def whiteouts(self) -> list[str]: ...
+    @property
+    def opaque(self) -> list[str]: ...
+    def is_empty(self) -> bool: ...
+
+def scan_tree(root: str | PathLike[str], content_digests: bool = False, algorithm: str = "sha256") -> Scan:
+    """Scan `root` (symlinks never followed); with `content_digests`, hash every regular file too."""
+
+def decode_index(data: Buffer) -> Scan:
+    """Decode a serialised index into a Scan without a root (InvalidManifestError if damaged)."""
+
+def pack_to_file(
+    scan: Scan,
+    path: str | PathLike[str],
+    delta: Delta | None = None,
+    level: int = 3,
+    threads: int = 0,
+    readers: int = 0,
+    algorithm: str = "sha256",
+) -> dict[str, Any]:
+    """Pack a scan (or its delta) into a new file at `path`: digest, diff_id, size,
+    uncompressed_size, entries, files, file_bytes."""
+
+class PackStream:
+    """A layer being packed on a Rust thread, read as a binary stream (bounded memory)."""
+
+    def __init__(
+        self,
+        scan: Scan,
+        delta: Delta | None = None,
+        level: int = 3,
+        threads: int = 0,
+        readers: int = 0,
+        algorithm: str = "sha256",
+    ) -> None: ...
+    def readable(self) -> bool: ...
+    def readinto(self, buffer: Buffer) -> int:
+        """Next bytes of the layer; 0 at the end; OSError if packing failed."""
+    def read(self, size: int = -1) -> bytes: ...
+    @property
+    def progress(self) -> tuple[int, int, int]:
+        """(entries, files, file bytes) packed so far."""
+    def result(self) -> dict[str, Any]:
+        """The pack_to_file result dict, once the stream was read to the end."""
+    def close(self) -> None: ...
+    @property
+    def closed(self) -> bool: ...
+    def __enter__(self) -> PackStream: ...
+    def __exit__(
+        self, a: type[BaseException] | None, b: BaseException | None, c: TracebackType | None
+    ) -> None: ...
+
+class Unpacker:
+    """Applies layers in order to a directory (refusing unsafe archives); `finish()` sets
+    directory metadata."""
+
+    def __init__(
+        self,
+        dest: str | PathLike[str],
+        *,
+        max_bytes: int | None = None,
+        max_entries: int | None = None,
+        max_ratio: int | None = None,
+        allow_devices: bool = False,
+        same_owner: bool | None = None,
+        workers: int = 0,
+    ) -> None: ...
+    def apply(
+        self,
+        source: str | PathLike[str] | BinaryIO,
+        *,
+        digest: str | None = None,
+        diff_id: str | None = None,
+        size: int | None = None,
+        progress: Callable[[int, int], object] | None = None,
+    ) -> dict[str, Any]:
+        """Apply one layer, verifying `digest` (compressed), `diff_id` and `size` (uncompressed)."""
+    def finish(self) -> dict[str, int]:
+        """Wait for all writes, set directory metadata; totals."""
