@@ -396,3 +396,31 @@ def test_writing_commands_create_the_store(tmp_path: Path) -> None:
     assert r.code == 0, r
     assert r.text.strip() == "sha256:" + hashlib.sha256(b"hello").hexdigest()
     assert run(["--store", fresh.as_uri(), "fsck"]).code == 0  # now it exists: reads work
+
+
+def test_get_output_is_fsynced_before_rename_and_ignores_stale_partials(
+    cs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    digest = cs("blob", "put", "-", input=b"payload").text.strip()
+    dest = tmp_path / "out.bin"
+    # A partial file an earlier `blob get` (same pid, killed) left behind must not block this one.
+    (tmp_path / f".out.bin.clawstore-{os.getpid()}.partial").write_bytes(b"stale")
+    synced: list[int] = []
+    replaced: list[bool] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_size)
+        real_fsync(fd)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if Path(dst) == dest:
+            replaced.append(bool(synced) and synced[-1] == len(b"payload"))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    r = cs("blob", "get", digest, "-o", str(dest))
+    assert r.code == 0, r
+    assert dest.read_bytes() == b"payload"
+    assert replaced == [True], "the output file must be fsynced before it is renamed into place"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,10 +121,13 @@ def atomic_output(output: str) -> Iterator[BinaryIO]:
     dest = Path(output)
     if dest.is_dir():
         raise IsADirectoryError(f"is a directory: {output}")
-    tmp = dest.with_name(f".{dest.name}.clawstore-{os.getpid()}.partial")
+    # A random part: a file left by an earlier run killed with the same pid must not block us.
+    tmp = dest.with_name(f".{dest.name}.clawstore-{os.getpid()}-{secrets.token_hex(4)}.partial")
     try:
         with open(tmp, "xb") as out:
             yield out
+            out.flush()
+            os.fsync(out.fileno())  # durable before it takes the name: no empty file after a crash
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
