@@ -102,6 +102,22 @@ class Descriptor:
 EMPTY_CONFIG: Final = Descriptor(Digest(mt.EMPTY_DIGEST), 2, mt.OCI_EMPTY)
 
 
+def _with_optional(
+    out: dict[str, Any],
+    artifact_type: str | None,
+    subject: Descriptor | None,
+    annotations: Mapping[str, str] | None,
+) -> dict[str, Any]:
+    """The OCI v1.1 fields image manifests and indexes share, set only when present."""
+    if artifact_type is not None:
+        out["artifactType"] = artifact_type
+    if subject is not None:
+        out["subject"] = subject.to_dict()
+    if annotations:
+        out["annotations"] = dict(annotations)
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class ImageManifest:
     """OCI image manifest v1.1 (with artifactType and subject)."""
@@ -121,13 +137,7 @@ class ImageManifest:
             "config": self.config.to_dict(),
             "layers": [d.to_dict() for d in self.layers],
         }
-        if self.artifact_type is not None:
-            out["artifactType"] = self.artifact_type
-        if self.subject is not None:
-            out["subject"] = self.subject.to_dict()
-        if self.annotations:
-            out["annotations"] = dict(self.annotations)
-        return out
+        return _with_optional(out, self.artifact_type, self.subject, self.annotations)
 
     def to_json(self) -> bytes:
         return canonical_json(self.to_dict())
@@ -154,13 +164,7 @@ class Index:
             "mediaType": self.media_type,
             "manifests": [d.to_dict() for d in self.manifests],
         }
-        if self.artifact_type is not None:
-            out["artifactType"] = self.artifact_type
-        if self.subject is not None:
-            out["subject"] = self.subject.to_dict()
-        if self.annotations:
-            out["annotations"] = dict(self.annotations)
-        return out
+        return _with_optional(out, self.artifact_type, self.subject, self.annotations)
 
     def to_json(self) -> bytes:
         return canonical_json(self.to_dict())

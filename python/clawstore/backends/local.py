@@ -321,10 +321,7 @@ class LocalBackend:
         return self.layout.blob(digest)
 
     def blob_size(self, digest: Digest) -> int | None:
-        try:
-            return self.layout.blob(digest).stat().st_size
-        except FileNotFoundError:
-            return None
+        return self._size(self.layout.blob(digest))
 
     def remove_blob(self, digest: Digest) -> bool:
         return self._remove(self.layout.blob(digest))
@@ -371,10 +368,7 @@ class LocalBackend:
             raise ManifestNotFoundError(f"manifest {digest} not found") from None
 
     def manifest_size(self, digest: Digest) -> int | None:
-        try:
-            return self.layout.manifest(digest).stat().st_size
-        except FileNotFoundError:
-            return None
+        return self._size(self.layout.manifest(digest))
 
     def remove_manifest(self, digest: Digest) -> bool:
         return self._remove(self.layout.manifest(digest))
