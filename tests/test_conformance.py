@@ -756,3 +756,21 @@ def test_open_create_false_refuses_a_path_without_a_store(tmp_path: Path) -> Non
     created = clawstore.open(missing)  # the default creates
     d = created.put_blob(b"x")
     assert clawstore.open(missing, create=False).has_blob(d.digest)
+
+
+def test_failed_untag_of_an_unknown_repository_writes_nothing(store: ArtifactStore) -> None:
+    before = _tree(store)
+    with pytest.raises(clawstore.RefNotFoundError):
+        store.untag("never/tagged", "t")
+    with pytest.raises(clawstore.TagConflictError):
+        store.untag("never/tagged", "t", expect="sha256:" + "0" * 64)
+    assert store.list_repos() == []
+    assert _tree(store) == before
+
+
+def _tree(store: ArtifactStore) -> list[str] | None:
+    """Every path under a local store's root (None for backends without one)."""
+    root = getattr(store.backend, "root", None)
+    if root is None:
+        return None
+    return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*"))

@@ -397,6 +397,12 @@ class LocalBackend:
 
     def swap_tag(self, repo: str, tag: str, new: Digest | None, expect: Expectation) -> Digest | None:
         path = self.layout.tag(repo, tag)
+        if new is None and not self.layout.tags_dir(repo).is_dir():
+            # Removing from a repository that has never had a tag: nothing to lock or remove, and
+            # a failed untag must not leave refs/<repo>/_tags/.lock behind (it never appeared).
+            if expect is not ANY and expect is not MISSING:
+                raise TagConflictError(f"{repo}:{tag} points at None, expected {expect}")
+            return None
         with self._repo_lock(repo):
             try:
                 current = self.read_tag(repo, tag)
