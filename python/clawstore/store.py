@@ -33,7 +33,7 @@ from clawstore.names import validate_repository, validate_tag
 from clawstore.reader import VerifyingReader
 
 
-def _expectation(expect: object) -> Expectation:
+def _expectation(expect: Expectation | str) -> Expectation:
     if expect is ANY or expect is MISSING:
         return expect  # type: ignore[return-value]
     return Digest.parse(expect)  # type: ignore[arg-type]
@@ -211,7 +211,9 @@ class ArtifactStore:
             raise RefNotFoundError(f"{repo}:{tag} not found")
         return d
 
-    def tag(self, repo: str, tag: str, digest: Digest | str, expect: Any = ANY) -> Digest | None:
+    def tag(
+        self, repo: str, tag: str, digest: Digest | str, expect: Expectation | str = ANY
+    ) -> Digest | None:
         """Point `repo:tag` at a stored manifest. `expect` is ANY, MISSING or the digest the tag
         must point at now (compare-and-swap); TagConflictError when it does not hold. Returns the
         previous digest."""
@@ -223,7 +225,7 @@ class ArtifactStore:
             raise ManifestNotFoundError(f"cannot tag {repo}:{tag}: manifest {d} not found")
         return self.backend.swap_tag(repo, tag, d, exp)
 
-    def untag(self, repo: str, tag: str, expect: Any = ANY) -> Digest:
+    def untag(self, repo: str, tag: str, expect: Expectation | str = ANY) -> Digest:
         """Remove a tag (with the same compare-and-swap as `tag`); returns what it pointed at."""
         validate_repository(repo)
         validate_tag(tag)
