@@ -12,6 +12,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyMemoryView;
 use sha2::Digest as _;
 
 use crate::errors::InvalidDigestError;
@@ -530,7 +531,12 @@ pub fn with_buffer<T>(
 where
     T: Send,
 {
-    let buf: PyBuffer<u8> = PyBuffer::get(data)?;
+    let buf: PyBuffer<u8> = match PyBuffer::get(data) {
+        Ok(b) => b,
+        // A typed buffer (array('I'), a numpy array, memoryview.cast('I')): hash its bytes, as
+        // hashlib does, through a zero-copy byte view of it (TypeError if not C-contiguous).
+        Err(_) => PyBuffer::get(&PyMemoryView::from(data)?.call_method1("cast", ("B",))?)?,
+    };
     if !buf.is_c_contiguous() {
         return Err(PyValueError::new_err("buffer must be C-contiguous"));
     }

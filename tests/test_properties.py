@@ -3,6 +3,7 @@ and a stateful model of blobs, manifests and tags with compare-and-swap."""
 
 from __future__ import annotations
 
+import array
 import hashlib
 import io
 import itertools
@@ -82,6 +83,32 @@ def test_streaming_hasher_matches_oracles(dc: tuple[bytes, list[int]], algorithm
     assert h.size == len(data)
     assert h.algorithm == algorithm
     assert clawstore.digest_bytes(data, algorithm) == f"{algorithm}:{want}"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    words=st.lists(st.integers(0, 2**32 - 1), max_size=600),
+    algorithm=st.sampled_from(ALGS),
+    typecode=st.sampled_from(["I", "H", "d"]),
+)
+def test_typed_buffers_hash_their_bytes_like_hashlib(words: list[int], algorithm: str, typecode: str) -> None:
+    """Any C-contiguous buffer hashes as its raw bytes (hashlib's rule): array('I'), a
+    memoryview cast to another format -- not only byte-formatted buffers."""
+    limit = {"I": 2**32, "H": 2**16, "d": 2**53}[typecode]
+    arr = array.array(typecode, [w % limit for w in words])
+    raw = arr.tobytes()
+    assert clawstore.digest_bytes(arr, algorithm) == f"{algorithm}:{oracle_hex(raw, algorithm)}"
+    h = Hasher(algorithm)
+    h.update(memoryview(raw).cast(typecode))
+    h.update(arr)
+    assert h.digest() == f"{algorithm}:{oracle_hex(raw + raw, algorithm)}"
+    assert h.size == 2 * len(raw)
+
+
+def test_non_contiguous_buffers_are_refused_not_misread() -> None:
+    strided = memoryview(bytes(range(16)))[::2]
+    with pytest.raises((TypeError, ValueError, BufferError)):
+        clawstore.digest_bytes(strided)
 
 
 @settings(max_examples=40, deadline=None)
