@@ -424,3 +424,31 @@ def test_get_output_is_fsynced_before_rename_and_ignores_stale_partials(
     assert r.code == 0, r
     assert dest.read_bytes() == b"payload"
     assert replaced == [True], "the output file must be fsynced before it is renamed into place"
+
+
+def test_other_areas_commands_marked_existing_store_exist() -> None:
+    from clawstore.cli import EXISTING_STORE_COMMANDS, _command
+
+    for path in EXISTING_STORE_COMMANDS:
+        assert _command(path) is not None, f"`clawstore {path}` no longer exists: update the list"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["gc"],
+        ["volume", "ls"],
+        ["volume", "restore", "vol/x:latest", "DEST"],
+        ["checkpoint", "ls", "agents/a"],
+        ["export", "demo/app:v1", "--oci-layout", "DEST"],
+        ["catalog", "history", "demo/app:v1"],
+    ],
+    ids=lambda a: " ".join(a[:2]),
+)
+def test_reading_commands_of_other_areas_never_create_a_store(tmp_path: Path, args: list[str]) -> None:
+    missing = tmp_path / "typo"
+    args = [str(tmp_path / "dest") if a == "DEST" else a for a in args]
+    r = run(["--store", missing.as_uri(), *args])
+    assert r.code == 1, r
+    assert r.err == f"error: no clawstore store at {missing}\n"
+    assert not missing.exists()
