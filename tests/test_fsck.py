@@ -255,3 +255,15 @@ def test_no_false_alarms_while_writers_run(local_store: clawstore.ArtifactStore)
         t.join(timeout=60)
     assert not failures
     assert fsck(local_store).ok
+
+
+def test_invalid_repository_under_refs_is_reported_not_fatal(local_store: clawstore.ArtifactStore) -> None:
+    """Something planted outside the grammar (refs/Bad/_tags/x) is a finding; the rest is checked."""
+    populate(local_store)
+    bad = local_store.backend.layout.refs / "Bad" / "_tags" / "x"
+    bad.parent.mkdir(parents=True)
+    bad.write_text(f"{mt.EMPTY_DIGEST}\n")
+    report = fsck(local_store)
+    (p,) = report.problems
+    assert p.kind is ProblemKind.INVALID_TAG and p.ref == "Bad"
+    assert report.tags > 0  # the valid repositories were still checked

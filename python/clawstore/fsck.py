@@ -304,7 +304,13 @@ def _check_tags(
     report.repos = len(repos)
     progress("tags", 0, len(repos))
     for i, repo in enumerate(repos, 1):
-        for tag in store.list_tags(repo):
+        try:
+            tags = store.list_tags(repo)
+        except ClawstoreError as e:  # a directory/prefix that is no valid repository name
+            report.problems.append(Problem(ProblemKind.INVALID_TAG, None, str(e), ref=repo))
+            progress("tags", i, len(repos))
+            continue
+        for tag in tags:
             ref = f"{repo}:{tag}"
             report.tags += 1
             try:
