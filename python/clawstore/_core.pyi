@@ -48,3 +48,34 @@ def copy_file_hashed(
 
 def validate_digest_str(digest: str) -> tuple[str, str]:
     """(algorithm, hex) or InvalidDigestError."""
+
+# -- stage (multipart part staging for the S3 backend) ------------------------------------------
+
+MIN_PART_SIZE: Final[int]
+MAX_PART_SIZE: Final[int]
+MAX_PARTS: Final[int]
+
+class PartStager:
+    """Splits a path, a bytes-like object or a binary stream into upload parts.
+
+    `next_part()` may be called from many threads at once (GIL released while reading and
+    hashing); each part is added to the whole-object digest in order before it is returned, so at
+    most one part per calling thread is alive."""
+
+    def __init__(
+        self, source: str | PathLike[str] | Buffer | object, part_size: int, algorithm: str = "sha256"
+    ) -> None: ...
+    @property
+    def size(self) -> int | None: ...
+    @property
+    def part_size(self) -> int: ...
+    @property
+    def algorithm(self) -> str: ...
+    def next_part(self) -> tuple[int, bytes, str] | None:
+        """(part_number from 1, data, Content-MD5 base64) or None when the source is exhausted."""
+    def finish(self) -> tuple[str, int, int]:
+        """(hex digest, size, parts) of the whole source; RuntimeError before every part was staged."""
+    def abort(self, reason: str) -> None: ...
+
+def content_md5(data: Buffer) -> str:
+    """Base64 MD5 of a bytes-like object (the Content-MD5 header value)."""

@@ -746,7 +746,8 @@ class S3Backend:
             resp = self._complete(key, upload_id, parts, size)
             self._check_multipart_etag(key, resp.get("ETag", ""), [md5s[n] for n in sorted(md5s)])
             return digest, size
-        except BaseException:
+        except BaseException as e:
+            stager.abort(f"upload of {key} failed: {type(e).__name__}")  # stop workers still running
             with contextlib.suppress(Exception):
                 self._call("abort_multipart_upload", Bucket=self.bucket, Key=key, UploadId=upload_id)
             raise
