@@ -94,7 +94,8 @@ def timed(fn: Callable[[], Any], repeat: int, before: Callable[[], None] | None 
 def rows_done(rows: list[tuple[str, float, int]], size: int, args: Any, server: Any, opts: Any) -> None:
     print(
         f"\n{size / MiB:.0f} MiB blob, moto server {server.endpoint}, "
-        f"part_size {opts.part_size // MiB} MiB, concurrency {opts.concurrency}, "
+        f"part_size {opts.part_size // MiB} MiB, part checksum {opts.part_checksum}, "
+        f"concurrency {opts.concurrency}, "
         f"best of {args.repeat}, {os.cpu_count()} CPUs\n"
     )
     print("| operation | seconds | MiB/s | peak RSS growth (MiB) |")
@@ -121,6 +122,7 @@ def main() -> None:
     ap.add_argument("--part-size", default=None, help="clawstore part_size (default: the backend's)")
     ap.add_argument("--concurrency", type=int, default=None)
     ap.add_argument("--only", choices=("upload", "download"), default=None)
+    ap.add_argument("--part-checksum", choices=("md5", "sha256"), default=None)
     args = ap.parse_args()
     size = parse_size(args.size)
 
@@ -143,6 +145,8 @@ def main() -> None:
         overrides: dict[str, Any] = {}
         if args.part_size:
             overrides["part_size"] = overrides["multipart_threshold"] = parse_size(args.part_size)
+        if args.part_checksum:
+            overrides["part_checksum"] = args.part_checksum
         if args.concurrency:
             overrides["concurrency"] = overrides["download_concurrency"] = args.concurrency
         store = clawstore.open(url, **overrides)

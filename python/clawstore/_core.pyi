@@ -63,8 +63,15 @@ class PartStager:
     most one part per calling thread is alive."""
 
     def __init__(
-        self, source: str | PathLike[str] | Buffer | object, part_size: int, algorithm: str = "sha256"
+        self,
+        source: str | PathLike[str] | Buffer | object,
+        part_size: int,
+        algorithm: str = "sha256",
+        checksum: str = "md5",
     ) -> None: ...
+    @property
+    def checksum(self) -> str:
+        """ "md5" (Content-MD5) or "sha256" (x-amz-checksum-sha256): the third element of a part."""
     @property
     def size(self) -> int | None: ...
     @property
@@ -72,7 +79,7 @@ class PartStager:
     @property
     def algorithm(self) -> str: ...
     def next_part(self) -> tuple[int, bytes, str] | None:
-        """(part_number from 1, data, Content-MD5 base64) or None when the source is exhausted."""
+        """(part_number from 1, data, checksum base64) or None when the source is exhausted."""
     def finish(self) -> tuple[str, int, int]:
         """(hex digest, size, parts) of the whole source; RuntimeError before every part was staged."""
     def abort(self, reason: str) -> None: ...
