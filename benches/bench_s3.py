@@ -91,12 +91,38 @@ def timed(fn: Callable[[], Any], repeat: int, before: Callable[[], None] | None 
     return best, mem
 
 
+def rows_done(rows: list[tuple[str, float, int]], size: int, args: Any, server: Any, opts: Any) -> None:
+    print(
+        f"\n{size / MiB:.0f} MiB blob, moto server {server.endpoint}, "
+        f"part_size {opts.part_size // MiB} MiB, part checksum {opts.part_checksum}, "
+        f"concurrency {opts.concurrency}, "
+        f"best of {args.repeat}, {os.cpu_count()} CPUs\n"
+    )
+    print("| operation | seconds | MiB/s | peak RSS growth (MiB) |")
+    print("|---|---:|---:|---:|")
+    for name, secs, mem in rows:
+        print(f"| {name} | {secs:.2f} | {size / MiB / secs:.0f} | {mem / MiB:.0f} |")
+    t = {n: s for n, s, _ in rows}
+    up = [v for k, v in t.items() if "upload_file" in k]
+    if up:
+        ours_up = t["clawstore put_blob(path)"]
+        print(f"\nupload ratio (best boto3 time / clawstore time): {min(up) / ours_up:.2f}x")
+        limit = opts.concurrency * opts.part_size + 64 * MiB
+        print(f"clawstore upload peak RSS growth {rows[0][2] / MiB:.0f} MiB (bound {limit / MiB:.0f} MiB)")
+    down = [v for k, v in t.items() if k.startswith("boto3") and "upload" not in k]
+    ours_down = [v for k, v in t.items() if k.startswith("clawstore get")]
+    if down and ours_down:
+        print(f"download ratio (best boto3 time / best clawstore time): {min(down) / min(ours_down):.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="1GiB")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--part-size", default=None, help="clawstore part_size (default: the backend's)")
     ap.add_argument("--concurrency", type=int, default=None)
+    ap.add_argument("--only", choices=("upload", "download"), default=None)
+    ap.add_argument("--part-checksum", choices=("md5", "sha256"), default=None)
     args = ap.parse_args()
     size = parse_size(args.size)
 
@@ -119,6 +145,8 @@ def main() -> None:
         overrides: dict[str, Any] = {}
         if args.part_size:
             overrides["part_size"] = overrides["multipart_threshold"] = parse_size(args.part_size)
+        if args.part_checksum:
+            overrides["part_checksum"] = args.part_checksum
         if args.concurrency:
             overrides["concurrency"] = overrides["download_concurrency"] = args.concurrency
         store = clawstore.open(url, **overrides)
@@ -139,29 +167,37 @@ def main() -> None:
                 if store.has_blob(digest):
                     store.delete_blob(digest)
 
-            # uploads
-            rows.append(
-                ("clawstore put_blob(path)", *timed(lambda: store.put_blob(src), args.repeat, drop_blob))
-            )
-            rows.append(
-                (
-                    "boto3 upload_file, default TransferConfig",
-                    *timed(
-                        lambda: default_client.upload_file(str(src), bucket, "b3/default", Config=default),
-                        args.repeat,
-                    ),
+            if args.only in (None, "upload"):
+                # uploads
+                rows.append(
+                    ("clawstore put_blob(path)", *timed(lambda: store.put_blob(src), args.repeat, drop_blob))
                 )
-            )
-            rows.append(
-                (
-                    "boto3 upload_file, tuned TransferConfig",
-                    *timed(
-                        lambda: client.upload_file(str(src), bucket, "b3/tuned", Config=tuned), args.repeat
-                    ),
+                rows.append(
+                    (
+                        "boto3 upload_file, default TransferConfig",
+                        *timed(
+                            lambda: default_client.upload_file(
+                                str(src), bucket, "b3/default", Config=default
+                            ),
+                            args.repeat,
+                        ),
+                    )
                 )
-            )
+                rows.append(
+                    (
+                        "boto3 upload_file, tuned TransferConfig",
+                        *timed(
+                            lambda: client.upload_file(str(src), bucket, "b3/tuned", Config=tuned),
+                            args.repeat,
+                        ),
+                    )
+                )
             for key in ("b3/default", "b3/tuned"):
                 client.delete_object(Bucket=bucket, Key=key)
+            if args.only == "upload":
+                rows_done(rows, size, args, server, opts)
+                store.close()
+                return
             if not store.has_blob(digest):
                 store.put_blob(src)
             client.copy_object(
@@ -219,25 +255,7 @@ def main() -> None:
             rows.append(("boto3 single get_object streamed to file", *timed(single_get, args.repeat, rm_out)))
             assert clawstore.digest_file(out) == digest
 
-        print(
-            f"\n{size / MiB:.0f} MiB blob, moto server {server.endpoint}, "
-            f"part_size {opts.part_size // MiB} MiB, concurrency {opts.concurrency}, "
-            f"best of {args.repeat}, {os.cpu_count()} CPUs\n"
-        )
-        print("| operation | seconds | MiB/s | peak RSS growth (MiB) |")
-        print("|---|---:|---:|---:|")
-        for name, secs, mem in rows:
-            print(f"| {name} | {secs:.2f} | {size / MiB / secs:.0f} | {mem / MiB:.0f} |")
-        up = {n: s for n, s, _ in rows[:3]}
-        best_up = min(v for k, v in up.items() if k.startswith("boto3"))
-        down = {n: s for n, s, _ in rows[3:]}
-        best_down = min(v for k, v in down.items() if k.startswith("boto3"))
-        ours_down = min(v for k, v in down.items() if k.startswith("clawstore"))
-        ours_up = up["clawstore put_blob(path)"]
-        print(f"\nupload ratio (best boto3 time / clawstore time): {best_up / ours_up:.2f}x")
-        print(f"download ratio (best boto3 time / best clawstore time): {best_down / ours_down:.2f}x")
-        limit = opts.concurrency * opts.part_size + 64 * MiB
-        print(f"clawstore upload peak RSS growth {rows[0][2] / MiB:.0f} MiB (bound {limit / MiB:.0f} MiB)")
+        rows_done(rows, size, args, server, opts)
         store.close()
     finally:
         server.stop()

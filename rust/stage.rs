@@ -37,6 +37,37 @@ pub fn md5_base64(data: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(Md5::digest(data))
 }
 
+/// Base64 SHA-256 of a buffer: the `x-amz-checksum-sha256` header value.
+pub fn sha256_base64(data: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(data))
+}
+
+/// The integrity checksum sent with each part, which the server verifies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PartChecksum {
+    /// `Content-MD5`: understood by every S3-compatible server; the part ETag is the same MD5.
+    Md5,
+    /// `x-amz-checksum-sha256`: about 4x cheaper to compute with SHA extensions.
+    Sha256,
+}
+
+impl PartChecksum {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "md5" => Some(PartChecksum::Md5),
+            "sha256" => Some(PartChecksum::Sha256),
+            _ => None,
+        }
+    }
+
+    pub fn base64(self, data: &[u8]) -> String {
+        match self {
+            PartChecksum::Md5 => md5_base64(data),
+            PartChecksum::Sha256 => sha256_base64(data),
+        }
+    }
+}
+
 /// Byte range `[start, end)` of part `index` (0-based) of an object of `size` bytes.
 pub fn part_range(size: u64, part_size: u64, index: u64) -> Option<(u64, u64)> {
     let start = index.checked_mul(part_size)?;
@@ -273,6 +304,7 @@ pub struct PartStager {
     source: Source,
     part_size: u64,
     algorithm: Algorithm,
+    checksum: PartChecksum,
     turns: Turns,
 }
 
@@ -357,9 +389,19 @@ impl PartStager {
 #[pymethods]
 impl PartStager {
     #[new]
-    #[pyo3(signature = (source, part_size, algorithm = "sha256"))]
-    fn new(source: &Bound<'_, PyAny>, part_size: u64, algorithm: &str) -> PyResult<Self> {
+    #[pyo3(signature = (source, part_size, algorithm = "sha256", checksum = "md5"))]
+    fn new(
+        source: &Bound<'_, PyAny>,
+        part_size: u64,
+        algorithm: &str,
+        checksum: &str,
+    ) -> PyResult<Self> {
         let alg = parse_algorithm(algorithm)?;
+        let part_checksum = PartChecksum::parse(checksum).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "part checksum must be 'md5' or 'sha256', not {checksum:?}"
+            ))
+        })?;
         if part_size == 0 || part_size > MAX_PART_SIZE {
             return Err(PyValueError::new_err(format!(
                 "part_size must be 1..={MAX_PART_SIZE} bytes, got {part_size}"
@@ -406,6 +448,7 @@ impl PartStager {
             source: src,
             part_size,
             algorithm: alg,
+            checksum: part_checksum,
             turns: Turns::new(alg, total),
         })
     }
@@ -430,7 +473,16 @@ impl PartStager {
         self.algorithm.name()
     }
 
-    /// The next part as `(part_number, data, content_md5_base64)`, or None at the end.
+    /// "md5" or "sha256": what the third element of each part is.
+    #[getter]
+    fn checksum(&self) -> &'static str {
+        match self.checksum {
+            PartChecksum::Md5 => "md5",
+            PartChecksum::Sha256 => "sha256",
+        }
+    }
+
+    /// The next part as `(part_number, data, checksum_base64)`, or None at the end.
     fn next_part(&self, py: Python<'_>) -> PyResult<Option<PyObject>> {
         let idx = match py.allow_threads(|| self.turns.claim()) {
             Ok(i) => i,
@@ -473,9 +525,9 @@ impl PartStager {
         let md5 = py.allow_threads(|| -> Result<String, Stop> {
             // SAFETY: `bytes` is alive (we hold it) and immutable for the whole call.
             let data = unsafe { std::slice::from_raw_parts(data_ptr as *const u8, n) };
-            let md5 = md5_base64(data);
+            let sum = self.checksum.base64(data);
             self.turns.hash_in_order(idx, data)?;
-            Ok(md5)
+            Ok(sum)
         });
         let md5 = match md5 {
             Ok(m) => m,
@@ -586,9 +638,15 @@ mod tests {
     }
 
     #[test]
-    fn md5_vector() {
+    fn checksum_vectors() {
         // RFC 1321: MD5("abc") = 900150983cd24fb0d6963f7d28e17f72
         assert_eq!(md5_base64(b"abc"), "kAFQmDzST7DWlj99KOF/cg==");
+        // FIPS 180-2: SHA-256("abc") = ba7816bf...
+        assert_eq!(
+            PartChecksum::Sha256.base64(b"abc"),
+            "ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0="
+        );
+        assert_eq!(PartChecksum::parse("crc32"), None);
     }
 
     #[test]

@@ -409,3 +409,26 @@ def test_file_shrinking_during_upload_fails_cleanly(
     with pytest.raises(OSError):
         backend(s3_store)._multipart("store/blobs/sha256/00/" + "0" * 64, st, None)
     assert digest_keys(s3_client, s3_bucket) == [] and uploads(s3_client, s3_bucket) == []
+
+
+@pytest.mark.parametrize("kind", ["bytes", "stream"])
+def test_sha256_part_checksums(s3_endpoint: str, s3_bucket: str, s3_client: Any, kind: str) -> None:
+    """part_checksum=sha256: parts carry x-amz-checksum-sha256 (declared at CreateMultipartUpload
+    and repeated at Complete) instead of Content-MD5."""
+    opts = {**TEST_OPTIONS, "part_checksum": "sha256"}
+    with clawstore.open(store_url(s3_endpoint, s3_bucket), **opts) as s:
+        sent: list[dict[str, Any]] = []
+        backend(s).client.meta.events.register(
+            "before-call.s3.UploadPart", lambda params, **_: sent.append(dict(params["headers"]))
+        )
+        data = rand(12 * MiB + 1, 14)
+        d = s.put_blob(io.BytesIO(data) if kind == "stream" else data)
+        assert d.digest == oracle(data)
+        assert s.read_blob(d.digest) == data
+        assert len(sent) == 3
+        assert all("x-amz-checksum-sha256" in h and "Content-MD5" not in h for h in sent)
+        with pytest.raises(DigestMismatchError):
+            s.put_blob(rand(11 * MiB, 15), expected=oracle(b"other"))
+    assert uploads(s3_client, s3_bucket) == []
+    with pytest.raises(ClawstoreError, match="part_checksum"):
+        clawstore.open(store_url(s3_endpoint, s3_bucket), part_checksum="crc32")

@@ -55,35 +55,43 @@ def hash_features() -> dict[str, bool | int]:
     """CPU features the hashing uses here (`sha_ni`, `avx2`, `avx512f`), blake3 thread count and
     the read size: for benchmark reports and diagnostics."""
 
-# -- stage (rust/stage.rs): multipart part staging ---------------------------------------------
+# -- stage (multipart part staging for the S3 backend) ------------------------------------------
 
 MIN_PART_SIZE: Final[int]
 MAX_PART_SIZE: Final[int]
 MAX_PARTS: Final[int]
 
 class PartStager:
-    """Splits a file path, a bytes-like object or a binary stream into upload parts, hashing the
-    whole source in order. `next_part()` may be called from many threads at once."""
+    """Splits a path, a bytes-like object or a binary stream into upload parts.
+
+    `next_part()` may be called from many threads at once (GIL released while reading and
+    hashing); each part is added to the whole-object digest in order before it is returned, so at
+    most one part per calling thread is alive."""
 
     def __init__(
-        self, source: str | PathLike[str] | Buffer | BinaryIO, part_size: int, algorithm: str = "sha256"
+        self,
+        source: str | PathLike[str] | Buffer | object,
+        part_size: int,
+        algorithm: str = "sha256",
+        checksum: str = "md5",
     ) -> None: ...
     @property
-    def size(self) -> int | None:
-        """Total size when known up front (paths, buffers); None for streams."""
+    def checksum(self) -> str:
+        """ "md5" (Content-MD5) or "sha256" (x-amz-checksum-sha256): the third element of a part."""
+    @property
+    def size(self) -> int | None: ...
     @property
     def part_size(self) -> int: ...
     @property
     def algorithm(self) -> str: ...
     def next_part(self) -> tuple[int, bytes, str] | None:
-        """(part number from 1, data, Content-MD5 base64), or None once the source is exhausted."""
+        """(part_number from 1, data, checksum base64) or None when the source is exhausted."""
     def finish(self) -> tuple[str, int, int]:
         """(hex digest, size, parts) of the whole source; RuntimeError before every part was staged."""
-    def abort(self, reason: str) -> None:
-        """Stop staging: workers blocked in or calling `next_part()` get an error."""
+    def abort(self, reason: str) -> None: ...
 
 def content_md5(data: Buffer) -> str:
-    """Base64 MD5 (`Content-MD5`) of a bytes-like object."""
+    """Base64 MD5 of a bytes-like object (the Content-MD5 header value)."""
 
 # -- layer (rust/layer/): volume tree scans, tar+zstd pack / unpack ----------------------------
 
