@@ -7,6 +7,7 @@
 //! - `unpack`: OCI whiteouts, type changes, parallel file writes.
 //! - `py`: the Python bindings (`Scan`, `Delta`, `PackStream`, `pack_to_file`, `Unpacker`).
 
+mod chunks;
 pub mod index;
 pub mod pack;
 mod py;

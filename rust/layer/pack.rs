@@ -14,11 +14,11 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use tar::{EntryType, Header};
 
+use super::chunks::{Pool, Shared};
 use super::index::{Entry, Kind, ROOT};
 use crate::digest::{Algorithm, StreamHasher};
 
@@ -400,8 +400,9 @@ enum Slot {
 /// and the compressor thread, so framing, hashing and compression run side by side.
 struct ChunkSink {
     buf: Vec<u8>,
-    to_hash: Sender<Arc<Vec<u8>>>,
-    to_compress: Sender<Arc<Vec<u8>>>,
+    pool: Pool,
+    to_hash: Sender<Shared>,
+    to_compress: Sender<Shared>,
 }
 
 impl ChunkSink {
@@ -409,10 +410,8 @@ impl ChunkSink {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let chunk = Arc::new(std::mem::replace(
-            &mut self.buf,
-            Vec::with_capacity(TAR_BUFFER),
-        ));
+        let next = self.pool.take();
+        let chunk = self.pool.share(std::mem::replace(&mut self.buf, next));
         let gone = || io::Error::new(io::ErrorKind::BrokenPipe, "compressor stopped");
         self.to_hash.send(chunk.clone()).map_err(|_| gone())?;
         self.to_compress.send(chunk).map_err(|_| gone())
@@ -462,8 +461,9 @@ pub fn pack<W: Write + Send>(
     let mut result = PackResult::default();
 
     let (diff, compressed) = std::thread::scope(|s| {
-        let (hash_tx, hash_rx) = bounded::<Arc<Vec<u8>>>(PIPE_CHUNKS);
-        let (comp_tx, comp_rx) = bounded::<Arc<Vec<u8>>>(PIPE_CHUNKS);
+        let (hash_tx, hash_rx) = bounded::<Shared>(PIPE_CHUNKS);
+        let (comp_tx, comp_rx) = bounded::<Shared>(PIPE_CHUNKS);
+        let pool = Pool::new(TAR_BUFFER, 2 * PIPE_CHUNKS + 2);
         let hasher = s.spawn(move || {
             let mut h = StreamHasher::new(Algorithm::Sha256);
             let mut n = 0u64;
@@ -481,7 +481,8 @@ pub fn pack<W: Write + Send>(
             enc.finish()
         });
         let sink = ChunkSink {
-            buf: Vec::with_capacity(TAR_BUFFER),
+            buf: pool.take(),
+            pool,
             to_hash: hash_tx,
             to_compress: comp_tx,
         };

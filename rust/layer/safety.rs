@@ -208,11 +208,10 @@ impl<R: Read> Read for CountingReader<R> {
     }
 }
 
-/// The decompressed side of a layer: hashes it (diff_id), counts it, and enforces byte, ratio
-/// and per-layer size limits as the bytes come out of the decompressor.
+/// The decompressed side of a layer: counts it and enforces byte, ratio and per-layer size
+/// limits as the bytes come out of the decompressor.
 pub struct LimitedReader<R> {
     pub inner: R,
-    pub hasher: crate::digest::StreamHasher,
     pub layer_bytes: u64,
     pub compressed: Arc<AtomicU64>,
     pub budget: Arc<Budget>,
@@ -227,7 +226,6 @@ impl<R: Read> Read for LimitedReader<R> {
         if n == 0 {
             return Ok(0);
         }
-        self.hasher.update(&buf[..n]);
         self.layer_bytes += n as u64;
         let total = self.budget.bytes.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
         if total > self.limits.max_bytes {

@@ -23,6 +23,7 @@ use crossbeam_channel::{bounded, Sender};
 use filetime::FileTime;
 use tar::EntryType;
 
+use super::chunks::{Pool, Shared};
 use super::pack::{OPAQUE, WHITEOUT_PREFIX};
 use super::safety::{
     clean_path, io_ctx, unsafe_err, Budget, CountingReader, LimitedReader, Limits, SafeRoot,
@@ -200,6 +201,82 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
+/// Decompressed chunks in flight to the tar side and to the diff_id hasher.
+const DECODE_CHUNKS: usize = 16;
+const DECODE_CHUNK: usize = 1 << 20;
+
+type Decoded = Result<(Option<String>, u64), UnpackError>;
+
+/// The decoder thread: decompress `limited` into chunks for the tar side and the hasher; at the
+/// end, drain the compressed source so that its digest covers every byte.
+fn decode<R: Read>(
+    mut limited: LimitedReader<zstd::stream::read::Decoder<'static, BufReader<HashingReader<R>>>>,
+    tar_tx: Sender<Shared>,
+    hash_tx: Sender<Shared>,
+) -> Decoded {
+    let pool = Pool::new(DECODE_CHUNK, 2 * DECODE_CHUNKS + 2);
+    loop {
+        let mut buf = pool.take();
+        buf.resize(DECODE_CHUNK, 0);
+        let mut filled = 0;
+        while filled < buf.len() {
+            match limited.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(UnpackError::Io("layer".into(), e)),
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        buf.truncate(filled);
+        let chunk = pool.share(buf);
+        if hash_tx.send(chunk.clone()).is_err() || tar_tx.send(chunk).is_err() {
+            // the tar side stopped (an error it reports): nothing more to do
+            return Err(UnpackError::Io(
+                "layer".into(),
+                io::Error::new(io::ErrorKind::BrokenPipe, "tar reader stopped"),
+            ));
+        }
+    }
+    let uncompressed = limited.layer_bytes;
+    let mut inner = limited.inner.finish();
+    io::copy(&mut inner, &mut io::sink()).map_err(io_ctx("layer"))?;
+    let hreader = inner.into_inner();
+    Ok((hreader.hasher.map(|h| h.digest_string()), uncompressed))
+}
+
+/// Reads the chunks the decoder thread sends.
+struct ChunkReader {
+    rx: crossbeam_channel::Receiver<Shared>,
+    chunk: Option<Shared>,
+    pos: usize,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if let Some(c) = &self.chunk {
+                if self.pos < c.len() {
+                    let n = buf.len().min(c.len() - self.pos);
+                    buf[..n].copy_from_slice(&c[self.pos..self.pos + n]);
+                    self.pos += n;
+                    return Ok(n);
+                }
+            }
+            self.chunk = None; // back to the pool once the hasher is done with it too
+            match self.rx.recv() {
+                Ok(c) => {
+                    self.chunk = Some(c);
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0), // decoder done (or failed: it reports why)
+            }
+        }
+    }
+}
+
 /// Applies layers, in order, to one target directory.
 pub struct Unpacker {
     root: SafeRoot,
@@ -317,7 +394,12 @@ impl Unpacker {
     }
 
     /// Apply one layer read from `src` (compressed bytes).
-    pub fn apply<R: Read>(
+    ///
+    /// Three threads, like `zstd -dc | tar -x` plus checks: a decoder thread reads, hashes
+    /// (blob digest) and decompresses `src`, enforcing the limits as bytes come out; a hasher
+    /// thread computes the diff_id; this thread parses tar and applies entries (small file
+    /// bodies going on to the writer pool).
+    pub fn apply<R: Read + Send>(
         &mut self,
         src: R,
         spec: &LayerSpec,
@@ -343,45 +425,52 @@ impl Unpacker {
                 .map_err(io_ctx("zstd"))?;
         let limited = LimitedReader {
             inner: decoder,
-            hasher: StreamHasher::new(crate::digest::Algorithm::Sha256),
             layer_bytes: 0,
             compressed: compressed.clone(),
             budget: self.budget.clone(),
             limits: self.limits.clone(),
             max_layer_bytes: spec.uncompressed_size,
         };
-        let mut archive = tar::Archive::new(limited);
-        let mut written: HashSet<String> = HashSet::new();
+        let budget = self.budget.clone();
         let mut entries_in_layer = 0u64;
-        {
-            let entries = archive.entries().map_err(self.stream_err("tar"))?;
-            for entry in entries {
-                let mut entry = entry.map_err(self.stream_err("tar"))?;
-                entries_in_layer += 1;
-                let n = self.budget.entries.fetch_add(1, Ordering::Relaxed) + 1;
-                if n > self.limits.max_entries {
-                    return Err(unsafe_err(format!(
-                        "more than {} entries (limit)",
-                        self.limits.max_entries
-                    )));
+
+        let (tar_result, decoded, diff) = std::thread::scope(|s| {
+            let (tar_tx, tar_rx) = bounded::<Shared>(DECODE_CHUNKS);
+            let (hash_tx, hash_rx) = bounded::<Shared>(DECODE_CHUNKS);
+            let hasher = s.spawn(move || {
+                let mut h = StreamHasher::new(crate::digest::Algorithm::Sha256);
+                for chunk in hash_rx.iter() {
+                    h.update(&chunk);
                 }
-                self.entry(&mut entry, &mut written)?;
-                if n.is_multiple_of(256) {
-                    self.sync_stats();
-                    progress(&self.stats)?;
-                }
-            }
+                h.digest_string()
+            });
+            let decoder = s.spawn(move || decode(limited, tar_tx, hash_tx));
+            let reader = ChunkReader {
+                rx: tar_rx,
+                chunk: None,
+                pos: 0,
+            };
+            let tar_result = self.apply_tar(reader, &mut entries_in_layer, progress);
+            // (the reader is gone: a decoder still sending stops at once)
+            let decoded = decoder.join();
+            let diff = hasher.join();
+            (tar_result, decoded, diff)
+        });
+        let decoded = match decoded {
+            Ok(r) => r,
+            Err(_) => Err(UnpackError::Io(
+                "zstd".into(),
+                io::Error::other("decoder panicked"),
+            )),
+        };
+        // A limit violation or read error explains whatever the tar side saw: report it first.
+        if let Some(v) = budget.violation() {
+            return Err(UnpackError::Unsafe(v));
         }
-        // Drain what follows the end-of-archive marker: it is part of the diff_id and of the
-        // blob digest, and limits apply to it as well.
-        let mut limited = archive.into_inner();
-        io::copy(&mut limited, &mut io::sink()).map_err(self.stream_err("zstd"))?;
-        let diff_id = limited.hasher.digest_string();
-        let uncompressed = limited.layer_bytes;
-        let mut inner = limited.inner.finish();
-        io::copy(&mut inner, &mut io::sink()).map_err(self.stream_err("layer"))?;
-        let hreader = inner.into_inner();
-        let digest = hreader.hasher.map(|h| h.digest_string());
+        let (digest, uncompressed) = decoded?;
+        tar_result?;
+        let diff_id = diff
+            .map_err(|_| UnpackError::Io("sha256".into(), io::Error::other("hasher panicked")))?;
         if let (Some(want), Some(got)) = (&spec.digest, &digest) {
             if want != got {
                 return Err(UnpackError::Digest(format!("layer {want} hashes to {got}")));
@@ -411,6 +500,40 @@ impl Unpacker {
             uncompressed,
             entries: entries_in_layer,
         })
+    }
+
+    fn apply_tar(
+        &mut self,
+        reader: ChunkReader,
+        entries_in_layer: &mut u64,
+        progress: &mut dyn FnMut(&UnpackStats) -> Result<(), UnpackError>,
+    ) -> Result<(), UnpackError> {
+        let mut archive = tar::Archive::new(reader);
+        let mut written: HashSet<String> = HashSet::new();
+        {
+            let entries = archive.entries().map_err(self.stream_err("tar"))?;
+            for entry in entries {
+                let mut entry = entry.map_err(self.stream_err("tar"))?;
+                *entries_in_layer += 1;
+                let n = self.budget.entries.fetch_add(1, Ordering::Relaxed) + 1;
+                if n > self.limits.max_entries {
+                    return Err(unsafe_err(format!(
+                        "more than {} entries (limit)",
+                        self.limits.max_entries
+                    )));
+                }
+                self.entry(&mut entry, &mut written)?;
+                if n.is_multiple_of(256) {
+                    self.sync_stats();
+                    progress(&self.stats)?;
+                }
+            }
+        }
+        // Drain what follows the end-of-archive marker: it is part of the diff_id and of the
+        // blob digest, and limits apply to it as well.
+        let mut rest = archive.into_inner();
+        io::copy(&mut rest, &mut io::sink()).map_err(self.stream_err("zstd"))?;
+        Ok(())
     }
 
     fn sync_stats(&mut self) {
@@ -502,14 +625,23 @@ impl Unpacker {
                 self.dirs.insert(rel.clone(), meta);
             }
             EntryType::Regular | EntryType::Continuous => {
-                self.clear(&rel)?;
-                let mut file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&full)
-                    .map_err(io_ctx(full.display()))?;
+                let create = || {
+                    OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                        .open(&full)
+                };
+                // Try first (the usual case: nothing there); replace whatever is there otherwise.
+                let mut file = match create() {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        self.clear(&rel)?;
+                        create().map_err(io_ctx(full.display()))?
+                    }
+                    Err(e) => return Err(UnpackError::Io(full.display().to_string(), e)),
+                };
                 let size = entry.size();
                 if size <= POOL_MAX {
                     let mut data = Vec::with_capacity(size as usize);
