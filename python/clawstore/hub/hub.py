@@ -154,6 +154,8 @@ class HubSession(ArtifactStore):
                 ["repository", "digest"],
                 ["pushed_at"],
             )
+        # Held (and rescued) now: if GC deleted part of it before that, refuse to tag a torso.
+        self._check_references(parse_manifest(self.get_manifest(d)))
         prev = super().tag(repo, tag, d, expect)
         with self.hub.catalog.tx() as conn:
             c.set_tag(conn, repo, tag, d, actor=self.principal.name)
