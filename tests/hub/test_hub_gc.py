@@ -303,3 +303,21 @@ def test_gc_state_machine(kind: str) -> None:
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     )
     machine.TestCase().runTest()
+
+
+def test_tagging_a_trashed_manifest_rescues_its_closure(hub: Hub) -> None:
+    """GC chose a manifest, its blobs and a referrer; before the sweep someone tags it again.
+    The tag's hold rescues the whole closure, so the sweep leaves it whole."""
+    with hub.session(ADMIN, "r") as s:
+        m = push_artifact(s, "r", None, [b"layer one", b"layer two"])
+        sig = push_artifact(s, "r", None, [b"signature"], subject=m, artifact_type="application/x.sig")
+    gc = GarbageCollector(hub.catalog, hub.store)
+    with hub.catalog.tx(exclusive=True) as conn:
+        totals, _, _ = gc.mark(conn, grace=0, dry_run=False)
+    assert totals["manifest"][0] == 2 and totals["blob"][0] == 4
+    hub.tag(ADMIN, "r", "again", m.digest)
+    _drained, removed = gc.drain()
+    assert removed == 0
+    manifests, blobs = store_objects(hub.store)
+    assert {m.digest, sig.digest} <= manifests and len(blobs) == 4
+    assert hub.fsck(ADMIN).ok

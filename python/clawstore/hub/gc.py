@@ -14,18 +14,20 @@ One run:
    An adopted row is only collectable once no lease older than its adoption is live, because the
    push that wrote it may not have recorded it yet.
 3. mark, in one exclusive catalog transaction, in SQL: a recursive CTE over the roots into a
-   temporary table, then INSERT ... SELECT the garbage into `gc_trash` and delete its catalog rows.
-4. drain `gc_trash` in batches: each batch's rows are deleted and its objects removed from the
-   store in the same transaction (manifests before blobs).
+   temporary table, then INSERT ... SELECT the garbage into `gc_trash`. Nothing else is written,
+   so the exclusive section (which pushes wait for) stays short.
+4. drain `gc_trash` in batches: each batch's trash rows, its catalog rows (manifest, edges, blob
+   rows) and its store objects are deleted in one transaction (manifests before blobs).
 5. store.cleanup(): temp files and stale uploads.
 
 Why a push is safe even with grace 0 (the protocol `clawstore.hub.Hub` follows): a push holds a
 lease and adds each digest to it *before* relying on the object (`has_blob`, `put_blob` with a
 known digest, `put_manifest` for the manifest and everything it references). Adding rescues the
-digest from `gc_trash`. Since step 3 runs with the catalog locked exclusively, a digest added
-before it is a root, and a digest added after it is rescued from the trash unless step 4 has
-already removed the object in a committed transaction, in which case the pusher sees the object
-missing and uploads it again (or `put_manifest` refuses the dangling reference).
+digest from `gc_trash` (a rescued manifest brings back what it reaches). Since step 3 runs
+with the catalog locked exclusively, a digest added before it is a root, and a digest added
+after it is rescued from the trash unless step 4 has already removed the object in a committed
+transaction, in which case the pusher sees the object missing and uploads it again (or
+`put_manifest` / `tag` refuse the dangling reference).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from clawstore.hub import catalog as c
 from clawstore.manifest import parse_manifest
 from clawstore.store import ArtifactStore
 
-BATCH = 1000
+BATCH = 5000
 INF = float("inf")
 
 
@@ -126,17 +128,19 @@ class GarbageCollector:
     def _ensure_manifest(self, conn: Connection, digest: str) -> bool:
         """Record a manifest (and rescue it and what it references from the trash) if the catalog
         lacks it. False if the store lacks it too."""
+        from clawstore.hub.leases import rescue
+
         store = self._need_store()
         if conn.execute(select(c.manifests.c.digest).where(c.manifests.c.digest == digest)).first():
+            rescue(conn, [digest])
             return True
         try:
             data = store.get_manifest(digest)
         except NotFoundError:
             return False
         m = parse_manifest(data)
-        refs = [str(d.digest) for d in m.blobs()] + [str(d.digest) for d in getattr(m, "manifests", ())]
-        conn.execute(delete(c.gc_trash).where(c.gc_trash.c.digest.in_([digest, *refs])))
         c.record_manifest(conn, digest, m, len(data))
+        rescue(conn, [digest, *(str(d.digest) for d in m.blobs())])
         for child in getattr(m, "manifests", ()):
             self._ensure_manifest(conn, str(child.digest))
         return True
@@ -182,7 +186,7 @@ class GarbageCollector:
         force: list[str] | None = None,
         list_limit: int = 0,
     ) -> tuple[dict[str, tuple[int, int]], list[tuple[str, str, int]], int]:
-        """Choose garbage; unless dry_run move it to gc_trash and drop its catalog rows.
+        """Choose garbage and, unless dry_run, queue it in gc_trash (drain deletes it).
         Returns ({kind: (count, bytes)}, up to list_limit [(kind, digest, size)], expired leases).
         `force`: manifests that do not get the grace period's protection (retention's deletion of
         untagged manifests)."""
@@ -190,6 +194,8 @@ class GarbageCollector:
         cutoff = t - grace
         pg = conn.dialect.name == "postgresql"
         on_commit = " ON COMMIT DROP" if pg else ""
+        if pg:
+            conn.exec_driver_sql("SET LOCAL work_mem = '128MB'")  # hash anti-joins stay in memory
         for name in ("gc_live", "gc_force", "gc_garbage"):
             conn.exec_driver_sql(f"DROP TABLE IF EXISTS {'' if pg else 'temp.'}{name}")
         conn.exec_driver_sql(f"CREATE TEMPORARY TABLE gc_live (digest VARCHAR(200) PRIMARY KEY){on_commit}")
@@ -238,6 +244,7 @@ class GarbageCollector:
                 SELECT m.digest, 'manifest', m.size FROM manifests m
                 WHERE NOT EXISTS (SELECT 1 FROM gc_live l WHERE l.digest = m.digest)
                   AND (m.adopted = false OR m.created_at < :oldest)
+                  AND NOT EXISTS (SELECT 1 FROM gc_trash x WHERE x.digest = m.digest)
                 """
             ),
             params,
@@ -252,6 +259,7 @@ class GarbageCollector:
                   AND NOT EXISTS (SELECT 1 FROM gc_live l WHERE l.digest = b.digest)
                   AND NOT EXISTS (SELECT 1 FROM manifest_blobs mb JOIN gc_live l ON l.digest = mb.manifest
                                   WHERE mb.blob = b.digest)
+                  AND NOT EXISTS (SELECT 1 FROM gc_trash x WHERE x.digest = b.digest)
                 """
             ),
             params,
@@ -273,21 +281,10 @@ class GarbageCollector:
             conn.execute(
                 text(
                     "INSERT INTO gc_trash (digest, kind, size, queued_at) "
-                    "SELECT g.digest, g.kind, g.size, :t FROM gc_garbage g "
-                    "WHERE NOT EXISTS (SELECT 1 FROM gc_trash x WHERE x.digest = g.digest)"
+                    "SELECT g.digest, g.kind, g.size, :t FROM gc_garbage g"
                 ),
                 params,
             )
-            gm = "(SELECT digest FROM gc_garbage WHERE kind = 'manifest')"
-            for stmt in (
-                f"DELETE FROM manifest_blobs WHERE manifest IN {gm}",
-                f"DELETE FROM manifest_edges WHERE kind = 'child' AND parent IN {gm}",
-                f"DELETE FROM manifest_edges WHERE kind = 'referrer' AND child IN {gm}",
-                f"DELETE FROM repo_manifests WHERE digest IN {gm}",
-                f"DELETE FROM manifests WHERE digest IN {gm}",
-                "DELETE FROM blobs WHERE digest IN (SELECT digest FROM gc_garbage WHERE kind = 'blob')",
-            ):
-                conn.exec_driver_sql(stmt)
         if not pg:
             for name in ("gc_live", "gc_force", "gc_garbage"):
                 conn.exec_driver_sql(f"DROP TABLE IF EXISTS temp.{name}")
@@ -295,31 +292,53 @@ class GarbageCollector:
 
     # -- 4. sweep ----------------------------------------------------------------------------
     def drain(self, batch: int = BATCH) -> tuple[int, int]:
-        """Delete trashed objects from the store. Returns (rows drained, objects removed)."""
+        """Delete trashed objects from the store, manifests before blobs, in batches walked by
+        digest (keyset pagination on the primary key: no re-sorting, no re-scanning).
+        Returns (rows drained, objects removed)."""
         store = self._need_store()
         drained = removed = 0
-        while True:
-            with self.catalog.tx() as conn:
-                pick = select(c.gc_trash.c.digest).order_by(c.gc_trash.c.kind.desc(), c.gc_trash.c.digest)
-                pick = pick.limit(batch)
-                if conn.dialect.name == "postgresql":
-                    pick = pick.with_for_update(skip_locked=True)
-                rows = conn.execute(
-                    delete(c.gc_trash)
-                    .where(c.gc_trash.c.digest.in_(pick.scalar_subquery()))
-                    .returning(c.gc_trash.c.digest, c.gc_trash.c.kind)
-                ).all()
-                if not rows:
-                    return drained, removed
-                # Objects go inside the transaction that removed their trash rows: a push that
-                # rescues a digest waits for this commit and then finds the object gone.
-                for digest, kind in sorted(rows, key=lambda r: r[1] != "manifest"):
-                    try:
-                        (store.delete_manifest if kind == "manifest" else store.delete_blob)(digest)
-                        removed += 1
-                    except NotFoundError:
-                        pass
-                drained += len(rows)
+        for kind in ("manifest", "blob"):
+            last = ""
+            while True:
+                with self.catalog.tx() as conn:
+                    pick = (
+                        select(c.gc_trash.c.digest)
+                        .where(c.gc_trash.c.kind == kind, c.gc_trash.c.digest > last)
+                        .order_by(c.gc_trash.c.digest)
+                        .limit(batch)
+                    )
+                    if conn.dialect.name == "postgresql":
+                        pick = pick.with_for_update(skip_locked=True)
+                    picked = [r[0] for r in conn.execute(pick)]
+                    if not picked:
+                        break
+                    last = picked[-1]
+                    # A push that rescued a digest meanwhile deleted its row: not RETURNed here.
+                    rows = conn.execute(
+                        delete(c.gc_trash)
+                        .where(c.gc_trash.c.digest.in_(picked))
+                        .returning(c.gc_trash.c.digest)
+                    ).all()
+                    gone = [r[0] for r in rows]
+                    if kind == "manifest" and gone:
+                        conn.execute(delete(c.manifest_blobs).where(c.manifest_blobs.c.manifest.in_(gone)))
+                        e = c.manifest_edges
+                        conn.execute(delete(e).where(e.c.kind == "child", e.c.parent.in_(gone)))
+                        conn.execute(delete(e).where(e.c.kind == "referrer", e.c.child.in_(gone)))
+                        conn.execute(delete(c.repo_manifests).where(c.repo_manifests.c.digest.in_(gone)))
+                        conn.execute(delete(c.manifests).where(c.manifests.c.digest.in_(gone)))
+                    elif gone:
+                        conn.execute(delete(c.blobs).where(c.blobs.c.digest.in_(gone)))
+                    # Objects go inside the transaction that removed their trash rows: a push
+                    # that rescues a digest waits for this commit and then finds the object gone.
+                    for (digest,) in rows:
+                        try:
+                            (store.delete_manifest if kind == "manifest" else store.delete_blob)(digest)
+                            removed += 1
+                        except NotFoundError:
+                            pass
+                    drained += len(rows)
+        return drained, removed
 
     # -- the whole run -----------------------------------------------------------------------
     def run(

@@ -56,6 +56,7 @@ class HubSession(ArtifactStore):
         self.repo = repo
         self.lease = lease
         self._held: set[str] = set()
+        self._pending: dict[str, int] = {}  # blobs written, catalog rows not yet
         self._closed = False
 
     def __repr__(self) -> str:
@@ -77,8 +78,9 @@ class HubSession(ArtifactStore):
         if expected is not None:
             self.hold(expected)
             d = super().put_blob(src, expected, **kw)
-            with self.hub.catalog.tx() as conn:
-                c.record_blob(conn, d.digest, d.size)
+            # Held by the lease already; its catalog row is written with the next manifest (or
+            # when the session ends), one transaction for many blobs.
+            self._pending[str(d.digest)] = d.size
             return d
         for _attempt in range(3):
             d = super().put_blob(src, None, **kw)
@@ -123,8 +125,18 @@ class HubSession(ArtifactStore):
         self.hold(digest, *(d.digest for d in refs.blobs), *(d.digest for d in refs.manifests))
         desc = super().put_manifest(data, media_type, expected=expected)
         with self.hub.catalog.tx() as conn:
+            self._flush(conn)
             c.record_manifest(conn, desc.digest, m, len(data), repo=self.repo)
         return desc
+
+    def _flush(self, conn: Any) -> None:
+        t = c.now()
+        rows = [
+            {"digest": d, "size": size, "created_at": t, "seen_at": t, "adopted": False}
+            for d, size in self._pending.items()
+        ]
+        c.upsert(conn, c.blobs, rows, ["digest"], ["seen_at", "adopted"])
+        self._pending.clear()
 
     def has_manifest(self, digest: Digest | str) -> bool:
         self.hold(digest)
@@ -154,6 +166,8 @@ class HubSession(ArtifactStore):
                 ["repository", "digest"],
                 ["pushed_at"],
             )
+        # Held (and rescued) now: if GC deleted part of it before that, refuse to tag a torso.
+        self._check_references(parse_manifest(self.get_manifest(d)))
         prev = super().tag(repo, tag, d, expect)
         with self.hub.catalog.tx() as conn:
             c.set_tag(conn, repo, tag, d, actor=self.principal.name)
@@ -179,7 +193,12 @@ class HubSession(ArtifactStore):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.lease.release()
+            try:
+                if self._pending:
+                    with self.hub.catalog.tx() as conn:
+                        self._flush(conn)
+            finally:
+                self.lease.release()
 
 
 class Hub:

@@ -73,6 +73,40 @@ class VolumeLease:
         self.release()
 
 
+def rescue(conn: Connection, digests: list[str]) -> int:
+    """Take `digests` out of GC's trash, and with each rescued manifest everything it reaches
+    (index children, referrers, blobs) that is trashed too. Returns how many rows came back."""
+    frontier = sorted(set(digests))
+    rescued = 0
+    while frontier:
+        manifests: list[str] = []
+        for i in range(0, len(frontier), 500):
+            rows = conn.execute(
+                delete(c.gc_trash)
+                .where(c.gc_trash.c.digest.in_(frontier[i : i + 500]))
+                .returning(c.gc_trash.c.digest, c.gc_trash.c.kind)
+            ).all()
+            rescued += len(rows)
+            manifests += [d for d, kind in rows if kind == "manifest"]
+        nxt: set[str] = set()
+        for i in range(0, len(manifests), 500):
+            chunk = manifests[i : i + 500]
+            nxt |= {
+                r[0]
+                for r in conn.execute(
+                    select(c.manifest_edges.c.child).where(c.manifest_edges.c.parent.in_(chunk))
+                )
+            }
+            nxt |= {
+                r[0]
+                for r in conn.execute(
+                    select(c.manifest_blobs.c.blob).where(c.manifest_blobs.c.manifest.in_(chunk))
+                )
+            }
+        frontier = sorted(nxt)
+    return rescued
+
+
 class Leases:
     def __init__(self, catalog: c.Catalog) -> None:
         self.catalog = catalog
@@ -116,8 +150,7 @@ class Leases:
             [{"lease_id": lease.id, "digest": d} for d in digests],
             ["lease_id", "digest"],
         )
-        for i in range(0, len(digests), 500):
-            conn.execute(delete(c.gc_trash).where(c.gc_trash.c.digest.in_(digests[i : i + 500])))
+        rescue(conn, digests)
 
     def release(self, lease_id: str) -> None:
         with self.catalog.tx() as conn:
