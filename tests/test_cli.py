@@ -452,3 +452,27 @@ def test_reading_commands_of_other_areas_never_create_a_store(tmp_path: Path, ar
     assert r.code == 1, r
     assert r.err == f"error: no clawstore store at {missing}\n"
     assert not missing.exists()
+
+
+def test_progress_reader_does_not_turn_would_block_into_end_of_data(tmp_path: Path) -> None:
+    """On a terminal `blob put -` reads stdin through a progress wrapper; a non-blocking stdin
+    with no data yet (readinto -> None) must fail the put, not store a truncated blob."""
+    from clawstore.cli.blob import _ProgressReader
+    from clawstore.cli.common import Progress
+
+    class WouldBlock:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def readinto(self, buf: bytearray | memoryview) -> int | None:
+            self.calls += 1
+            if self.calls == 1:
+                buf[:4] = b"head"
+                return 4
+            return None
+
+    store = clawstore.open(tmp_path / "s")
+    with Progress("put", None) as bar, pytest.raises(BlockingIOError):
+        store.put_blob(_ProgressReader(WouldBlock(), bar))  # type: ignore[arg-type]
+    assert list(store.iter_blobs()) == []
+    assert not store.has_blob(clawstore.digest_bytes(b"head"))

@@ -29,11 +29,11 @@ class _ProgressReader:
         self._raw = raw
         self._bar = bar
 
-    def readinto(self, buf: bytearray | memoryview) -> int:
+    def readinto(self, buf: bytearray | memoryview) -> int | None:
         n = self._raw.readinto(buf)  # type: ignore[attr-defined]
         if n:
             self._bar.advance(n)
-        return n or 0
+        return n  # None (a non-blocking source with no data yet) is not end of data: pass it on
 
     def read(self, n: int = -1) -> bytes:
         data = self._raw.read(n)
