@@ -873,9 +873,10 @@ class S3Backend:
         body = _ResumingBody(self, key, resp["Body"], str(resp.get("ETag", "")), size)
         return io.BufferedReader(body, 1 << 20), size  # type: ignore[return-value]
 
-    def download_to(self, digest: Digest, path: str | os.PathLike[str]) -> int:
+    def download_to(self, digest: Digest, path: str | os.PathLike[str], *, fsync: bool = False) -> int:
         """Download a blob to `path` with parallel ranged GETs, hashing in order while the
         ranges arrive; `path` appears (atomic rename) only if the whole content verifies.
+        Like `cp` and boto3 `download_file` the data is not fsynced unless `fsync` is set.
         Returns the size. DigestMismatchError / BlobNotFoundError."""
         key = self.layout.blob(digest)
         head = self._head(key)
@@ -894,7 +895,8 @@ class S3Backend:
                 else:
                     os.ftruncate(fd, size)
                     actual = self._download_ranges(key, etag, size, chunk, fd, digest.algorithm)
-                os.fsync(fd)
+                if fsync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             if actual != digest:
