@@ -57,17 +57,29 @@ def timed(fn: Callable[[], object], repeat: int, setup: Callable[[], None] | Non
     return statistics.median(times)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) plus its waited-for children."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+#: CPU seconds of every alternate() run, by contender name.
+CPU: dict[str, list[float]] = {}
+
+
 def alternate(fns: dict[str, Callable[[int], object]], repeat: int) -> dict[str, list[float]]:
     """Run each contender `repeat` times, rotating the order every round (so that none always
-    runs right after another's I/O), and return all wall times."""
+    runs right after another's I/O), and return all wall times (CPU times go to CPU)."""
     names = list(fns)
     out: dict[str, list[float]] = {n: [] for n in names}
     for i in range(repeat):
         order = names[i % len(names) :] + names[: i % len(names)]
         for n in order:
+            c = cpu_seconds()
             t = time.perf_counter()
             fns[n](i)
             out[n].append(time.perf_counter() - t)
+            CPU.setdefault(n, []).append(cpu_seconds() - c)
     return out
 
 
@@ -219,7 +231,8 @@ def main() -> None:
             ratio_best_pack_vs_sha256sum=best["sha256sum"] / best["pack"],
         )
         for k, v in ft.items():
-            print(f"full {k}: {summary(v)}", flush=True)
+            print(f"full {k}: {summary(v)}; CPU median {statistics.median(CPU[k]):.2f}s", flush=True)
+        res["full_cpu"] = {k: CPU[k] for k in ft}
         print(
             f"ratios (median): vs openssl pipeline pack {t_openssl / t_pack:.2f}x, snapshot "
             f"{t_openssl / t_snap:.2f}x; vs sha256sum pipeline pack {t_sha256sum / t_pack:.2f}x, "
@@ -260,8 +273,7 @@ def main() -> None:
         inc_dest = work / "inc-restore"
         volumes.restore(store, "bench/mut:latest", inc_dest)
         assert tree_bytes(inc_dest) == tree_bytes(mut), "incremental restore differs from the source"
-        shutil.rmtree(inc_dest)
-        shutil.rmtree(mut)
+        # (inc_dest and mut go with `work` at the end)
 
         # -- restore ---------------------------------------------------------------------------
         # Fresh target directories every round and no deletions until the end: deleting 20k+
@@ -279,7 +291,14 @@ def main() -> None:
             d.mkdir()
             sh(f"zstd -dc '{pipe}' | tar -xf - -C '{d}'")
 
-        rt = alternate({"ours": ours_restore, "tar": tar_x}, a.repeat)
+        rt = alternate({"restore": ours_restore, "tar -x": tar_x}, a.repeat)
+        rt["ours"], rt["tar"] = rt.pop("restore"), rt.pop("tar -x")
+        res["restore_cpu"] = {"ours": CPU["restore"], "tar": CPU["tar -x"]}
+        print(
+            f"restore CPU median: ours {statistics.median(CPU['restore']):.2f}s, "
+            f"zstd|tar {statistics.median(CPU['tar -x']):.2f}s",
+            flush=True,
+        )
         assert tree_bytes(trash / "ours0") == (nfiles, nbytes)
         t_restore, t_tar = statistics.median(rt["ours"]), statistics.median(rt["tar"])
         res.update(
@@ -295,7 +314,7 @@ def main() -> None:
             f"(median ratio {t_tar / t_restore:.2f}x, best {min(rt['tar']) / min(rt['ours']):.2f}x)",
             flush=True,
         )
-        shutil.rmtree(trash, ignore_errors=True)
+        # (trees are removed with `work` at the end: deleting them now would slow what follows)
 
         store.close()
 

@@ -429,3 +429,68 @@ def test_cli_snapshot_restore_ls_history(tmp_path: Path) -> None:
     assert hist.returncode == 0 and digest in hist.stdout and len(hist.stdout.strip().splitlines()) == 2
     missing = run_cli(url, "volume", "restore", "vols/none:latest", str(tmp_path / "n"))
     assert missing.returncode == 1 and missing.stderr.startswith("error: ")
+
+
+# -- kill -9 in the middle ------------------------------------------------------------------------
+
+KILL_SCRIPT = """
+import sys, clawstore
+from clawstore import volumes
+store = clawstore.open(sys.argv[1])
+print("start", flush=True)
+if sys.argv[2] == "snapshot":
+    volumes.snapshot(store, sys.argv[3], sys.argv[4])
+else:
+    volumes.restore(store, sys.argv[3], sys.argv[4])
+print("done", flush=True)
+"""
+
+
+def run_and_kill(args: list[str], delay: float) -> bool:
+    """Start a snapshot/restore in a child, SIGKILL it after `delay`s; True if it finished first."""
+    p = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, *args], stdout=subprocess.PIPE, text=True, env=dict(os.environ)
+    )
+    assert p.stdout is not None
+    assert p.stdout.readline().strip() == "start"
+    try:
+        p.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(timeout=60)
+        return False
+    return p.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.05, 0.3])
+def test_kill9_during_snapshot_and_restore(tmp_path: Path, delay: float) -> None:
+    url = str(tmp_path / "store")
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"f{i}").write_bytes(os.urandom(256 * 1024))
+    store = clawstore.open(url)
+    first = volumes.snapshot(store, src, REF)
+    for i in range(40):
+        (src / f"g{i}").write_bytes(os.urandom(256 * 1024))
+    finished = run_and_kill([url, "snapshot", str(src), REF], delay)
+    # the tag points at a whole snapshot: the old one, or the new one if the child finished
+    now = store.resolve(*REF.split(":"))
+    assert now == first.digest or finished
+    dest = tmp_path / "dest"
+    volumes.restore(store, REF, dest)
+    if now == first.digest:
+        assert not (dest / "g0").exists() and (dest / "f39").exists()
+    else:
+        assert_same_tree(src, dest)
+    # a killed restore never leaves a target that looks complete
+    dest2 = tmp_path / "dest2"
+    if not run_and_kill([url, "restore", REF, str(dest2)], delay):
+        assert not dest2.exists()
+    else:
+        assert_same_tree(dest, dest2)
+    # and a later restore to the same place works (temp dirs of the killed one are ignored)
+    shutil.rmtree(dest2, ignore_errors=True)
+    volumes.restore(store, REF, dest2)
+    assert_same_tree(dest, dest2)
