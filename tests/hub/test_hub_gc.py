@@ -297,7 +297,7 @@ def test_gc_state_machine(kind: str) -> None:
         pytest.skip("PostgreSQL on 127.0.0.1:5432 is not reachable")
     machine = type(f"GCMachine_{kind}", (GCMachine,), {"kind": kind})
     machine.TestCase.settings = settings(
-        max_examples=25 if kind == "sqlite" else 10,
+        max_examples=60 if kind == "sqlite" else 25,
         stateful_step_count=25,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
