@@ -196,10 +196,13 @@ class GCMachine(RuleBasedStateMachine):
         self.tags: dict[str, str] = {}
 
     def teardown(self) -> None:
+        import shutil
+
         if hasattr(self, "hub"):
             if self.hub.catalog.schema:
                 self.hub.catalog.drop_schema()
             self.hub.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     @rule(
         payloads=st.sets(st.integers(0, len(PAYLOADS) - 1), min_size=1, max_size=3),
