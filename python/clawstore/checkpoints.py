@@ -136,7 +136,8 @@ def _scan(root: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def _resolve_ref(store: ArtifactStore, ref: str) -> Digest:
+def resolve_ref(store: ArtifactStore, ref: str) -> Digest:
+    """A digest, REPO@DIGEST or REPO:TAG -> the manifest digest."""
     if ref.startswith(("sha256:", "sha512:", "blake3:")):
         return Digest.parse(ref)
     r = Reference.parse(ref)
@@ -144,7 +145,7 @@ def _resolve_ref(store: ArtifactStore, ref: str) -> Digest:
 
 
 def read_checkpoint(store: ArtifactStore, ref: str | Digest) -> tuple[Digest, ImageManifest, dict[str, Any]]:
-    digest = _resolve_ref(store, str(ref))
+    digest = resolve_ref(store, str(ref))
     m = parse_manifest(store.get_manifest(digest))
     if not isinstance(m, ImageManifest) or m.artifact_type != ARTIFACT_TYPE:
         raise InvalidManifestError(
@@ -182,7 +183,7 @@ def create(
         except RefNotFoundError:
             parent_digest = None
     elif parent is not None:
-        parent_digest = _resolve_ref(store, parent)
+        parent_digest = resolve_ref(store, parent)
     prev: dict[str, dict[str, Any]] = {}
     prev_created_ns = 0
     if parent_digest is not None:
@@ -379,5 +380,6 @@ __all__ = [
     "diff",
     "ls",
     "read_checkpoint",
+    "resolve_ref",
     "restore",
 ]

@@ -196,10 +196,13 @@ class GCMachine(RuleBasedStateMachine):
         self.tags: dict[str, str] = {}
 
     def teardown(self) -> None:
+        import shutil
+
         if hasattr(self, "hub"):
             if self.hub.catalog.schema:
                 self.hub.catalog.drop_schema()
             self.hub.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     @rule(
         payloads=st.sets(st.integers(0, len(PAYLOADS) - 1), min_size=1, max_size=3),
@@ -297,7 +300,7 @@ def test_gc_state_machine(kind: str) -> None:
         pytest.skip("PostgreSQL on 127.0.0.1:5432 is not reachable")
     machine = type(f"GCMachine_{kind}", (GCMachine,), {"kind": kind})
     machine.TestCase.settings = settings(
-        max_examples=25 if kind == "sqlite" else 10,
+        max_examples=60 if kind == "sqlite" else 25,
         stateful_step_count=25,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],

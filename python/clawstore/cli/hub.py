@@ -177,7 +177,7 @@ def checkpoint_restore(hub: Any, principal: Any, ref: str, directory: str) -> No
     repo = Reference.parse(ref).repository
     hub.permissions.check(principal, "pull", repo)
     with hub.lease(principal, repo, "restore") as lease:
-        digest = checkpoints._resolve_ref(hub.store, ref)
+        digest = checkpoints.resolve_ref(hub.store, ref)
         lease.add([digest])
         n = checkpoints.restore(hub.store, digest, directory)
     click.echo(f"restored {n} files from {digest}", err=True)

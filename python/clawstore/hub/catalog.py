@@ -384,8 +384,11 @@ def record_manifest(
     repo: str | None = None,
     t: float | None = None,
     adopted: bool = False,
+    extra_blobs: dict[str, int] | None = None,
 ) -> None:
-    """Upsert a manifest with its edges, the blob rows it references, and repo membership."""
+    """Upsert a manifest with its edges, the blob rows it references (plus `extra_blobs`, in the
+    same statement: one sorted upsert per transaction keeps row-lock order global), and repo
+    membership."""
     from clawstore.manifest import ImageManifest
 
     t = t or now()
@@ -404,7 +407,10 @@ def record_manifest(
         "adopted": adopted,
     }
     upsert(conn, manifests, [row], ["digest"], None if adopted else ["seen_at", "adopted"])
-    blob_rows: dict[str, dict[str, Any]] = {}
+    blob_rows: dict[str, dict[str, Any]] = {
+        d: {"digest": d, "size": sz, "created_at": t, "seen_at": t, "adopted": adopted}
+        for d, sz in (extra_blobs or {}).items()
+    }
     for d in manifest.blobs():
         blob_rows[str(d.digest)] = {
             "digest": str(d.digest),

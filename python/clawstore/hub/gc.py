@@ -109,7 +109,7 @@ class GarbageCollector:
             cat = {(r.repository, r.tag): r.digest for r in cx.execute(select(c.tags))}
         changed = 0
         for repo, tag in sorted(store_refs | set(cat)):
-            with self._tx(conn) as cx:
+            with self._tx(conn, exclusive=True) as cx:
                 current = cx.execute(
                     select(c.tags.c.digest).where(c.tags.c.repository == repo, c.tags.c.tag == tag)
                 ).scalar()
@@ -155,7 +155,9 @@ class GarbageCollector:
         ):
             for batch in _chunks(it, BATCH):
                 keys = [str(d) for d in batch]
-                with self._tx(conn) as cx:
+                # Exclusive (on PostgreSQL): adoption writes rows pushes also write, in another
+                # order; excluding pushes for the batch avoids lock-order deadlocks.
+                with self._tx(conn, exclusive=True) as cx:
                     known = {r[0] for r in cx.execute(select(table.c.digest).where(table.c.digest.in_(keys)))}
                     known |= {
                         r[0]
@@ -402,11 +404,11 @@ class GarbageCollector:
         return self.store
 
     @contextlib.contextmanager
-    def _tx(self, conn: Connection | None) -> Iterator[Connection]:
+    def _tx(self, conn: Connection | None, *, exclusive: bool = False) -> Iterator[Connection]:
         if conn is not None:
             yield conn
         else:
-            with self.catalog.tx() as cx:
+            with self.catalog.tx(exclusive=exclusive) as cx:
                 yield cx
 
 

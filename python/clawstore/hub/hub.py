@@ -125,8 +125,8 @@ class HubSession(ArtifactStore):
         self.hold(digest, *(d.digest for d in refs.blobs), *(d.digest for d in refs.manifests))
         desc = super().put_manifest(data, media_type, expected=expected)
         with self.hub.catalog.tx() as conn:
-            self._flush(conn)
-            c.record_manifest(conn, desc.digest, m, len(data), repo=self.repo)
+            pending, self._pending = self._pending, {}
+            c.record_manifest(conn, desc.digest, m, len(data), repo=self.repo, extra_blobs=pending)
         return desc
 
     def _flush(self, conn: Any) -> None:
