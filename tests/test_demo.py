@@ -26,6 +26,10 @@ def test_demo_script_runs_end_to_end(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "fsck ok:" in r.stdout and "demo done" in r.stdout
     store = clawstore.open(store_dir)
-    assert store.list_repos() and "demo/hello" in store.list_repos()
+    # demo/hello was untagged and swept by gc; the volume and the checkpoint stay tagged
+    assert store.list_repos() == ["demo/agent", "demo/workspace"]
+    hello = next(line.split()[1] for line in r.stdout.splitlines() if line.startswith("manifest sha256:"))
+    assert not store.has_manifest(hello)
+    assert store.has_manifest(store.resolve("demo/workspace", "latest"))
     # the demo left a consistent store behind
     assert fsck(store).ok
