@@ -204,16 +204,19 @@ def _check_blobs(store: ArtifactStore, report: FsckReport, repair: bool, progres
             continue
         except DigestMismatchError as e:
             corrupt.add(digest)
-            repaired = False
-            if repair:
-                with contextlib.suppress(NotFoundError):
-                    store.delete_blob(digest)
-                report.deleted.append(digest)
-                repaired = True
+            repaired = repair and _delete_corrupt(store.delete_blob, digest, report)
             report.problems.append(Problem(ProblemKind.CORRUPT_BLOB, digest, str(e), repaired=repaired))
         report.blobs += 1
         report.blob_bytes += size
     return corrupt
+
+
+def _delete_corrupt(delete: Callable[[Digest], None], digest: Digest, report: FsckReport) -> bool:
+    """Repair: remove an object whose bytes do not match its digest, so a re-push can heal it."""
+    with contextlib.suppress(NotFoundError):
+        delete(digest)
+    report.deleted.append(digest)
+    return True
 
 
 def _check_manifests(
@@ -231,12 +234,7 @@ def _check_manifests(
         except NotFoundError:
             continue
         except DigestMismatchError as e:
-            repaired = False
-            if repair:
-                with contextlib.suppress(NotFoundError):
-                    store.delete_manifest(digest)
-                report.deleted.append(digest)
-                repaired = True
+            repaired = repair and _delete_corrupt(store.delete_manifest, digest, report)
             bad[digest] = "corrupt"
             report.problems.append(Problem(ProblemKind.CORRUPT_MANIFEST, digest, str(e), repaired=repaired))
             continue
