@@ -122,6 +122,7 @@ TEST_OPTIONS: dict[str, Any] = {
     "multipart_threshold": 5 << 20,
     "concurrency": 4,
     "download_concurrency": 4,
+    "download_part_size": 4 << 20,
     "retry_base": 0.01,
     "retry_cap": 0.2,
     "read_timeout": 15.0,

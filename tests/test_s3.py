@@ -6,10 +6,12 @@ not) in the bucket.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import os
 import random
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,16 @@ def digest_keys(client: Any, bucket: str) -> list[str]:
 
 def rand(n: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(n)
+
+
+def body_bytes(body: Any) -> bytes:
+    """The bytes of a request body as botocore holds it before sending (bytes or a file)."""
+    if isinstance(body, bytes | bytearray | memoryview):
+        return bytes(body)
+    pos = body.tell()
+    data = body.read()
+    body.seek(pos)
+    return bytes(data)
 
 
 def backend(store: clawstore.ArtifactStore) -> S3Backend:
@@ -412,23 +424,86 @@ def test_file_shrinking_during_upload_fails_cleanly(
 
 
 @pytest.mark.parametrize("kind", ["bytes", "stream"])
-def test_sha256_part_checksums(s3_endpoint: str, s3_bucket: str, s3_client: Any, kind: str) -> None:
-    """part_checksum=sha256: parts carry x-amz-checksum-sha256 (declared at CreateMultipartUpload
-    and repeated at Complete) instead of Content-MD5."""
-    opts = {**TEST_OPTIONS, "part_checksum": "sha256"}
+@pytest.mark.parametrize(
+    ("mode", "header"),
+    [("crc32", "x-amz-checksum-crc32"), ("sha256", "x-amz-checksum-sha256"), ("md5", "Content-MD5")],
+)
+def test_part_checksums(
+    s3_endpoint: str, s3_bucket: str, s3_client: Any, kind: str, mode: str, header: str
+) -> None:
+    """Each part carries exactly the checksum asked for (S3 checksums declared at
+    CreateMultipartUpload and repeated at Complete, Content-MD5 otherwise); the value is the
+    checksum of the part's bytes (zlib / hashlib oracles), and the stored object's composite
+    checksum is what S3 defines."""
+    opts = {**TEST_OPTIONS, "part_checksum": mode}
     with clawstore.open(store_url(s3_endpoint, s3_bucket), **opts) as s:
-        sent: list[dict[str, Any]] = []
+        assert backend(s).part_checksum == mode
+        sent: list[tuple[dict[str, Any], bytes]] = []
         backend(s).client.meta.events.register(
-            "before-call.s3.UploadPart", lambda params, **_: sent.append(dict(params["headers"]))
+            "before-call.s3.UploadPart",
+            lambda params, **_: sent.append((dict(params["headers"]), body_bytes(params["body"]))),
         )
         data = rand(12 * MiB + 1, 14)
         d = s.put_blob(io.BytesIO(data) if kind == "stream" else data)
         assert d.digest == oracle(data)
         assert s.read_blob(d.digest) == data
         assert len(sent) == 3
-        assert all("x-amz-checksum-sha256" in h and "Content-MD5" not in h for h in sent)
+        others = {"x-amz-checksum-crc32", "x-amz-checksum-sha256", "Content-MD5"} - {header}
+        for headers, body in sent:
+            assert not others & set(headers)
+            raw = {
+                "crc32": zlib.crc32(body).to_bytes(4, "big"),
+                "sha256": hashlib.sha256(body).digest(),
+                "md5": hashlib.md5(body).digest(),
+            }[mode]
+            assert headers[header] == base64.b64encode(raw).decode()
+        if mode != "md5" and kind != "stream":  # (a stream's object is a server-side copy)
+            head = s3_client.head_object(
+                Bucket=s3_bucket, Key=backend(s).layout.blob(d.digest), ChecksumMode="ENABLED"
+            )
+            ps = TEST_OPTIONS["part_size"]
+            parts = [data[i : i + ps] for i in range(0, len(data), ps)]
+            h = hashlib.sha256 if mode == "sha256" else None
+            raw = b"".join(h(p).digest() if h else zlib.crc32(p).to_bytes(4, "big") for p in parts)
+            whole = hashlib.sha256(raw).digest() if h else zlib.crc32(raw).to_bytes(4, "big")
+            assert head[f"Checksum{mode.upper()}"].partition("-")[0] == base64.b64encode(whole).decode()
         with pytest.raises(DigestMismatchError):
             s.put_blob(rand(11 * MiB, 15), expected=oracle(b"other"))
     assert uploads(s3_client, s3_bucket) == []
     with pytest.raises(ClawstoreError, match="part_checksum"):
-        clawstore.open(store_url(s3_endpoint, s3_bucket), part_checksum="crc32")
+        clawstore.open(store_url(s3_endpoint, s3_bucket), part_checksum="crc64")
+
+
+def test_part_checksum_probe(s3_endpoint: str, s3_bucket: str, s3_client: Any) -> None:
+    """part_checksum=auto: moto accepts a part with a wrong CRC but reports the true composite of
+    what it stored, so CRC-32 is verifiable there; a server that reports no checksum at all gets
+    Content-MD5. The probe leaves nothing behind."""
+    import boto3
+    from botocore.config import Config
+
+    with clawstore.open(store_url(s3_endpoint, s3_bucket), **TEST_OPTIONS) as s:
+        assert backend(s).part_checksum == "crc32"
+        assert backend(s).with_options(concurrency=2).part_checksum == "crc32"
+    blind = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name=REGION,
+        config=Config(
+            s3={"addressing_style": "path"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        ),
+    )
+
+    def drop_checksums(parsed: dict[str, Any], **_: Any) -> None:
+        for k in [k for k in parsed if k.startswith("Checksum")]:
+            del parsed[k]
+
+    for op in ("CompleteMultipartUpload", "HeadObject"):
+        blind.meta.events.register(f"after-call.s3.{op}", lambda parsed, **kw: drop_checksums(parsed))
+    b = S3Backend(s3_bucket, "store", S3Options(endpoint_url=s3_endpoint, region=REGION), client=blind)
+    assert b.part_checksum == "md5"
+    assert S3Backend(
+        s3_bucket, "store", S3Options(endpoint_url=s3_endpoint, region=REGION, probe=False), client=blind
+    ).part_checksum == "crc32"
+    assert keys(s3_client, s3_bucket) == [] and uploads(s3_client, s3_bucket) == []

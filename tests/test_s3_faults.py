@@ -63,6 +63,8 @@ def faulty(s3_endpoint: str, s3_bucket: str) -> Iterator[Any]:
         store_kw = proxy_kw.pop("store", {})
         proxy = FaultProxy(port, **proxy_kw)
         store = clawstore.open(store_url(proxy.endpoint, s3_bucket), **{**TEST_OPTIONS, **store_kw})
+        # Faults start now, from the seed's first draw (open-time probes do not shift them).
+        proxy.rng.seed(proxy_kw.get("seed", 0))
         proxy.rate = rate
         made.append((store, proxy))
         return store, proxy
@@ -118,11 +120,16 @@ def test_downloads_survive_faults(
     assert proxy.counts["truncate"] + proxy.counts["reset"] + proxy.counts["lost"] > 0, proxy.counts
 
 
+@pytest.mark.parametrize("mode", ["auto", "md5"])
 def test_corrupted_request_bodies_are_detected_and_resent(
-    faulty: Any, s3_client: Any, s3_bucket: str
+    faulty: Any, s3_client: Any, s3_bucket: str, mode: str
 ) -> None:
-    # moto does not check Content-MD5 (S3 would answer BadDigest): the part/object ETag check does.
-    store, proxy = faulty(rate=0.4, seed=5, faults=("corrupt",), max_faults=6)
+    # moto checks neither Content-MD5 nor x-amz-checksum-crc32 (S3 would answer BadDigest): with
+    # md5 the part/object ETag check catches a corrupted part and re-sends it; with crc32 (what
+    # the probe picks on moto) the composite checksum of the stored object does, the object is
+    # removed and sent again.
+    store, proxy = faulty(rate=0.4, seed=7, faults=("corrupt",), max_faults=6, store={"part_checksum": mode})
+    assert store.backend.part_checksum == ("crc32" if mode == "auto" else "md5")  # type: ignore[attr-defined]
     data = random.Random(5).randbytes(16 * MiB)
     d = store.put_blob(data)
     small = random.Random(6).randbytes(3 * MiB)
@@ -130,6 +137,20 @@ def test_corrupted_request_bodies_are_detected_and_resent(
     assert d.digest == oracle(data) and d2.digest == oracle(small)
     assert proxy.counts["corrupt"] > 0, proxy.counts
     assert assert_digest_keys_verify(s3_client, s3_bucket) == 2
+
+
+def test_corrupted_stream_upload_is_a_clear_error_and_leaves_nothing(
+    faulty: Any, s3_client: Any, s3_bucket: str
+) -> None:
+    """A stream cannot be sent again: a part stored corrupted (found by the composite checksum)
+    fails the put with a clear error, and neither a digest key nor a staging object remains."""
+    store, proxy = faulty(rate=1.0, seed=9, faults=("corrupt",), max_faults=1)
+    data = random.Random(9).randbytes(12 * MiB)
+    with pytest.raises(S3Error, match="other bytes than were sent"):
+        store.put_blob(io.BytesIO(data))
+    assert proxy.counts["corrupt"] == 1, proxy.counts
+    assert assert_digest_keys_verify(s3_client, s3_bucket) == 0
+    assert staging_keys(s3_client, s3_bucket) == []
 
 
 @pytest.mark.parametrize("fault", ["500", "503", "reset"])

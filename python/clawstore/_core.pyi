@@ -77,7 +77,8 @@ class PartStager:
     ) -> None: ...
     @property
     def checksum(self) -> str:
-        """ "md5" (Content-MD5) or "sha256" (x-amz-checksum-sha256): the third element of a part."""
+        """ "md5" (Content-MD5), "sha256" (x-amz-checksum-sha256) or "crc32" (x-amz-checksum-crc32):
+        the third element of a part."""
     @property
     def size(self) -> int | None: ...
     @property
