@@ -503,7 +503,10 @@ def test_part_checksum_probe(s3_endpoint: str, s3_bucket: str, s3_client: Any) -
         blind.meta.events.register(f"after-call.s3.{op}", lambda parsed, **kw: drop_checksums(parsed))
     b = S3Backend(s3_bucket, "store", S3Options(endpoint_url=s3_endpoint, region=REGION), client=blind)
     assert b.part_checksum == "md5"
-    assert S3Backend(
-        s3_bucket, "store", S3Options(endpoint_url=s3_endpoint, region=REGION, probe=False), client=blind
-    ).part_checksum == "crc32"
+    assert (
+        S3Backend(
+            s3_bucket, "store", S3Options(endpoint_url=s3_endpoint, region=REGION, probe=False), client=blind
+        ).part_checksum
+        == "crc32"
+    )
     assert keys(s3_client, s3_bucket) == [] and uploads(s3_client, s3_bucket) == []
