@@ -1,13 +1,15 @@
 """S3 backend throughput vs boto3's transfer manager, against one moto server in the same run.
 
-    python benches/bench_s3.py [--size 1GiB] [--repeat 2]
+    python benches/bench_s3.py [--size 1GiB] [--repeat 3] [--ranged]
 
 Upload: `ArtifactStore.put_blob(path)` (hashes the file, uploads parts staged by the Rust core
-with Content-MD5, verifies the whole digest before completing) vs `boto3 upload_file` with the
-default TransferConfig and a tuned one (same part size/concurrency as clawstore, no CRC32
-trailers). Download: `ArtifactStore.get_blob_to_path` (verifies the digest; ranged and single-GET
-modes) vs `boto3 download_file` (default, tuned) and a plain single streamed `get_object`.
-boto3 verifies nothing. Peak RSS growth of this process is sampled during each upload.
+with a per-part checksum, verifies the whole digest before completing) vs `boto3 upload_file`
+with the default TransferConfig (8 MiB x 10, CRC32 as botocore sends by default), a tuned one
+(clawstore's part size and concurrency) and the tuned one without checksums. Download:
+`ArtifactStore.get_blob_to_path` (verifies the digest; single GET, and ranged with --ranged) vs
+a streamed `get_object`, `download_file` tuned to one GET, and with --ranged `download_file`
+default and ranged. boto3 verifies nothing. Contenders alternate, order rotating each round;
+best and median are printed. Peak RSS growth of this process is sampled during each operation.
 
 The moto server runs in its own process (tests/s3_server.py), so it does not share our GIL; it is
 in-memory and single-process Python, so absolute figures are the server's; the ratios compare
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -77,52 +80,69 @@ def make_file(path: Path, size: int) -> None:
             i += 1
 
 
-def timed(fn: Callable[[], Any], repeat: int, before: Callable[[], None] | None = None) -> tuple[float, int]:
-    best, mem = float("inf"), 0
-    for _ in range(repeat):
-        if before:
-            before()
-        with PeakRSS() as rss:
-            t = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t
-        best = min(best, dt)
-        mem = max(mem, rss.growth)
-    return best, mem
+def rounds(
+    contenders: dict[str, Callable[[], Any]],
+    repeat: int,
+    before: dict[str, Callable[[], None]] | None = None,
+) -> dict[str, tuple[list[float], int]]:
+    """Run every contender once per round, rotating the order each round (the machine's state
+    drifts: page cache, writeback, moto's heap); times and the peak RSS growth of each."""
+    names = list(contenders)
+    out: dict[str, tuple[list[float], int]] = {n: ([], 0) for n in names}
+    for r in range(repeat):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            if before and name in before:
+                before[name]()
+            with PeakRSS() as rss:
+                t = time.perf_counter()
+                contenders[name]()
+                dt = time.perf_counter() - t
+            times, mem = out[name]
+            times.append(dt)
+            out[name] = (times, max(mem, rss.growth))
+            print(f"  {name}: {dt:.2f} s", file=sys.stderr, flush=True)
+    return out
 
 
-def rows_done(rows: list[tuple[str, float, int]], size: int, args: Any, server: Any, opts: Any) -> None:
+def table(title: str, res: dict[str, tuple[list[float], int]], size: int) -> None:
+    print(f"\n{title}\n")
+    print("| operation | best s | median s | MiB/s (best) | peak RSS growth (MiB) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (times, mem) in res.items():
+        best = min(times)
+        print(
+            f"| {name} | {best:.2f} | {statistics.median(times):.2f} "
+            f"| {size / MiB / best:.0f} | {mem / MiB:.0f} |"
+        )
+
+
+def ratio(res: dict[str, tuple[list[float], int]], ours: str, what: str) -> None:
+    peers = {n: v for n, v in res.items() if n.startswith("boto3")}
+    if not peers or ours not in res:
+        return
+    best_peer = min(peers, key=lambda n: min(peers[n][0]))
+    med_peer = min(peers, key=lambda n: statistics.median(peers[n][0]))
+    t = res[ours][0]
     print(
-        f"\n{size / MiB:.0f} MiB blob, moto server {server.endpoint}, "
-        f"part_size {opts.part_size // MiB} MiB, part checksum {opts.part_checksum}, "
-        f"concurrency {opts.concurrency}, "
-        f"best of {args.repeat}, {os.cpu_count()} CPUs\n"
+        f"\n{what}: best boto3 ({best_peer}) {min(peers[best_peer][0]):.2f} s / clawstore "
+        f"{min(t):.2f} s = **{min(peers[best_peer][0]) / min(t):.2f}x** (best of each); medians: "
+        f"{statistics.median(peers[med_peer][0]) / statistics.median(t):.2f}x"
     )
-    print("| operation | seconds | MiB/s | peak RSS growth (MiB) |")
-    print("|---|---:|---:|---:|")
-    for name, secs, mem in rows:
-        print(f"| {name} | {secs:.2f} | {size / MiB / secs:.0f} | {mem / MiB:.0f} |")
-    t = {n: s for n, s, _ in rows}
-    up = [v for k, v in t.items() if "upload_file" in k]
-    if up:
-        ours_up = t["clawstore put_blob(path)"]
-        print(f"\nupload ratio (best boto3 time / clawstore time): {min(up) / ours_up:.2f}x")
-        limit = opts.concurrency * opts.part_size + 64 * MiB
-        print(f"clawstore upload peak RSS growth {rows[0][2] / MiB:.0f} MiB (bound {limit / MiB:.0f} MiB)")
-    down = [v for k, v in t.items() if k.startswith("boto3") and "upload" not in k]
-    ours_down = [v for k, v in t.items() if k.startswith("clawstore get")]
-    if down and ours_down:
-        print(f"download ratio (best boto3 time / best clawstore time): {min(down) / min(ours_down):.2f}x")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="1GiB")
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--part-size", default=None, help="clawstore part_size (default: the backend's)")
     ap.add_argument("--concurrency", type=int, default=None)
     ap.add_argument("--only", choices=("upload", "download"), default=None)
-    ap.add_argument("--part-checksum", choices=("md5", "sha256"), default=None)
+    ap.add_argument("--part-checksum", choices=("auto", "crc32", "md5", "sha256"), default=None)
+    ap.add_argument(
+        "--ranged",
+        action="store_true",
+        help="also time ranged downloads once each (moto loads the whole object per range: minutes)",
+    )
     args = ap.parse_args()
     size = parse_size(args.size)
 
@@ -157,7 +177,6 @@ def main() -> None:
             max_concurrency=opts.concurrency,
         )
         default = TransferConfig()
-        rows: list[tuple[str, float, int]] = []
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as td:
             src = Path(td) / "blob"
             make_file(src, size)
@@ -167,35 +186,40 @@ def main() -> None:
                 if store.has_blob(digest):
                     store.delete_blob(digest)
 
+            print(
+                f"{size / MiB:.0f} MiB blob, moto server {server.endpoint}, clawstore part_size "
+                f"{opts.part_size // MiB} MiB, part checksum {store.backend.part_checksum}, "  # type: ignore[attr-defined]
+                f"concurrency {opts.concurrency}, {args.repeat} rounds, {os.cpu_count()} CPUs, "
+                f"load {os.getloadavg()[0]:.2f}"
+            )
+            ours_up = "clawstore put_blob(path) (hashes, verifies)"
             if args.only in (None, "upload"):
-                # uploads
-                rows.append(
-                    ("clawstore put_blob(path)", *timed(lambda: store.put_blob(src), args.repeat, drop_blob))
-                )
-                rows.append(
-                    (
-                        "boto3 upload_file, default TransferConfig",
-                        *timed(
-                            lambda: default_client.upload_file(
-                                str(src), bucket, "b3/default", Config=default
-                            ),
-                            args.repeat,
+                up = rounds(
+                    {
+                        ours_up: lambda: store.put_blob(src),
+                        "boto3 upload_file, default TransferConfig (8 MiB x 10, CRC32)": lambda: (
+                            default_client.upload_file(str(src), bucket, "b3/default", Config=default)
                         ),
-                    )
-                )
-                rows.append(
-                    (
-                        "boto3 upload_file, tuned TransferConfig",
-                        *timed(
-                            lambda: client.upload_file(str(src), bucket, "b3/tuned", Config=tuned),
-                            args.repeat,
+                        "boto3 upload_file, tuned (clawstore's part size and concurrency, CRC32)": lambda: (
+                            default_client.upload_file(str(src), bucket, "b3/tuned", Config=tuned)
                         ),
-                    )
+                        "boto3 upload_file, tuned, no checksums": lambda: client.upload_file(
+                            str(src), bucket, "b3/plain", Config=tuned
+                        ),
+                    },
+                    args.repeat,
+                    {ours_up: drop_blob},
                 )
-            for key in ("b3/default", "b3/tuned"):
-                client.delete_object(Bucket=bucket, Key=key)
+                table("Upload", up, size)
+                ratio(up, ours_up, "upload")
+                limit = opts.concurrency * opts.part_size + 64 * MiB
+                print(
+                    f"clawstore upload peak RSS growth {up[ours_up][1] / MiB:.0f} MiB "
+                    f"(bound {limit / MiB:.0f} MiB)"
+                )
+                for key in ("b3/default", "b3/tuned", "b3/plain"):
+                    client.delete_object(Bucket=bucket, Key=key)
             if args.only == "upload":
-                rows_done(rows, size, args, server, opts)
                 store.close()
                 return
             if not store.has_blob(digest):
@@ -203,48 +227,14 @@ def main() -> None:
             client.copy_object(
                 Bucket=bucket,
                 Key="b3/obj",
-                CopySource={"Bucket": bucket, "Key": store.backend.layout.blob(digest)},
-            )  # type: ignore[attr-defined]
-
-            # downloads
+                CopySource={"Bucket": bucket, "Key": store.backend.layout.blob(digest)},  # type: ignore[attr-defined]
+            )
             out = Path(td) / "out"
 
             def rm_out() -> None:
                 out.unlink(missing_ok=True)
 
             single_store = clawstore.ArtifactStore(store.backend.with_options(download_concurrency=1))  # type: ignore[attr-defined]
-            rows.append(
-                (
-                    "clawstore get_blob_to_path (ranged GETs, verified)",
-                    *timed(lambda: store.get_blob_to_path(digest, out), args.repeat, rm_out),
-                )
-            )
-            rows.append(
-                (
-                    "clawstore get_blob_to_path (single GET, verified)",
-                    *timed(lambda: single_store.get_blob_to_path(digest, out), args.repeat, rm_out),
-                )
-            )
-            rows.append(
-                (
-                    "boto3 download_file, default TransferConfig",
-                    *timed(
-                        lambda: default_client.download_file(bucket, "b3/obj", str(out), Config=default),
-                        args.repeat,
-                        rm_out,
-                    ),
-                )
-            )
-            rows.append(
-                (
-                    "boto3 download_file, tuned TransferConfig",
-                    *timed(
-                        lambda: client.download_file(bucket, "b3/obj", str(out), Config=tuned),
-                        args.repeat,
-                        rm_out,
-                    ),
-                )
-            )
 
             def single_get() -> None:
                 body = client.get_object(Bucket=bucket, Key="b3/obj")["Body"]
@@ -252,10 +242,37 @@ def main() -> None:
                     for chunk in body.iter_chunks(4 * MiB):
                         f.write(chunk)
 
-            rows.append(("boto3 single get_object streamed to file", *timed(single_get, args.repeat, rm_out)))
+            one_get = TransferConfig(multipart_threshold=size + 1)
+            ours_down = "clawstore get_blob_to_path, single GET (verified)"
+            fast: dict[str, Callable[[], Any]] = {
+                ours_down: lambda: single_store.get_blob_to_path(digest, out),
+                "boto3 get_object streamed to a file": single_get,
+                "boto3 download_file, tuned to one GET (threshold above the size)": lambda: (
+                    client.download_file(bucket, "b3/obj", str(out), Config=one_get)
+                ),
+            }
+            down = rounds(fast, args.repeat, dict.fromkeys(fast, rm_out))
+            if args.ranged:
+                ranged = TransferConfig(
+                    multipart_threshold=opts.download_part_size,
+                    multipart_chunksize=opts.download_part_size,
+                    max_concurrency=opts.download_concurrency,
+                )
+                slow: dict[str, Callable[[], Any]] = {
+                    "clawstore get_blob_to_path, ranged GETs (verified)": lambda: store.get_blob_to_path(
+                        digest, out
+                    ),
+                    "boto3 download_file, default TransferConfig (8 MiB ranges x 10)": lambda: (
+                        default_client.download_file(bucket, "b3/obj", str(out), Config=default)
+                    ),
+                    "boto3 download_file, ranged like clawstore": lambda: client.download_file(
+                        bucket, "b3/obj", str(out), Config=ranged
+                    ),
+                }
+                down.update(rounds(slow, 1, dict.fromkeys(slow, rm_out)))
             assert clawstore.digest_file(out) == digest
-
-        rows_done(rows, size, args, server, opts)
+            table("Download to a file", down, size)
+            ratio(down, ours_down, "download")
         store.close()
     finally:
         server.stop()
