@@ -259,6 +259,26 @@ def test_corrupt_layer_leaves_no_target(local_store: clawstore.ArtifactStore, tm
     )
 
 
+def test_diff_id_checked_on_request(store: clawstore.ArtifactStore, tmp_path: Path) -> None:
+    """The blob digest is always verified; the diff_id (a second sha256 over the uncompressed
+    tar) only with verify_diff_id: a manifest whose layer claims another diff_id restores by
+    default (its bytes are the ones the digest names) and is refused when asked to check."""
+    src = tmp_path / "src"
+    make_every_kind(src, big=300_000)
+    snap = volumes.snapshot(store, src, REF)
+    doc = json.loads(store.get_manifest(snap.digest))
+    doc["layers"][0]["annotations"][volumes.ANNOTATION_DIFF_ID] = "sha256:" + "0" * 64
+    forged = store.put_manifest(json.dumps(doc).encode(), mt.OCI_MANIFEST)
+    (tmp_path / "plain").mkdir()
+    assert_same_tree(src, restore_fresh(store, str(forged.digest), tmp_path / "plain"))
+    dest = tmp_path / "checked"
+    with pytest.raises(DigestMismatchError, match="diff_id"):
+        volumes.restore(store, forged.digest, dest, verify_diff_id=True)
+    assert not dest.exists()
+    volumes.restore(store, snap.digest, dest, verify_diff_id=True)
+    assert_same_tree(src, dest)
+
+
 def test_restore_through_streaming_reader(local_store: clawstore.ArtifactStore, tmp_path: Path) -> None:
     """The non-local path (what S3 uses): layers read through the store's verifying reader."""
     src = tmp_path / "src"
@@ -475,9 +495,12 @@ def test_kill9_during_snapshot_and_restore(tmp_path: Path, delay: float) -> None
     for i in range(40):
         (src / f"g{i}").write_bytes(os.urandom(256 * 1024))
     finished = run_and_kill([url, "snapshot", str(src), REF], delay)
-    # the tag points at a whole snapshot: the old one, or the new one if the child finished
+    # The tag points at a whole snapshot: the old one, or the new one (the child may be killed
+    # after moving the tag and before exiting), whose every layer is stored and which restores
+    # to exactly the new tree below.
     now = store.resolve(*REF.split(":"))
-    assert now == first.digest or finished
+    if finished or now != first.digest:
+        assert all(store.has_blob(d.digest) for d in volumes.load(store, now).layers)
     dest = tmp_path / "dest"
     volumes.restore(store, REF, dest)
     if now == first.digest:

@@ -203,6 +203,8 @@ class Unpacker:
         size: int | None = None,
         progress: Callable[[int, int], object] | None = None,
     ) -> dict[str, Any]:
-        """Apply one layer, verifying `digest` (compressed), `diff_id` and `size` (uncompressed)."""
+        """Apply one layer, verifying `digest` (compressed), `diff_id` and `size` (uncompressed)
+        when given. The uncompressed tar is hashed only to check a given `diff_id` (the result's
+        "diff_id" is None otherwise)."""
     def finish(self) -> dict[str, int]:
         """Wait for all writes, set directory metadata; totals."""

@@ -351,12 +351,15 @@ def restore(
     max_bytes: int | None = None,
     max_entries: int | None = None,
     max_ratio: int | None = None,
+    verify_diff_id: bool = False,
     progress: ProgressCallback | None = None,
 ) -> RestoreResult:
     """Restore a snapshot into `dest`.
 
     Layers are unpacked into a fresh temporary directory beside `dest`, which is renamed into
-    place only when every layer has unpacked and verified (blob digest, diff_id, size): a failed
+    place only when every layer has unpacked and verified (blob digest, uncompressed size, and
+    with `verify_diff_id` the diff_id too — a second sha256 over the larger uncompressed side that
+    the verified blob digest makes redundant, so it is off by default): a failed
     restore never leaves a half-restored `dest`. A non-empty `dest` is refused unless `force`,
     in which case it is replaced. Limits default to what the manifest declares (each layer may
     not decompress past its declared size; the ratio check is then off), and otherwise to the
@@ -398,7 +401,7 @@ def restore(
         )
         layer_stats = []
         for d, size in zip(snap.layers, declared, strict=True):
-            diff_id = (d.annotations or {}).get(ANNOTATION_DIFF_ID)
+            diff_id = (d.annotations or {}).get(ANNOTATION_DIFF_ID) if verify_diff_id else None
             local = store.blob_local_path(d.digest)
             if local is not None:
                 # zero-copy: the core hashes the blob itself and checks it against the digest

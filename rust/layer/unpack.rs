@@ -58,7 +58,8 @@ impl Meta {
 pub struct LayerSpec {
     /// Digest of the compressed blob.
     pub digest: Option<String>,
-    /// sha256 of the uncompressed tar.
+    /// sha256 of the uncompressed tar. Hashed (a second sha256 pass, over the larger,
+    /// uncompressed side) only when given: a verified `digest` already pins every byte.
     pub diff_id: Option<String>,
     /// Uncompressed tar size: the layer may not decompress to more.
     pub uncompressed_size: Option<u64>,
@@ -67,7 +68,8 @@ pub struct LayerSpec {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LayerStats {
     pub digest: Option<String>,
-    pub diff_id: String,
+    /// Computed only when the spec names one to verify.
+    pub diff_id: Option<String>,
     pub compressed: u64,
     pub uncompressed: u64,
     pub entries: u64,
@@ -212,7 +214,7 @@ type Decoded = Result<(Option<String>, u64), UnpackError>;
 fn decode<R: Read>(
     mut limited: LimitedReader<zstd::stream::read::Decoder<'static, BufReader<HashingReader<R>>>>,
     tar_tx: Sender<Shared>,
-    hash_tx: Sender<Shared>,
+    hash_tx: Option<Sender<Shared>>,
 ) -> Decoded {
     let pool = Pool::new(DECODE_CHUNK, 2 * DECODE_CHUNKS + 2);
     loop {
@@ -232,7 +234,11 @@ fn decode<R: Read>(
         }
         buf.truncate(filled);
         let chunk = pool.share(buf);
-        if hash_tx.send(chunk.clone()).is_err() || tar_tx.send(chunk).is_err() {
+        let hashed = match &hash_tx {
+            Some(tx) => tx.send(chunk.clone()).is_ok(),
+            None => true,
+        };
+        if !hashed || tar_tx.send(chunk).is_err() {
             // the tar side stopped (an error it reports): nothing more to do
             return Err(UnpackError::Io(
                 "layer".into(),
@@ -395,10 +401,10 @@ impl Unpacker {
 
     /// Apply one layer read from `src` (compressed bytes).
     ///
-    /// Three threads, like `zstd -dc | tar -x` plus checks: a decoder thread reads, hashes
-    /// (blob digest) and decompresses `src`, enforcing the limits as bytes come out; a hasher
-    /// thread computes the diff_id; this thread parses tar and applies entries (small file
-    /// bodies going on to the writer pool).
+    /// Like `zstd -dc | tar -x` plus checks: a decoder thread reads, hashes (blob digest) and
+    /// decompresses `src`, enforcing the limits as bytes come out; when a diff_id is to be
+    /// verified, a hasher thread computes it; this thread parses tar and applies entries (small
+    /// file bodies going on to the writer pool).
     pub fn apply<R: Read + Send>(
         &mut self,
         src: R,
@@ -436,14 +442,19 @@ impl Unpacker {
 
         let (tar_result, decoded, diff) = std::thread::scope(|s| {
             let (tar_tx, tar_rx) = bounded::<Shared>(DECODE_CHUNKS);
-            let (hash_tx, hash_rx) = bounded::<Shared>(DECODE_CHUNKS);
-            let hasher = s.spawn(move || {
-                let mut h = StreamHasher::new(crate::digest::Algorithm::Sha256);
-                for chunk in hash_rx.iter() {
-                    h.update(&chunk);
-                }
-                h.digest_string()
-            });
+            let (hash_tx, hasher) = if spec.diff_id.is_some() {
+                let (hash_tx, hash_rx) = bounded::<Shared>(DECODE_CHUNKS);
+                let hasher = s.spawn(move || {
+                    let mut h = StreamHasher::new(crate::digest::Algorithm::Sha256);
+                    for chunk in hash_rx.iter() {
+                        h.update(&chunk);
+                    }
+                    h.digest_string()
+                });
+                (Some(hash_tx), Some(hasher))
+            } else {
+                (None, None)
+            };
             let decoder = s.spawn(move || decode(limited, tar_tx, hash_tx));
             let reader = ChunkReader {
                 rx: tar_rx,
@@ -453,7 +464,7 @@ impl Unpacker {
             let tar_result = self.apply_tar(reader, &mut entries_in_layer, progress);
             // (the reader is gone: a decoder still sending stops at once)
             let decoded = decoder.join();
-            let diff = hasher.join();
+            let diff = hasher.map(|h| h.join()).transpose();
             (tar_result, decoded, diff)
         });
         let decoded = match decoded {
@@ -476,8 +487,8 @@ impl Unpacker {
                 return Err(UnpackError::Digest(format!("layer {want} hashes to {got}")));
             }
         }
-        if let Some(want) = &spec.diff_id {
-            if *want != diff_id {
+        if let (Some(want), Some(diff_id)) = (&spec.diff_id, &diff_id) {
+            if want != diff_id {
                 return Err(UnpackError::Digest(format!(
                     "layer diff_id is {diff_id}, its descriptor says {want}"
                 )));

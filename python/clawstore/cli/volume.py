@@ -103,12 +103,27 @@ def snapshot_cmd(
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Replace DIRECTORY if it is not empty.")
 @click.option("--allow-devices", is_flag=True, help="Create device nodes and FIFOs from the layers.")
+@click.option(
+    "--verify-diff-id",
+    is_flag=True,
+    help="Also hash the uncompressed layers and check their diff_ids (the blob digests are always checked).",
+)
 @pass_cli
-def restore_cmd(cli: CliContext, ref: str, directory: Path, force: bool, allow_devices: bool) -> None:
+def restore_cmd(
+    cli: CliContext, ref: str, directory: Path, force: bool, allow_devices: bool, verify_diff_id: bool
+) -> None:
     """Restore REF (REPO:TAG or REPO@DIGEST) into DIRECTORY (created; must be empty unless --force)."""
     bar = _Bar("restore")
     with bar.bar:
-        r = volumes.restore(cli.store, ref, directory, force=force, allow_devices=allow_devices, progress=bar)
+        r = volumes.restore(
+            cli.store,
+            ref,
+            directory,
+            force=force,
+            allow_devices=allow_devices,
+            verify_diff_id=verify_diff_id,
+            progress=bar,
+        )
     rate = r.bytes / r.seconds if r.seconds > 0 else 0.0
     click.echo(
         f"restored {r.snapshot.digest} to {r.dest}: {r.files} files, {_human(r.bytes)} "
