@@ -46,8 +46,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
+import fcntl
 import hashlib
 import io
+import mmap
 import os
 import queue
 import random
@@ -376,23 +379,48 @@ def _bare(etag: str) -> str:
 # readers
 
 
+#: Downloads at least this large are written with O_DIRECT where the filesystem allows it (as
+#: the local backend stores large blobs): no copy into the page cache and no writeback later.
+DIRECT_MIN = 8 * MiB
+_DIRECT_ALIGN = 4096
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Switch O_DIRECT on or off for `fd`; False if the system refuses."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return False
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, (flags | flag) if on else (flags & ~flag))
+    except OSError:
+        return False
+    return True
+
+
 class _HashWriter:
     """Hashes and writes received buffers on two threads of their own while the caller receives
     the next one: receiving, hashing and writing overlap (each releases the GIL), so a verified
     download costs about the slowest of the three instead of their sum. At most `buffers`
-    buffers of `size` bytes exist."""
+    buffers of `size` bytes exist. With `direct`, buffers are page-aligned (anonymous maps) and
+    whole ones are written with O_DIRECT; a short last buffer, or a filesystem that refuses
+    (tmpfs: EINVAL), goes through the page cache."""
 
     _END: Any = None
 
-    def __init__(self, fd: int, algorithm: str, buffers: int = 4, size: int = 4 * MiB) -> None:
+    def __init__(
+        self, fd: int, algorithm: str, buffers: int = 4, size: int = 4 * MiB, direct: bool = False
+    ) -> None:
         self._fd = fd
         self._hasher = Hasher(algorithm)
-        self._free: queue.Queue[tuple[bytearray, threading.Event]] = queue.Queue()
+        self._direct = direct and _set_direct(fd, True)
+        self._free: queue.Queue[tuple[Any, threading.Event]] = queue.Queue()
         for _ in range(buffers):
-            self._free.put((bytearray(size), threading.Event()))
+            buf: Any = mmap.mmap(-1, size) if self._direct else bytearray(size)
+            self._free.put((buf, threading.Event()))
         self._to_hash: queue.Queue[Any] = queue.Queue()
         self._to_write: queue.Queue[Any] = queue.Queue()
-        self._current: tuple[bytearray, threading.Event] | None = None
+        self._current: tuple[Any, threading.Event] | None = None
         self._error: BaseException | None = None
         self._threads = [
             threading.Thread(target=self._hash_loop, name="clawstore-get-hash", daemon=True),
@@ -432,8 +460,18 @@ class _HashWriter:
             (buf, hashed), n = item
             try:
                 view = memoryview(buf)[:n]
+                if self._direct and n % _DIRECT_ALIGN:
+                    self._direct = not _set_direct(self._fd, False)  # the unaligned tail
                 while self._error is None and view:
-                    view = view[os.write(self._fd, view) :]
+                    try:
+                        view = view[os.write(self._fd, view) :]
+                    except OSError as e:
+                        if not (self._direct and e.errno == errno.EINVAL):
+                            raise
+                        self._direct = not _set_direct(self._fd, False)  # refused: buffered
+                        if self._direct:
+                            raise
+                del view
             except BaseException as e:
                 self._error = self._error or e
             hashed.wait()  # the hasher is done with this buffer too: it can be reused
@@ -448,6 +486,11 @@ class _HashWriter:
         self._to_write.put(self._END)
         for t in self._threads:
             t.join()
+        while not self._free.empty():
+            buf, _ = self._free.get_nowait()
+            if isinstance(buf, mmap.mmap):
+                with contextlib.suppress(BufferError):  # a view still alive: the GC unmaps it
+                    buf.close()
         if self._error is not None:
             raise self._error
         self.hexdigest = self._hasher.hexdigest()
@@ -1118,11 +1161,17 @@ class S3Backend:
         resp = self._call("get_object", Bucket=self.bucket, Key=key, IfMatch=_quoted(etag))
         body = _ResumingBody(self, key, resp["Body"], etag, size)
         total = 0
-        with _HashWriter(fd, algorithm) as out:
+        with _HashWriter(fd, algorithm, direct=size >= DIRECT_MIN) as out:
             try:
                 while total <= size:
                     view = out.buffer()
-                    n = body.readinto(view)
+                    n = 0
+                    while n < len(view):  # whole buffers: aligned O_DIRECT writes
+                        k = body.readinto(view[n:])
+                        if not k:
+                            break
+                        n += k
+                    del view
                     if not n:
                         break
                     out.submit(n)
