@@ -119,6 +119,7 @@ def store_url(endpoint: str, bucket: str, prefix: str = "store") -> str:
 #: Options the tests use: minimum part size so the multipart path runs on small data, fast retries.
 TEST_OPTIONS: dict[str, Any] = {
     "part_size": 5 << 20,
+    "stream_part_size": 5 << 20,
     "multipart_threshold": 5 << 20,
     "concurrency": 4,
     "download_concurrency": 4,

@@ -11,7 +11,9 @@ import hashlib
 import io
 import os
 import random
+import subprocess
 import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -443,6 +445,16 @@ def test_part_checksums(
             "before-call.s3.UploadPart",
             lambda params, **_: sent.append((dict(params["headers"]), body_bytes(params["body"]))),
         )
+        declared: list[dict[str, Any]] = []
+        completed: list[bytes] = []
+        backend(s).client.meta.events.register(
+            "before-call.s3.CreateMultipartUpload",
+            lambda params, **_: declared.append(dict(params["headers"])),
+        )
+        backend(s).client.meta.events.register(
+            "before-call.s3.CompleteMultipartUpload",
+            lambda params, **_: completed.append(body_bytes(params["body"])),
+        )
         data = rand(12 * MiB + 1, 14)
         d = s.put_blob(io.BytesIO(data) if kind == "stream" else data)
         assert d.digest == oracle(data)
@@ -457,6 +469,12 @@ def test_part_checksums(
                 "md5": hashlib.md5(body).digest(),
             }[mode]
             assert headers[header] == base64.b64encode(raw).decode()
+        # declared at CreateMultipartUpload and repeated per part at Complete (S3 checksums only)
+        assert len(declared) == 1 and len(completed) == 1
+        algo = {"crc32": "CRC32", "sha256": "SHA256"}.get(mode)
+        assert declared[0].get("x-amz-checksum-algorithm") == algo
+        for h, _ in sent:
+            assert (f"<Checksum{algo}>{h[header]}</Checksum{algo}>".encode() in completed[0]) == bool(algo)
         if mode != "md5" and kind != "stream":  # (a stream's object is a server-side copy)
             head = s3_client.head_object(
                 Bucket=s3_bucket, Key=backend(s).layout.blob(d.digest), ChecksumMode="ENABLED"
@@ -474,19 +492,16 @@ def test_part_checksums(
         clawstore.open(store_url(s3_endpoint, s3_bucket), part_checksum="crc64")
 
 
-def test_part_checksum_probe(s3_endpoint: str, s3_bucket: str, s3_client: Any) -> None:
-    """part_checksum=auto: moto accepts a part with a wrong CRC but reports the true composite of
-    what it stored, so CRC-32 is verifiable there; a server that reports no checksum at all gets
-    Content-MD5. The probe leaves nothing behind."""
+def verifying_client(endpoint: str) -> Any:
+    """A boto3 client on moto that behaves like a server verifying x-amz-checksum-crc32: an
+    UploadPart whose CRC does not match its body is answered 400 BadDigest, as S3 does."""
     import boto3
+    from botocore.awsrequest import AWSResponse
     from botocore.config import Config
 
-    with clawstore.open(store_url(s3_endpoint, s3_bucket), **TEST_OPTIONS) as s:
-        assert backend(s).part_checksum == "crc32"
-        assert backend(s).with_options(concurrency=2).part_checksum == "crc32"
-    blind = boto3.client(
+    c = boto3.client(
         "s3",
-        endpoint_url=s3_endpoint,
+        endpoint_url=endpoint,
         region_name=REGION,
         config=Config(
             s3={"addressing_style": "path"},
@@ -495,21 +510,44 @@ def test_part_checksum_probe(s3_endpoint: str, s3_bucket: str, s3_client: Any) -
         ),
     )
 
-    def drop_checksums(parsed: dict[str, Any], **_: Any) -> None:
-        for k in [k for k in parsed if k.startswith("Checksum")]:
-            del parsed[k]
+    def check(params: dict[str, Any], **_: Any) -> Any:
+        claimed = params["headers"].get("x-amz-checksum-crc32")
+        body = body_bytes(params["body"])
+        if claimed and claimed != base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode():
+            error = {
+                "Code": "BadDigest",
+                "Message": "The CRC32 you specified did not match the calculated checksum.",
+            }
+            return AWSResponse(params["url"], 400, {}, None), {
+                "Error": error,
+                "ResponseMetadata": {"HTTPStatusCode": 400},
+            }
+        return None
 
-    for op in ("CompleteMultipartUpload", "HeadObject"):
-        blind.meta.events.register(f"after-call.s3.{op}", lambda parsed, **kw: drop_checksums(parsed))
-    b = S3Backend(s3_bucket, "store", S3Options(endpoint_url=s3_endpoint, region=REGION), client=blind)
-    assert b.part_checksum == "md5"
-    assert (
-        S3Backend(
-            s3_bucket, "store", S3Options(endpoint_url=s3_endpoint, region=REGION, probe=False), client=blind
-        ).part_checksum
-        == "crc32"
-    )
-    assert keys(s3_client, s3_bucket) == [] and uploads(s3_client, s3_bucket) == []
+    c.meta.events.register("before-call.s3.UploadPart", check)
+    return c
+
+
+def test_part_checksum_probe(s3_endpoint: str, s3_bucket: str, s3_client: Any) -> None:
+    """part_checksum=auto: CRC-32 only for a server that refuses a part with a wrong CRC (here
+    moto behind a hook answering BadDigest, as S3 does); moto itself accepts it and gets
+    Content-MD5; without the probe, md5. The probe leaves no object and no upload behind."""
+    with clawstore.open(store_url(s3_endpoint, s3_bucket), **TEST_OPTIONS) as s:
+        assert backend(s).part_checksum == "md5"
+        assert backend(s).with_options(concurrency=2).part_checksum == "md5"
+    opts = S3Options(endpoint_url=s3_endpoint, region=REGION, **{**TEST_OPTIONS, "read_timeout": 15.0})
+    strict = verifying_client(s3_endpoint)
+    b = S3Backend(s3_bucket, "store", opts, client=strict)
+    assert b.part_checksum == "crc32"
+    assert b.with_options(concurrency=2).part_checksum == "crc32"
+    data = rand(11 * MiB, 23)
+    with clawstore.ArtifactStore(b) as s:
+        d = s.put_blob(data)
+        assert s.read_blob(d.digest) == data
+    no_probe = S3Backend(s3_bucket, "store", replace(opts, probe=False), client=strict)
+    assert no_probe.part_checksum == "md5"
+    assert keys(s3_client, s3_bucket) == [backend(s).layout.blob(d.digest)]  # no probe left
+    assert uploads(s3_client, s3_bucket) == []
 
 
 @pytest.mark.parametrize("where", ["tmp", "shm"])
@@ -527,6 +565,9 @@ def test_hash_writer_direct_and_buffered(tmp_path: Path, where: str) -> None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         with _HashWriter(fd, "sha256", buffers=3, size=2 * MiB, direct=True) as out:
+            fs = subprocess.run(["stat", "-f", "-c", "%T", str(base)], capture_output=True, text=True).stdout
+            if "tmpfs" not in fs:
+                assert out._direct  # whole buffers go with O_DIRECT on a disk filesystem
             pos = 0
             while pos < len(data):
                 view = out.buffer()
@@ -540,3 +581,27 @@ def test_hash_writer_direct_and_buffered(tmp_path: Path, where: str) -> None:
     finally:
         os.close(fd)
         path.unlink()
+
+
+def test_hash_writer_failure_mid_download_surfaces(tmp_path: Path) -> None:
+    """A receive error inside the writer's block propagates as is (not masked), the writer
+    threads end, and a failing write surfaces as an OSError at the end of the block."""
+    from clawstore.backends.s3 import _HashWriter
+
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        with pytest.raises(ConnectionResetError), _HashWriter(fd, "sha256", buffers=2, size=MiB) as out:
+            out.buffer()[:10] = b"0123456789"
+            out.submit(10)
+            out.buffer()
+            raise ConnectionResetError("peer reset")
+        assert all(not t.is_alive() for t in out._threads)
+    finally:
+        os.close(fd)
+    ro = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError), _HashWriter(ro, "sha256", buffers=2, size=MiB) as out:
+            out.buffer()[:10] = b"0123456789"
+            out.submit(10)
+    finally:
+        os.close(ro)

@@ -14,6 +14,7 @@ import io
 import multiprocessing
 import random
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -120,31 +121,51 @@ def test_downloads_survive_faults(
     assert proxy.counts["truncate"] + proxy.counts["reset"] + proxy.counts["lost"] > 0, proxy.counts
 
 
-@pytest.mark.parametrize("mode", ["auto", "md5"])
+@pytest.mark.parametrize("mode", ["md5", "crc32"])
 def test_corrupted_request_bodies_are_detected_and_resent(
     faulty: Any, s3_client: Any, s3_bucket: str, mode: str
 ) -> None:
-    # moto checks neither Content-MD5 nor x-amz-checksum-crc32 (S3 would answer BadDigest): with
-    # md5 the part/object ETag check catches a corrupted part and re-sends it; with crc32 (what
-    # the probe picks on moto) the composite checksum of the stored object does, the object is
-    # removed and sent again.
-    store, proxy = faulty(rate=0.4, seed=7, faults=("corrupt",), max_faults=6, store={"part_checksum": mode})
-    assert store.backend.part_checksum == ("crc32" if mode == "auto" else "md5")  # type: ignore[attr-defined]
+    # moto checks neither Content-MD5 nor x-amz-checksum-crc32 (S3 would answer BadDigest), which
+    # is why the probe gives it md5: the part ETag check catches a corrupted part and re-sends
+    # it before Complete. Forced crc32 on such a server, the composite checksum of the stored
+    # object catches it after Complete: the object is removed and the upload made again.
+    # Only bodies of 4 MiB or more are corrupted: the parts, not the 3 MiB single PUT.
+    store, proxy = faulty(
+        rate=0.4,
+        seed=7,
+        faults=("corrupt",),
+        max_faults=6,
+        min_body_for_corrupt=4 * MiB,
+        store={"part_checksum": mode},
+    )
+    assert store.backend.part_checksum == mode  # type: ignore[attr-defined]
+    calls: Counter[str] = Counter()
+    for op in ("CreateMultipartUpload", "UploadPart"):
+        store.backend.client.meta.events.register(  # type: ignore[attr-defined]
+            f"before-call.s3.{op}", lambda op=op, **_: calls.update([op])
+        )
     data = random.Random(5).randbytes(16 * MiB)
     d = store.put_blob(data)
     small = random.Random(6).randbytes(3 * MiB)
     d2 = store.put_blob(small)
     assert d.digest == oracle(data) and d2.digest == oracle(small)
     assert proxy.counts["corrupt"] > 0, proxy.counts
+    if mode == "md5":  # the damaged parts were sent again: more UploadParts than 4 parts
+        assert calls["UploadPart"] > 4 and calls["CreateMultipartUpload"] == 1, calls
+    else:  # the whole upload was made again
+        assert calls["CreateMultipartUpload"] > 1, calls
     assert assert_digest_keys_verify(s3_client, s3_bucket) == 2
 
 
 def test_corrupted_stream_upload_is_a_clear_error_and_leaves_nothing(
     faulty: Any, s3_client: Any, s3_bucket: str
 ) -> None:
-    """A stream cannot be sent again: a part stored corrupted (found by the composite checksum)
+    """A stream cannot be sent again: with crc32 forced on a server that does not check part
+    checksums (moto), a part stored corrupted (found by the composite checksum)
     fails the put with a clear error, and neither a digest key nor a staging object remains."""
-    store, proxy = faulty(rate=1.0, seed=9, faults=("corrupt",), max_faults=1)
+    store, proxy = faulty(
+        rate=1.0, seed=9, faults=("corrupt",), max_faults=1, store={"part_checksum": "crc32"}
+    )
     data = random.Random(9).randbytes(12 * MiB)
     with pytest.raises(S3Error, match="other bytes than were sent"):
         store.put_blob(io.BytesIO(data))

@@ -25,12 +25,13 @@ Invariant: nothing appears at a digest key unless its bytes hash to that digest.
   ``x-amz-checksum-crc32``, what current AWS SDKs send: nearly free to compute (PCLMULQDQ), declared
   at CreateMultipartUpload and repeated at Complete; S3, MinIO and recent RGW reject a part whose
   bytes differ, and the composite checksum of the completed object (CRC-32 of the part CRCs,
-  ``-N``), which the server computes from the bytes it stored, is compared with ours. A probe at
-  open time sends a part with a wrong CRC: a server that neither refuses it nor reports the true
-  composite gets ``Content-MD5`` instead (every S3-compatible server checks that), and the part
-  ETags the server returns are then compared with our MD5s when they are plain MD5s (they are,
-  except under SSE-KMS/SSE-C); a mismatch re-sends the part, and the completed object's multipart
-  ETag is checked the same way. ``part_checksum=md5|crc32|sha256`` forces a choice. Single PUTs
+  ``-N``), which the server computes from the bytes it stored, is compared with ours as a second
+  check. A probe at open time sends a part with a wrong CRC: only a server that refuses it gets
+  CRC-32; one that accepts it (moto, older RGW) gets ``Content-MD5`` instead (every S3-compatible
+  server checks that, and the part ETags the server returns are then compared with our MD5s when
+  they are plain MD5s, as they are except under SSE-KMS/SSE-C; a mismatch re-sends the part
+  before Complete, and the completed object's multipart ETag is checked the same way).
+  ``part_checksum=md5|crc32|sha256`` forces a choice. Single PUTs
   (small blobs) always carry ``Content-MD5`` and have their ETag checked.
 
 Tags use conditional writes: ``If-None-Match: *`` to create, ``If-Match: <etag>`` to replace and
@@ -91,6 +92,10 @@ _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 #: part_checksum values, and the S3 checksum algorithm each one declares (md5: Content-MD5).
 PART_CHECKSUMS = ("auto", "crc32", "md5", "sha256")
 _S3_CHECKSUM = {"crc32": "CRC32", "sha256": "SHA256"}
+#: Error codes with which servers refuse a part whose checksum does not match its bytes.
+_CHECKSUM_REFUSALS = frozenset(
+    {"BadDigest", "XAmzContentChecksumMismatch", "InvalidDigest", "InvalidChecksum"}
+)
 
 
 def _crc32_b64(data: bytes) -> str:
@@ -158,6 +163,9 @@ class S3Options:
     concurrency: int = 8
     #: Objects up to this size use a single PUT.
     multipart_threshold: int = 8 * MiB
+    #: Part size for streams of unknown length (no growing it later): 32 MiB x 10,000 parts
+    #: = 312 GiB at most; memory is about concurrency x this.
+    stream_part_size: int = 32 * MiB
     #: Parallel ranged GETs when downloading to a path (1: one streamed GET).
     download_concurrency: int = 8
     #: Size of each ranged GET when downloading to a path.
@@ -199,7 +207,7 @@ class S3Options:
             for key, value in merged.items():
                 if value is None:
                     out[key] = None
-                elif key in ("part_size", "multipart_threshold", "download_part_size"):
+                elif key in ("part_size", "multipart_threshold", "download_part_size", "stream_part_size"):
                     out[key] = parse_size(value)
                 elif key in ("concurrency", "download_concurrency", "max_attempts"):
                     out[key] = int(value)
@@ -214,8 +222,10 @@ class S3Options:
         opts = cls(**out)
         if opts.download_part_size < MiB:
             raise ClawstoreError("download_part_size must be at least 1 MiB")
-        if opts.part_size < MIN_PART_SIZE:
-            raise ClawstoreError(f"part_size must be at least {MIN_PART_SIZE} bytes (S3 minimum)")
+        if opts.part_size < MIN_PART_SIZE or opts.stream_part_size < MIN_PART_SIZE:
+            raise ClawstoreError(
+                f"part_size and stream_part_size must be at least {MIN_PART_SIZE} bytes (S3 minimum)"
+            )
         if opts.part_checksum not in PART_CHECKSUMS:
             raise ClawstoreError(
                 f"part_checksum must be one of {', '.join(PART_CHECKSUMS)}, not {opts.part_checksum!r}"
@@ -341,6 +351,9 @@ def _retryable(err: BaseException) -> bool:
     return isinstance(err, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError)
 
 
+_SUPERSEDED = "superseded"
+
+
 class _StoredCorrupted(S3Error):
     """A completed object's server-computed checksum differs from what was sent (it was removed)."""
 
@@ -411,9 +424,9 @@ class _HashWriter:
     def __init__(
         self, fd: int, algorithm: str, buffers: int = 4, size: int = 4 * MiB, direct: bool = False
     ) -> None:
-        self._fd = fd
+        self._fd = os.dup(fd)  # the writer's own: closed by it, never under another open file
         self._hasher = Hasher(algorithm)
-        self._direct = direct and _set_direct(fd, True)
+        self._direct = direct and _set_direct(self._fd, True)
         self._free: queue.Queue[tuple[Any, threading.Event]] = queue.Queue()
         for _ in range(buffers):
             buf: Any = mmap.mmap(-1, size) if self._direct else bytearray(size)
@@ -477,11 +490,12 @@ class _HashWriter:
             hashed.wait()  # the hasher is done with this buffer too: it can be reused
             hashed.clear()
             self._free.put((buf, hashed))
+        os.close(self._fd)
 
     def __enter__(self) -> _HashWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self._to_hash.put(self._END)
         self._to_write.put(self._END)
         for t in self._threads:
@@ -491,6 +505,8 @@ class _HashWriter:
             if isinstance(buf, mmap.mmap):
                 with contextlib.suppress(BufferError):  # a view still alive: the GC unmaps it
                     buf.close()
+        if exc_type is not None:
+            return  # the caller's exception explains the failure
         if self._error is not None:
             raise self._error
         self.hexdigest = self._hasher.hexdigest()
@@ -620,8 +636,8 @@ class S3Backend:
         self.client = client if client is not None else self._make_client()
         self.conditional_delete = True
         self._rand = random.Random()
-        #: The per-part checksum in use ("auto" resolved by the probe).
-        self.part_checksum = "crc32" if self.options.part_checksum == "auto" else self.options.part_checksum
+        #: The per-part checksum in use ("auto" resolved by the probe; md5 without a probe).
+        self.part_checksum = "md5" if self.options.part_checksum == "auto" else self.options.part_checksum
         if self.options.probe:
             self.probe_conditional_writes()
             if self.options.part_checksum == "auto":
@@ -761,10 +777,12 @@ class S3Backend:
                 self._call("delete_object", Bucket=self.bucket, Key=key)
 
     def probe_part_checksums(self) -> str:
-        """Which per-part checksum to send: "crc32" if the server verifies x-amz-checksum-crc32
-        (it refuses a part whose CRC is wrong, or reports the true composite of what it stored
-        after completing with it), else "md5" (Content-MD5, checked by every S3-compatible
-        server, plus our ETag comparison)."""
+        """Which per-part checksum to send: "crc32" only if the server refuses a part whose
+        x-amz-checksum-crc32 is wrong and takes the same part with the right one (S3, MinIO,
+        RGW >= Squid), so that no damaged part can ever be completed; else "md5" (Content-MD5,
+        which every S3-compatible server checks, plus our ETag comparisons). A server that
+        accepts the wrong CRC (moto) gets md5: a check only after Complete would leave damaged
+        bytes at a digest key for a moment (or for good, after a crash)."""
         from botocore.exceptions import ClientError
 
         key = self.layout.new_probe()
@@ -776,25 +794,32 @@ class S3Backend:
             )
         except ClientError:
             return "md5"
-        upload_id = mpu["UploadId"]
-        common = {"Bucket": self.bucket, "Key": key, "UploadId": upload_id}
+        common = {"Bucket": self.bucket, "Key": key, "UploadId": mpu["UploadId"]}
         try:
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    # Not through _call: a refusal (BadDigest) is the answer, not a fault to retry.
+                    self.client.upload_part(PartNumber=1, Body=body, ChecksumCRC32=wrong, **common)
+                    return "md5"  # a wrong checksum was accepted: parts are not verified
+                except ClientError as e:
+                    if _code(e) in _CHECKSUM_REFUSALS:
+                        break
+                    if not (_retryable(e) and attempt < self.options.max_attempts):
+                        return "md5"
+                except Exception as e:
+                    if not (_retryable(e) and attempt < self.options.max_attempts):
+                        raise
+                self._sleep(attempt)
             try:
-                part = self._call("upload_part", PartNumber=1, Body=body, ChecksumCRC32=wrong, **common)
-            except ClientError as e:
-                return "crc32" if _status(e) == 400 else "md5"  # refused: verified per part
-            parts = [{"PartNumber": 1, "ETag": part["ETag"], "ChecksumCRC32": wrong}]
-            try:
-                resp = self._call("complete_multipart_upload", MultipartUpload={"Parts": parts}, **common)
-            except ClientError as e:
-                return "crc32" if _status(e) == 400 else "md5"  # refused at Complete: verified
-            got = self._stored_checksum(key, resp, "CRC32")
-            return "crc32" if got and got.partition("-")[0] == _composite("crc32", [true]) else "md5"
+                self._call("upload_part", PartNumber=1, Body=body, ChecksumCRC32=true, **common)
+            except ClientError:
+                return "md5"
+            return "crc32"
         finally:
             with contextlib.suppress(Exception):
                 self.client.abort_multipart_upload(**common)
-            with contextlib.suppress(Exception):
-                self._call("delete_object", Bucket=self.bucket, Key=key)
 
     # -- blobs: writes -------------------------------------------------------------------------
     def _part_size_for(self, size: int | None) -> int:
@@ -892,7 +917,8 @@ class S3Backend:
         head = _read_up_to(src, self.options.multipart_threshold + 1)
         if len(head) <= self.options.multipart_threshold:
             return self._write_buffer(memoryview(head), algorithm, expected)
-        stager = self._stager(_Prepend(head, src), self.options.part_size, algorithm)
+        # Size unknown: stream_part_size, so that 10,000 parts reach far enough.
+        stager = self._stager(_Prepend(head, src), self.options.stream_part_size, algorithm)
         del head
         if expected is not None:
             if self._head(self.layout.blob(expected)) is not None:
@@ -1031,35 +1057,53 @@ class S3Backend:
                 raise
 
     def _stored_checksum(self, key: str, resp: dict[str, Any], s3alg: str) -> str | None:
-        """The checksum the server reports for a just-completed object: from the Complete
-        response, else from a HEAD with checksum mode on (pinned to the completed ETag)."""
+        """The composite checksum the server reports for a just-completed object: from the
+        Complete response, else from a HEAD with checksum mode on (pinned to the completed
+        ETag). "" when the server keeps a full-object checksum instead (nothing to compare with),
+        None when it reports none, _SUPERSEDED when a concurrent writer of the same digest key
+        completed after us (its own upload was verified)."""
+        if resp.get("ChecksumType") == "FULL_OBJECT":
+            return ""
         got = resp.get(f"Checksum{s3alg}")
         if got:
             return str(got)
         kw: dict[str, Any] = {"IfMatch": resp["ETag"]} if resp.get("ETag") else {}
-        head = self._call("head_object", Bucket=self.bucket, Key=key, ChecksumMode="ENABLED", **kw)
-        got = head.get(f"Checksum{s3alg}")
+        try:
+            head = self._call("head_object", Bucket=self.bucket, Key=key, ChecksumMode="ENABLED", **kw)
+        except Exception as e:
+            if _precondition_failed(e):
+                return _SUPERSEDED
+            raise
         if head.get("ChecksumType") == "FULL_OBJECT":
-            return None  # not the composite we asked for: nothing to compare with
+            return ""
+        got = head.get(f"Checksum{s3alg}")
         return str(got) if got else None
 
     def _check_composite(self, key: str, resp: dict[str, Any], mode: str, sums: list[str]) -> None:
         """Compare the composite checksum the server computed over the bytes it stored with the
-        one of the parts we sent. A server that verifies each part (S3, MinIO, RGW) always agrees;
-        one that does not (moto) is caught here, and the object is removed (guarded by its ETag)."""
+        one of the parts we sent: defence in depth (a server we send checksums to refuses a bad
+        part before Complete). A mismatch removes the object; a server that reports no checksum
+        at all does not support them, and part_checksum=md5 is what it needs."""
         got = self._stored_checksum(key, resp, _S3_CHECKSUM[mode])
-        if got is None:
-            return  # the server keeps no checksum; it verified each part as it arrived
-        value, _, count = got.partition("-")
+        if got == "" or got == _SUPERSEDED:
+            return
         want = _composite(mode, sums)
-        if value != want or (count and int(count) != len(sums)):
-            with contextlib.suppress(Exception):
-                kw = {"IfMatch": resp["ETag"]} if resp.get("ETag") else {}
-                self._call("delete_object", Bucket=self.bucket, Key=key, **kw)
-            raise _StoredCorrupted(
-                f"{key}: the server stored other bytes than were sent (composite {mode} {got}, "
-                f"sent {want}-{len(sums)}); removed"
+        if got is not None:
+            value, _, count = got.partition("-")
+            if value == want and (not count or int(count) == len(sums)):
+                return
+        with contextlib.suppress(Exception):
+            guard = {"IfMatch": resp["ETag"]} if resp.get("ETag") and self.conditional_delete else {}
+            self._call("delete_object", Bucket=self.bucket, Key=key, **guard)
+        if got is None:
+            raise S3Error(
+                f"{key}: the server reports no {mode} checksum for the completed upload: it does not "
+                f"support S3 checksums, so the parts were not verified (removed); use part_checksum=md5"
             )
+        raise _StoredCorrupted(
+            f"{key}: the server stored other bytes than were sent (composite {mode} {got}, "
+            f"sent {want}-{len(sums)}); removed"
+        )
 
     def _check_multipart_etag(self, key: str, etag: str, md5s: list[bytes]) -> None:
         m = _MULTI_ETAG.match(_bare(etag))
