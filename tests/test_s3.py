@@ -605,3 +605,19 @@ def test_hash_writer_failure_mid_download_surfaces(tmp_path: Path) -> None:
             out.submit(10)
     finally:
         os.close(ro)
+
+
+def test_download_receives_into_the_callers_buffer(s3_store: clawstore.ArtifactStore) -> None:
+    """The verified download reads the http.client response under botocore's body directly
+    (no urllib3 copy); if botocore/urllib3 change that layout it falls back to body.readinto,
+    and this test says so."""
+    from clawstore.backends.s3 import _socket_body
+
+    d = s3_store.put_blob(rand(MiB, 31))
+    b = backend(s3_store)
+    resp = b.client.get_object(Bucket=b.bucket, Key=b.layout.blob(d.digest))
+    try:
+        assert _socket_body(resp["Body"]) is not None
+    finally:
+        resp["Body"].close()
+    assert _socket_body(io.BytesIO(b"x")) is None

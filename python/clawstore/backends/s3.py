@@ -50,6 +50,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import http.client
 import io
 import mmap
 import os
@@ -512,6 +513,15 @@ class _HashWriter:
         self.hexdigest = self._hasher.hexdigest()
 
 
+def _socket_body(body: Any) -> http.client.HTTPResponse | None:
+    """The http.client response under a botocore StreamingBody (through urllib3), whose
+    readinto() receives straight into the caller's buffer: urllib3's read() allocates and copies
+    every chunk (~0.1 s of CPU per GiB). Bodies are read raw either way (botocore does not decode
+    Content-Encoding) and the digest is checked over what arrives; None if the layout differs."""
+    fp = getattr(getattr(body, "_raw_stream", None), "_fp", None)
+    return fp if isinstance(fp, http.client.HTTPResponse) else None
+
+
 class _ResumingBody(io.RawIOBase):
     """A GET body that, when the connection breaks, resumes with a ranged GET from where it
     stopped (pinned to the same object version by ``If-Match``). The store verifies the digest."""
@@ -533,7 +543,11 @@ class _ResumingBody(io.RawIOBase):
         view = memoryview(buffer).cast("B")
         while True:
             try:
-                n = self._body.readinto(view) if hasattr(self._body, "readinto") else None
+                raw = _socket_body(self._body)
+                if raw is not None:
+                    n = raw.readinto(view)
+                else:
+                    n = self._body.readinto(view) if hasattr(self._body, "readinto") else None
                 if n is None:
                     chunk = self._body.read(len(view))
                     n = len(chunk)
