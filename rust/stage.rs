@@ -628,9 +628,18 @@ fn content_md5(py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<String> {
     crate::digest::with_buffer(py, data, md5_base64)
 }
 
+/// Base64 big-endian CRC-32 (`x-amz-checksum-crc32`) of a bytes-like object, GIL released for
+/// large inputs.
+#[pyfunction]
+#[pyo3(name = "crc32_base64")]
+fn py_crc32_base64(py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<String> {
+    crate::digest::with_buffer(py, data, crc32_base64)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PartStager>()?;
     m.add_function(wrap_pyfunction!(content_md5, m)?)?;
+    m.add_function(wrap_pyfunction!(py_crc32_base64, m)?)?;
     m.add("MIN_PART_SIZE", MIN_PART_SIZE)?;
     m.add("MAX_PART_SIZE", MAX_PART_SIZE)?;
     m.add("MAX_PARTS", MAX_PARTS)?;

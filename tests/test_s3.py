@@ -535,6 +535,30 @@ def test_part_checksum_probe(s3_endpoint: str, s3_bucket: str, s3_client: Any) -
     with clawstore.open(store_url(s3_endpoint, s3_bucket), **TEST_OPTIONS) as s:
         assert backend(s).part_checksum == "md5"
         assert backend(s).with_options(concurrency=2).part_checksum == "md5"
+        # moto takes declared checksums without checking them: md5 parts carry a CRC-32 too
+        # (declared at Create, repeated at Complete), which spares moto its own full-object pass.
+        assert backend(s).md5_with_crc32 and backend(s).with_options(concurrency=2).md5_with_crc32
+        seen: list[dict[str, Any]] = []
+        declared: list[dict[str, Any]] = []
+        backend(s).client.meta.events.register(
+            "before-call.s3.UploadPart",
+            lambda params, **_: seen.append({**params["headers"], "body": body_bytes(params["body"])}),
+        )
+        backend(s).client.meta.events.register(
+            "before-call.s3.CreateMultipartUpload",
+            lambda params, **_: declared.append(dict(params["headers"])),
+        )
+        data = rand(11 * MiB, 29)
+        d0 = s.put_blob(data)
+        assert s.read_blob(d0.digest) == data
+        assert [h.get("x-amz-checksum-algorithm") for h in declared] == ["CRC32"]
+        for h in seen:
+            assert h["Content-MD5"] == base64.b64encode(hashlib.md5(h["body"]).digest()).decode()
+            assert (
+                h["x-amz-checksum-crc32"]
+                == base64.b64encode(zlib.crc32(h["body"]).to_bytes(4, "big")).decode()
+            )
+        s.delete_blob(d0.digest)
     opts = S3Options(endpoint_url=s3_endpoint, region=REGION, **{**TEST_OPTIONS, "read_timeout": 15.0})
     strict = verifying_client(s3_endpoint)
     b = S3Backend(s3_bucket, "store", opts, client=strict)

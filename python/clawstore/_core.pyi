@@ -94,6 +94,9 @@ class PartStager:
 def content_md5(data: Buffer) -> str:
     """Base64 MD5 of a bytes-like object (the Content-MD5 header value)."""
 
+def crc32_base64(data: Buffer) -> str:
+    """Base64 big-endian CRC-32 of a bytes-like object (the x-amz-checksum-crc32 header value)."""
+
 # -- layer (rust/layer/): volume tree scans, tar+zstd pack / unpack ----------------------------
 
 EntryKind = Literal["file", "dir", "symlink", "fifo", "char", "block"]
