@@ -29,7 +29,7 @@ from clawstore.errors import (
     TagConflictError,
 )
 from clawstore.manifest import EMPTY_CONFIG
-from s3_server import REGION, TEST_OPTIONS, store_url
+from s3_server import REGION, TEST_OPTIONS, make_client, store_url
 
 pytestmark = pytest.mark.s3
 
@@ -495,20 +495,9 @@ def test_part_checksums(
 def verifying_client(endpoint: str) -> Any:
     """A boto3 client on moto that behaves like a server verifying x-amz-checksum-crc32: an
     UploadPart whose CRC does not match its body is answered 400 BadDigest, as S3 does."""
-    import boto3
     from botocore.awsrequest import AWSResponse
-    from botocore.config import Config
 
-    c = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name=REGION,
-        config=Config(
-            s3={"addressing_style": "path"},
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        ),
-    )
+    c = make_client(endpoint)
 
     def check(params: dict[str, Any], **_: Any) -> Any:
         claimed = params["headers"].get("x-amz-checksum-crc32")
