@@ -279,6 +279,34 @@ def test_diff_id_checked_on_request(store: clawstore.ArtifactStore, tmp_path: Pa
     assert_same_tree(src, dest)
 
 
+def test_restore_removes_what_dead_restores_left(store: clawstore.ArtifactStore, tmp_path: Path) -> None:
+    """A restore removes the `.NAME.restore-*` directories of restores that died (no lock held)
+    and leaves alone one still in progress (its flock held) and other names."""
+    import fcntl
+
+    src = tmp_path / "src"
+    make_every_kind(src, big=10_000)
+    volumes.snapshot(store, src, REF)
+    dead = tmp_path / ".dest.restore-dead1"
+    (dead / "half").mkdir(parents=True)
+    (dead / "half" / "file").write_bytes(b"x" * 1000)
+    live = tmp_path / ".dest.restore-live1"
+    live.mkdir()
+    other = tmp_path / ".destination.restore-x"
+    other.mkdir()
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        volumes.restore(store, REF, tmp_path / "dest")
+        assert not dead.exists() and live.is_dir() and other.is_dir()
+    finally:
+        os.close(fd)
+    assert_same_tree(src, tmp_path / "dest")
+    volumes.restore(store, REF, tmp_path / "dest", force=True)
+    assert not live.exists()  # its owner is gone now
+    assert not list(tmp_path.glob(".dest.restor*"))
+
+
 def test_restore_through_streaming_reader(local_store: clawstore.ArtifactStore, tmp_path: Path) -> None:
     """The non-local path (what S3 uses): layers read through the store's verifying reader."""
     src = tmp_path / "src"
@@ -513,7 +541,8 @@ def test_kill9_during_snapshot_and_restore(tmp_path: Path, delay: float) -> None
         assert not dest2.exists()
     else:
         assert_same_tree(dest, dest2)
-    # and a later restore to the same place works (temp dirs of the killed one are ignored)
+    # and a later restore to the same place works and removes what the killed one left
     shutil.rmtree(dest2, ignore_errors=True)
     volumes.restore(store, REF, dest2)
     assert_same_tree(dest, dest2)
+    assert not list(tmp_path.glob(".dest2.restore-*"))

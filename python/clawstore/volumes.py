@@ -26,6 +26,8 @@ Built only on the ArtifactStore API; the Rust core does scanning, packing and sa
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import json
 import os
 import shutil
@@ -389,7 +391,8 @@ def restore(
     def on_progress(files: int, nbytes: int) -> None:
         report(ProgressEvent("restore", files, nbytes, total_files, total_bytes))
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.restore-", dir=target.parent))
+    _remove_abandoned(target)
+    tmp, lock = _claimed_tempdir(target)
     try:
         unpacker = _core.Unpacker(
             tmp,
@@ -424,6 +427,8 @@ def restore(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
     return RestoreResult(
         snap,
         target,
@@ -433,6 +438,46 @@ def restore(
         seconds=time.monotonic() - started,
         layers=tuple(layer_stats),
     )
+
+
+def _claimed_tempdir(target: Path) -> tuple[Path, int]:
+    """A fresh `.NAME.restore-*` directory beside `target`, with an exclusive flock held on it for
+    as long as the returned descriptor is open: a restore that dies (even by SIGKILL) drops the
+    lock, and the next restore into the same target removes what it left. The directory gets
+    its final name only once locked, so a concurrent clean-up never sees it unlocked."""
+    fresh = Path(tempfile.mkdtemp(prefix=f".{target.name}.restoring-", dir=target.parent))
+    fd = os.open(fresh, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        tmp = fresh.with_name(fresh.name.replace(".restoring-", ".restore-", 1))
+        os.rename(fresh, tmp)
+    except BaseException:
+        os.close(fd)
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
+    return tmp, fd
+
+
+def _remove_abandoned(target: Path) -> int:
+    """Remove the `.NAME.restore-*` directories beside `target` whose restore died (nobody holds
+    their lock). The `.NAME.old-*` of an interrupted swap are left alone: they hold the previous
+    tree. Returns how many were removed."""
+    removed = 0
+    for p in target.parent.glob(f".{glob.escape(target.name)}.restore-*"):
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a restore in progress
+            shutil.rmtree(p, ignore_errors=True)
+            removed += 1
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:
