@@ -61,7 +61,6 @@ import secrets
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
@@ -99,16 +98,12 @@ _CHECKSUM_REFUSALS = frozenset(
 )
 
 
-def _crc32_b64(data: bytes) -> str:
-    return _core.crc32_base64(data)
-
-
 def _composite(mode: str, sums: list[str]) -> str:
     """S3's composite checksum of a multipart object (without the ``-N``): the checksum of the
     concatenated binary part checksums."""
     raw = b"".join(base64.b64decode(s) for s in sums)
     if mode == "crc32":
-        return base64.b64encode(zlib.crc32(raw).to_bytes(4, "big")).decode()
+        return _core.crc32_base64(raw)
     return base64.b64encode(hashlib.sha256(raw).digest()).decode()
 
 
@@ -350,9 +345,6 @@ def _retryable(err: BaseException) -> bool:
     import urllib3.exceptions
 
     return isinstance(err, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError)
-
-
-_SUPERSEDED = "superseded"
 
 
 class _StoredCorrupted(S3Error):
@@ -806,7 +798,7 @@ class S3Backend:
 
         key = self.layout.new_probe()
         body = b"clawstore part-checksum probe\n" * 8
-        true, wrong = _crc32_b64(body), _crc32_b64(body + b"!")
+        true, wrong = _core.crc32_base64(body), _core.crc32_base64(body + b"!")
         try:
             mpu = self._call(
                 "create_multipart_upload", Bucket=self.bucket, Key=key, ChecksumAlgorithm="CRC32"
@@ -814,26 +806,26 @@ class S3Backend:
         except ClientError:
             return "md5"
         common = {"Bucket": self.bucket, "Key": key, "UploadId": mpu["UploadId"]}
+
+        def refused() -> bool:
+            # A refusal (BadDigest) is the answer here, not a fault for _retry to retry.
+            try:
+                self.client.upload_part(PartNumber=1, Body=body, ChecksumCRC32=wrong, **common)
+            except ClientError as e:
+                if _code(e) in _CHECKSUM_REFUSALS:
+                    return True
+                raise
+            return False
+
         try:
-            attempt = 0
-            while True:
-                attempt += 1
-                try:
-                    # Not through _call: a refusal (BadDigest) is the answer, not a fault to retry.
-                    self.client.upload_part(PartNumber=1, Body=body, ChecksumCRC32=wrong, **common)
+            try:
+                if not self._retry(f"UploadPart {key} (checksum probe)", refused):
                     # A wrong checksum was accepted: parts are not verified by it. The server does
                     # take declared checksums, though: send them along with Content-MD5.
                     self.md5_with_crc32 = True
                     return "md5"
-                except ClientError as e:
-                    if _code(e) in _CHECKSUM_REFUSALS:
-                        break
-                    if not (_retryable(e) and attempt < self.options.max_attempts):
-                        return "md5"
-                except Exception as e:
-                    if not (_retryable(e) and attempt < self.options.max_attempts):
-                        raise
-                self._sleep(attempt)
+            except ClientError:
+                return "md5"
             try:
                 self._call("upload_part", PartNumber=1, Body=body, ChecksumCRC32=true, **common)
             except ClientError:
@@ -976,16 +968,15 @@ class S3Backend:
         whole digest equals `expected` (when given). Aborts the upload on any failure."""
         mode = stager.checksum
         s3alg = _S3_CHECKSUM.get(mode)
-        extra = {"ChecksumAlgorithm": s3alg} if s3alg else {}
-        crc_too = mode == "md5" and self.md5_with_crc32
-        if crc_too:
-            extra = {"ChecksumAlgorithm": "CRC32"}
-        crcs: dict[int, str] = {}
+        # The S3 checksum declared at Create and repeated at Complete: the part checksum itself,
+        # or (md5 on a server that takes declared checksums) a CRC-32 sent beside Content-MD5.
+        declared = s3alg or ("CRC32" if mode == "md5" and self.md5_with_crc32 else None)
+        extra = {"ChecksumAlgorithm": declared} if declared else {}
         mpu = self._call("create_multipart_upload", Bucket=self.bucket, Key=key, **extra)
         upload_id = mpu["UploadId"]
         etags: dict[int, str] = {}
         sums: dict[int, str] = {}
-        md5s: dict[int, bytes] = {}
+        crcs: dict[int, str] = {}
         errors: list[BaseException] = []
         lock = threading.Lock()
 
@@ -996,14 +987,12 @@ class S3Backend:
                     if part is None:
                         return
                     number, data, checksum = part
-                    crc = _crc32_b64(data) if crc_too else None
+                    crc = _core.crc32_base64(data) if declared and not s3alg else None
                     etag = self._upload_part(key, upload_id, number, data, checksum, mode, crc)
                     del data, part
                     with lock:
                         etags[number] = etag
                         sums[number] = checksum
-                        if mode == "md5":
-                            md5s[number] = base64.b64decode(checksum)
                         if crc is not None:
                             crcs[number] = crc
             except BaseException as e:
@@ -1031,17 +1020,16 @@ class S3Backend:
             if len(etags) != nparts:
                 raise S3Error(f"upload of {key}: {len(etags)} parts uploaded, {nparts} staged")
             parts = [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
-            if s3alg:
+            if declared:
+                listed = sums if s3alg else crcs
                 for p in parts:
-                    p[f"Checksum{s3alg}"] = sums[p["PartNumber"]]
-            elif crc_too:
-                for p in parts:
-                    p["ChecksumCRC32"] = crcs[p["PartNumber"]]
+                    p[f"Checksum{declared}"] = listed[p["PartNumber"]]
             resp = self._complete(key, upload_id, parts, size)
+            in_order = [sums[n] for n in sorted(sums)]
             if s3alg:
-                self._check_composite(key, resp, mode, [sums[n] for n in sorted(sums)])
+                self._check_composite(key, resp, mode, in_order)
             else:
-                self._check_multipart_etag(key, resp.get("ETag", ""), [md5s[n] for n in sorted(md5s)])
+                self._check_multipart_etag(key, resp.get("ETag", ""), [base64.b64decode(m) for m in in_order])
             return digest, size
         except BaseException as e:
             stager.abort(f"upload of {key} failed: {type(e).__name__}")  # stop workers still running
@@ -1100,8 +1088,8 @@ class S3Backend:
     def _stored_checksum(self, key: str, resp: dict[str, Any], s3alg: str) -> str | None:
         """The composite checksum the server reports for a just-completed object: from the
         Complete response, else from a HEAD with checksum mode on (pinned to the completed
-        ETag). "" when the server keeps a full-object checksum instead (nothing to compare with),
-        None when it reports none, _SUPERSEDED when a concurrent writer of the same digest key
+        ETag). None when it reports none; "" when there is nothing to compare with: the server
+        keeps a full-object checksum instead, or a concurrent writer of the same digest key
         completed after us (its own upload was verified)."""
         if resp.get("ChecksumType") == "FULL_OBJECT":
             return ""
@@ -1113,7 +1101,7 @@ class S3Backend:
             head = self._call("head_object", Bucket=self.bucket, Key=key, ChecksumMode="ENABLED", **kw)
         except Exception as e:
             if _precondition_failed(e):
-                return _SUPERSEDED
+                return ""
             raise
         if head.get("ChecksumType") == "FULL_OBJECT":
             return ""
@@ -1126,7 +1114,7 @@ class S3Backend:
         part before Complete). A mismatch removes the object; a server that reports no checksum
         at all does not support them, and part_checksum=md5 is what it needs."""
         got = self._stored_checksum(key, resp, _S3_CHECKSUM[mode])
-        if got == "" or got == _SUPERSEDED:
+        if got == "":
             return
         want = _composite(mode, sums)
         if got is not None:
