@@ -411,8 +411,8 @@ def apply_op(root: Path, kind: str, parts: list[str], arg: object) -> None:
     elif kind == "rename":
         dst = parent / str(arg)
         if exists and dst != path and not (dst.is_dir() and not dst.is_symlink()):
-            if path.is_dir() and not path.is_symlink() and dst.is_symlink():
-                dst.unlink()
+            if path.is_dir() and not path.is_symlink() and (dst.exists() or dst.is_symlink()):
+                dst.unlink()  # rename(2) puts a directory only over an empty directory
             os.rename(path, dst)
 
 
