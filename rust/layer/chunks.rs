@@ -1,6 +1,8 @@
 //! Recycled 1 MiB buffers for the pipelines between threads (pack: tar -> hash/zstd; unpack:
 //! zstd -> tar/hash). A chunk goes back to its pool when the last consumer drops it, so the
-//! steady state allocates nothing and takes no page faults.
+//! steady state allocates nothing and takes no page faults. Buffers stay at their full length
+//! (zeroed once, when first allocated) and a chunk records how much of one it holds, so producers
+//! read straight into them without clearing memory on every round.
 
 use std::ops::Deref;
 use std::sync::Arc;
@@ -9,6 +11,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 
 pub struct Chunk {
     data: Vec<u8>,
+    len: usize,
     home: Sender<Vec<u8>>,
 }
 
@@ -16,14 +19,13 @@ impl Deref for Chunk {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        &self.data
+        &self.data[..self.len]
     }
 }
 
 impl Drop for Chunk {
     fn drop(&mut self) {
-        let mut data = std::mem::take(&mut self.data);
-        data.clear();
+        let data = std::mem::take(&mut self.data);
         let _ = self.home.try_send(data); // pool full or gone: just free it
     }
 }
@@ -44,16 +46,21 @@ impl Pool {
         Pool { tx, rx, size }
     }
 
-    /// An empty buffer with capacity `size` (recycled when possible).
+    /// A buffer of length `size` (recycled when possible; its contents are not cleared).
     pub fn take(&self) -> Vec<u8> {
         self.rx
             .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(self.size))
+            .ok()
+            .filter(|b| b.len() == self.size)
+            .unwrap_or_else(|| vec![0u8; self.size])
     }
 
-    pub fn share(&self, data: Vec<u8>) -> Shared {
+    /// Share the first `len` bytes of `data` (a buffer from `take`).
+    pub fn share(&self, data: Vec<u8>, len: usize) -> Shared {
+        let len = len.min(data.len());
         Arc::new(Chunk {
             data,
+            len,
             home: self.tx.clone(),
         })
     }
@@ -67,15 +74,23 @@ mod tests {
     fn chunks_come_back() {
         let pool = Pool::new(16, 4);
         let mut v = pool.take();
-        v.extend_from_slice(b"abc");
+        assert_eq!(v.len(), 16);
+        v[..3].copy_from_slice(b"abc");
         let ptr = v.as_ptr();
-        let shared = pool.share(v);
+        let shared = pool.share(v, 3);
         let other = shared.clone();
         assert_eq!(&**other, b"abc");
         drop(shared);
         drop(other);
         let again = pool.take();
-        assert_eq!(again.as_ptr(), ptr);
-        assert!(again.is_empty());
+        assert_eq!(again.as_ptr(), ptr, "the same buffer, recycled");
+        assert_eq!(again.len(), 16);
+    }
+
+    #[test]
+    fn share_never_exceeds_the_buffer() {
+        let pool = Pool::new(4, 1);
+        let chunk = pool.share(pool.take(), 99);
+        assert_eq!(chunk.len(), 4);
     }
 }

@@ -339,8 +339,8 @@ fn header_for(
     Ok((h, pax))
 }
 
-fn append<W: Write, R: Read>(
-    b: &mut tar::Builder<W>,
+fn append<R: Read>(
+    b: &mut tar::Builder<ChunkSink>,
     header: &Header,
     pax: &[(&'static str, Vec<u8>)],
     mut data: R,
@@ -348,33 +348,27 @@ fn append<W: Write, R: Read>(
     if !pax.is_empty() {
         b.append_pax_extensions(pax.iter().map(|(k, v)| (*k, v.as_slice())))?;
     }
-    // tar's own append copies through `dyn Write` in 8 KiB steps; bodies go in 1 MiB steps.
+    // tar's own append copies through `dyn Write` in 8 KiB steps; bodies are read straight into
+    // the chunks the hasher and the compressor take (no intermediate copy).
     let out = b.get_mut();
     out.write_all(header.as_bytes())?;
-    let mut buf = vec![0u8; COPY_CHUNK];
     let mut len = 0u64;
     loop {
-        let n = match data.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        out.write_all(&buf[..n])?;
-        len += n as u64;
+        match out.read_from(&mut data)? {
+            0 => break,
+            n => len += n as u64,
+        }
     }
     let pad = (512 - (len % 512) as usize) % 512;
     out.write_all(&[0u8; 512][..pad])
 }
 
-/// Copy step for large file bodies.
-const COPY_CHUNK: usize = 1 << 20;
 /// Chunk size of the tar stream handed to the diff_id hasher and the compressor.
 const TAR_BUFFER: usize = 1 << 20;
 
 /// Append a body already in memory.
-fn append_bytes<W: Write>(
-    b: &mut tar::Builder<W>,
+fn append_bytes(
+    b: &mut tar::Builder<ChunkSink>,
     header: &Header,
     pax: &[(&'static str, Vec<u8>)],
     data: &[u8],
@@ -399,7 +393,9 @@ enum Slot {
 /// The tar stream's sink: cuts it into `TAR_BUFFER` chunks shared with the diff_id hasher thread
 /// and the compressor thread, so framing, hashing and compression run side by side.
 struct ChunkSink {
+    /// The chunk being filled (a pool buffer, `TAR_BUFFER` long) and how much of it is.
     buf: Vec<u8>,
+    used: usize,
     pool: Pool,
     to_hash: Sender<Shared>,
     to_compress: Sender<Shared>,
@@ -407,23 +403,39 @@ struct ChunkSink {
 
 impl ChunkSink {
     fn send(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
+        if self.used == 0 {
             return Ok(());
         }
         let next = self.pool.take();
-        let chunk = self.pool.share(std::mem::replace(&mut self.buf, next));
+        let full = std::mem::replace(&mut self.buf, next);
+        let chunk = self.pool.share(full, std::mem::take(&mut self.used));
         let gone = || io::Error::new(io::ErrorKind::BrokenPipe, "compressor stopped");
         self.to_hash.send(chunk.clone()).map_err(|_| gone())?;
         self.to_compress.send(chunk).map_err(|_| gone())
+    }
+
+    /// One `read` of `r` straight into the chunk being filled; 0 at the end of `r`.
+    fn read_from<R: Read>(&mut self, r: &mut R) -> io::Result<usize> {
+        let n = loop {
+            match r.read(&mut self.buf[self.used..]) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => break other?,
+            }
+        };
+        self.used += n;
+        if self.used == self.buf.len() {
+            self.send()?;
+        }
+        Ok(n)
     }
 }
 
 impl Write for ChunkSink {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let room = TAR_BUFFER - self.buf.len();
-        let n = data.len().min(room);
-        self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() >= TAR_BUFFER {
+        let n = data.len().min(self.buf.len() - self.used);
+        self.buf[self.used..self.used + n].copy_from_slice(&data[..n]);
+        self.used += n;
+        if self.used == self.buf.len() {
             self.send()?;
         }
         Ok(n)
@@ -482,6 +494,7 @@ pub fn pack<W: Write + Send>(
         });
         let sink = ChunkSink {
             buf: pool.take(),
+            used: 0,
             pool,
             to_hash: hash_tx,
             to_compress: comp_tx,
@@ -524,12 +537,12 @@ pub fn pack<W: Write + Send>(
     Ok((result, inner))
 }
 
-fn write_all_entries<'scope, 'env, W: Write>(
+fn write_all_entries<'scope, 'env>(
     s: &'scope std::thread::Scope<'scope, 'env>,
     root: &'env Path,
     plans: &'env [Plan<'env>],
     opts: &PackOptions,
-    builder: &mut tar::Builder<W>,
+    builder: &mut tar::Builder<ChunkSink>,
     result: &mut PackResult,
     progress: &PackProgress,
 ) -> Result<(), PackError> {
@@ -571,11 +584,11 @@ fn write_all_entries<'scope, 'env, W: Write>(
     Ok(())
 }
 
-fn write_one<W: Write>(
+fn write_one(
     root: &Path,
     p: &Plan<'_>,
     slot: Slot,
-    b: &mut tar::Builder<W>,
+    b: &mut tar::Builder<ChunkSink>,
     result: &mut PackResult,
     progress: &PackProgress,
 ) -> Result<(), PackError> {

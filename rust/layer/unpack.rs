@@ -219,7 +219,6 @@ fn decode<R: Read>(
     let pool = Pool::new(DECODE_CHUNK, 2 * DECODE_CHUNKS + 2);
     loop {
         let mut buf = pool.take();
-        buf.resize(DECODE_CHUNK, 0);
         let mut filled = 0;
         while filled < buf.len() {
             match limited.read(&mut buf[filled..]) {
@@ -232,8 +231,7 @@ fn decode<R: Read>(
         if filled == 0 {
             break;
         }
-        buf.truncate(filled);
-        let chunk = pool.share(buf);
+        let chunk = pool.share(buf, filled);
         let hashed = match &hash_tx {
             Some(tx) => tx.send(chunk.clone()).is_ok(),
             None => true,
