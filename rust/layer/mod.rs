@@ -3,11 +3,13 @@
 //!
 //! - `index`: `scan` a directory, `encode`/`decode` the file index, `diff` two indexes.
 //! - `pack`: tar framing + multithreaded zstd with parallel read-ahead and both hashes.
+//! - `encoder`: the zstd stream writer with the parameters a layer is compressed with.
 //! - `safety`: path cleaning, symlink-safe parents, byte/entry/ratio limits.
 //! - `unpack`: OCI whiteouts, type changes, parallel file writes.
 //! - `py`: the Python bindings (`Scan`, `Delta`, `PackStream`, `pack_to_file`, `Unpacker`).
 
 mod chunks;
+mod encoder;
 pub mod index;
 pub mod pack;
 mod py;

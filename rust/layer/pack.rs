@@ -19,6 +19,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use tar::{EntryType, Header};
 
 use super::chunks::{Pool, Shared};
+use super::encoder::LayerEncoder;
 use super::index::{Entry, Kind, ROOT};
 use crate::digest::{Algorithm, StreamHasher};
 
@@ -465,11 +466,12 @@ pub fn pack<W: Write + Send>(
     progress: &PackProgress,
 ) -> Result<(PackResult, W), PackError> {
     let plans = plan(entries, whiteouts, opaque);
-    let mut enc =
-        zstd::stream::write::Encoder::new(HashingWriter::new(out, opts.algorithm), opts.level)
-            .map_err(ctx("zstd"))?;
-    enc.multithread(opts.threads.max(1)).map_err(ctx("zstd"))?;
-    enc.include_checksum(false).map_err(ctx("zstd"))?;
+    let enc = LayerEncoder::new(
+        HashingWriter::new(out, opts.algorithm),
+        opts.level,
+        opts.threads.max(1),
+    )
+    .map_err(ctx("zstd"))?;
     let mut result = PackResult::default();
 
     let (diff, compressed) = std::thread::scope(|s| {
