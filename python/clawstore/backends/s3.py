@@ -183,9 +183,10 @@ class S3Options:
     #: Probe conditional-write support at open time.
     probe: bool = True
     #: Sign request payloads with SHA-256 (an extra hash pass in Python per part). Off by default:
-    #: every body we send carries Content-MD5, which is itself signed and checked by the server,
-    #: so a changed body fails either way (the rule botocore applies over https). None: botocore's
-    #: default (signed over http).
+    #: every body we send carries a checksum header (Content-MD5 or x-amz-checksum-*) that is
+    #: itself signed, and what the server stored is checked against it (by the server, or by us
+    #: through the returned MD5 ETags), so a changed body fails either way (the rule botocore
+    #: applies over https). None: botocore's default (signed over http).
     payload_signing: bool | None = False
     addressing_style: str | None = None
 
