@@ -188,22 +188,24 @@ fn advise_sequential(file: &File) {
 
 /// Start writeback of `len` bytes at `offset` without waiting for it (Linux); elsewhere a no-op.
 fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::unix::io::AsRawFd;
+    start_writeback_fd(file.as_raw_fd(), offset, len);
+}
+
+fn start_writeback_fd(fd: std::os::unix::io::RawFd, offset: u64, len: u64) {
     #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::io::AsRawFd;
-        // SAFETY: plain syscall on a valid descriptor; failure only loses the early start (the
-        // caller's fsync still makes the data durable).
-        unsafe {
-            libc::sync_file_range(
-                file.as_raw_fd(),
-                offset as libc::off64_t,
-                len as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
-        }
+    // SAFETY: plain syscall; a bad descriptor or range only makes it fail, and failure only loses
+    // the early start (the caller's fsync still makes the data durable).
+    unsafe {
+        libc::sync_file_range(
+            fd,
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = (file, offset, len);
+    let _ = (fd, offset, len);
 }
 
 /// Hash a file by path. blake3 on large files hashes big read buffers with every core.
@@ -662,6 +664,15 @@ fn copy_file_hashed(
         .map_err(|e| io_err(&format!("{} -> {}", src.display(), dst.display()), e))
 }
 
+/// Start writing `length` bytes at `offset` of the open file `fd` back to disk without waiting
+/// (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`; elsewhere nothing). Writers of large files
+/// call it as they go, so that their final fsync has little left to wait for. Only a hint: it
+/// makes nothing durable and reports no error.
+#[pyfunction(name = "start_writeback")]
+fn py_start_writeback(fd: i32, offset: u64, length: u64) {
+    start_writeback_fd(fd, offset, length);
+}
+
 /// What the hashing code can use on this machine: `sha_ni` (sha2 switches to the SHA
 /// extensions at run time when present), `avx2`/`avx512f` (blake3 SIMD), and the number of
 /// threads blake3 spreads large inputs over. For benchmark reports and diagnostics.
@@ -696,6 +707,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(digest_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(digest_file, m)?)?;
     m.add_function(wrap_pyfunction!(copy_file_hashed, m)?)?;
+    m.add_function(wrap_pyfunction!(py_start_writeback, m)?)?;
     m.add_function(wrap_pyfunction!(validate_digest_str, m)?)?;
     m.add_function(wrap_pyfunction!(hash_features, m)?)?;
     Ok(())

@@ -276,3 +276,46 @@ def test_new_store_directories_are_durable(tmp_path: Path, monkeypatch: pytest.M
     assert str(tmp_path) in synced  # the new `a` entry
     assert str(tmp_path / "a") in synced  # the new `store` entry
     assert str(tmp_path / "a" / "store") in synced  # blobs, manifests, refs, tmp
+
+
+def test_streamed_blob_writeback_starts_as_it_goes(
+    local_store: ArtifactStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large streamed blob asks the kernel to start writing each range back as it is written
+    (so the final fsync waits for little): contiguous ranges, in order, all before the fsync."""
+    events: list[tuple[str, int, int]] = []
+    real_wb, real_fsync = local_mod._core.start_writeback, os.fsync
+
+    def start_writeback(fd: int, offset: int, length: int) -> None:
+        events.append(("writeback", offset, length))
+        real_wb(fd, offset, length)
+
+    def fsync(fd: int) -> None:
+        if not os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            events.append(("fsync", 0, os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    monkeypatch.setattr(local_mod, "WRITEBACK_EVERY", 1 << 20)
+    monkeypatch.setattr(local_mod._core, "start_writeback", start_writeback)
+    monkeypatch.setattr(os, "fsync", fsync)
+    data = os.urandom(5 * (1 << 20) + 12345)
+    desc = local_store.put_blob(io.BufferedReader(io.BytesIO(data)))  # type: ignore[arg-type]
+    assert local_store.get_blob(desc.digest).read() == data
+    kinds = [k for k, _, _ in events]
+    assert kinds[-1] == "fsync" and kinds.count("fsync") == 1, events
+    ranges = [(o, n) for k, o, n in events if k == "writeback"]
+    assert len(ranges) == 5, ranges
+    assert all(n >= 1 << 20 for _, n in ranges)
+    assert [o for o, _ in ranges] == [sum(n for _, n in ranges[:i]) for i in range(len(ranges))]
+
+
+def test_start_writeback_is_only_a_hint(tmp_path: Path) -> None:
+    from clawstore import _core
+
+    p = tmp_path / "f"
+    p.write_bytes(b"x" * 10000)
+    with open(p, "rb+") as f:
+        _core.start_writeback(f.fileno(), 0, 10000)
+        _core.start_writeback(f.fileno(), 1 << 40, 1)  # past the end: nothing to do
+    _core.start_writeback(-1, 0, 1)  # a bad descriptor is not an error either
+    assert p.read_bytes() == b"x" * 10000

@@ -48,6 +48,10 @@ def copy_file_hashed(
 ) -> tuple[str, int]:
     """Copy src to a new file dst (fsynced), hashing in the same pass: (hex digest, size)."""
 
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing that range of the open file back to disk without waiting (Linux
+    sync_file_range; elsewhere nothing). A hint so that a later fsync has less to wait for."""
+
 def validate_digest_str(digest: str) -> tuple[str, str]:
     """(algorithm, hex) or InvalidDigestError."""
 

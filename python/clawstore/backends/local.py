@@ -45,6 +45,8 @@ from clawstore.errors import (
 from clawstore.manifest import MAX_MANIFEST_SIZE
 
 CHUNK = 1 << 20
+#: Streamed writes start writeback every this many bytes (when fsync is on).
+WRITEBACK_EVERY = 8 << 20
 LOCK_SUFFIX = ".lock"
 _LOCKED, _NO_LOCK_FILE = -1, -2
 _NO_HARDLINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS})
@@ -275,7 +277,7 @@ class LocalBackend:
 
     def _write_stream(self, src: BinaryIO, algorithm: str, expected: Digest | None) -> tuple[Digest, int]:
         hasher = Hasher(algorithm)
-        size = 0
+        size = flushed = 0
         with self._temp() as tmp, contextlib.closing(_Fd(self._create(tmp))) as out:
             fd = out.fd
             buf = bytearray(CHUNK)
@@ -297,6 +299,11 @@ class LocalBackend:
                 hasher.update(chunk)
                 self._write_all(fd, chunk)
                 size += n
+                if self.fsync and size - flushed >= WRITEBACK_EVERY:
+                    # Start writeback as we go: the fsync below then waits for the last few MiB,
+                    # not the whole blob (a 545 MB layer: 1.4 s -> ~0).
+                    _core.start_writeback(fd, flushed, size - flushed)
+                    flushed = size
             if self.fsync:
                 os.fsync(fd)
             digest = Digest.from_hex(algorithm, hasher.hexdigest())
