@@ -132,6 +132,11 @@ TEST_OPTIONS: dict[str, Any] = {
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
+    external = os.environ.get("CLAWSTORE_TEST_S3_ENDPOINT")
+    if external:
+        # Another S3 implementation, run by the caller (credentials from the environment).
+        yield external
+        return
     set_fake_credentials()
     server = MotoProcess()
     try:
