@@ -1,6 +1,6 @@
 """S3 backend throughput vs boto3's transfer manager, against one moto server in the same run.
 
-    python benches/bench_s3.py [--size 1GiB] [--repeat 3] [--ranged]
+    python benches/bench_s3.py [--size 1GiB] [--repeat 3] [--ranged] [--endpoint URL]
 
 Upload: `ArtifactStore.put_blob(path)` (hashes the file, uploads parts staged by the Rust core
 with a per-part checksum, verifies the whole digest before completing) vs `boto3 upload_file`
@@ -139,6 +139,11 @@ def main() -> None:
     ap.add_argument("--only", choices=("upload", "download"), default=None)
     ap.add_argument("--part-checksum", choices=("auto", "crc32", "md5", "sha256"), default=None)
     ap.add_argument(
+        "--endpoint",
+        default=None,
+        help="an S3 server already running (credentials from AWS_* variables) instead of moto",
+    )
+    ap.add_argument(
         "--ranged",
         action="store_true",
         help="also time ranged downloads once each (moto loads the whole object per range: minutes)",
@@ -150,18 +155,23 @@ def main() -> None:
     from boto3.s3.transfer import TransferConfig
     from botocore.config import Config
 
-    set_fake_credentials()
-    server = MotoProcess()
+    server: MotoProcess | None = None
+    if args.endpoint:
+        endpoint, kind = args.endpoint, "server"
+    else:
+        set_fake_credentials()
+        server = MotoProcess()
+        endpoint, kind = server.endpoint, "moto server"
     try:
-        client = make_client(server.endpoint)  # tuned: no CRC32 trailers (clawstore sends Content-MD5)
+        client = make_client(endpoint)  # tuned: no CRC32 trailers (clawstore sends Content-MD5)
         default_client = boto3.client(
             "s3",
-            endpoint_url=server.endpoint,
+            endpoint_url=endpoint,
             region_name=REGION,
             config=Config(s3={"addressing_style": "path"}),
         )
         bucket = new_bucket(client)
-        url = f"s3://{bucket}/bench?endpoint_url={server.endpoint}&region={REGION}"
+        url = f"s3://{bucket}/bench?endpoint_url={endpoint}&region={REGION}"
         overrides: dict[str, Any] = {}
         if args.part_size:
             overrides["part_size"] = overrides["multipart_threshold"] = parse_size(args.part_size)
@@ -187,7 +197,7 @@ def main() -> None:
                     store.delete_blob(digest)
 
             print(
-                f"{size / MiB:.0f} MiB blob, moto server {server.endpoint}, clawstore part_size "
+                f"{size / MiB:.0f} MiB blob, {kind} {endpoint}, clawstore part_size "
                 f"{opts.part_size // MiB} MiB, part checksum {store.backend.part_checksum}, "  # type: ignore[attr-defined]
                 f"concurrency {opts.concurrency}, {args.repeat} rounds, {os.cpu_count()} CPUs, "
                 f"load {os.getloadavg()[0]:.2f}"
@@ -275,7 +285,8 @@ def main() -> None:
             ratio(down, ours_down, "download")
         store.close()
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
 
 
 if __name__ == "__main__":
