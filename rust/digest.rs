@@ -187,25 +187,25 @@ fn advise_sequential(file: &File) {
 }
 
 /// Start writeback of `len` bytes at `offset` without waiting for it (Linux); elsewhere a no-op.
+/// Failure only loses the early start (the caller's fsync still makes the data durable).
 fn start_writeback(file: &File, offset: u64, len: u64) {
     use std::os::unix::io::AsRawFd;
-    start_writeback_fd(file.as_raw_fd(), offset, len);
+    let _ = start_writeback_fd(file.as_raw_fd(), offset, len);
 }
 
-fn start_writeback_fd(fd: std::os::unix::io::RawFd, offset: u64, len: u64) {
+fn start_writeback_fd(fd: std::os::unix::io::RawFd, offset: u64, len: u64) -> io::Result<()> {
     #[cfg(target_os = "linux")]
-    // SAFETY: plain syscall; a bad descriptor or range only makes it fail, and failure only loses
-    // the early start (the caller's fsync still makes the data durable).
-    unsafe {
-        libc::sync_file_range(
-            fd,
-            offset as libc::off64_t,
-            len as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
+    {
+        let off = libc::off64_t::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let n = libc::off64_t::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
+        // SAFETY: plain syscall; a bad descriptor or range only makes it fail.
+        if unsafe { libc::sync_file_range(fd, off, n, libc::SYNC_FILE_RANGE_WRITE) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
     #[cfg(not(target_os = "linux"))]
     let _ = (fd, offset, len);
+    Ok(())
 }
 
 /// Hash a file by path. blake3 on large files hashes big read buffers with every core.
@@ -669,8 +669,9 @@ fn copy_file_hashed(
 /// call it as they go, so that their final fsync has little left to wait for. Only a hint: it
 /// makes nothing durable and reports no error.
 #[pyfunction(name = "start_writeback")]
-fn py_start_writeback(fd: i32, offset: u64, length: u64) {
-    start_writeback_fd(fd, offset, length);
+fn py_start_writeback(py: Python<'_>, fd: i32, offset: u64, length: u64) {
+    // (it can block while the device queue is full: not with the GIL held)
+    let _ = py.allow_threads(|| start_writeback_fd(fd, offset, length));
 }
 
 /// What the hashing code can use on this machine: `sha_ni` (sha2 switches to the SHA
@@ -978,6 +979,23 @@ mod tests {
         let good = format!("blake3:{hex}");
         let (alg, h) = validate_digest(&good).expect("valid");
         assert_eq!((alg, h), (Algorithm::Blake3, hex.as_str()));
+    }
+
+    #[test]
+    fn start_writeback_reaches_the_kernel() -> io::Result<()> {
+        use std::os::unix::io::AsRawFd;
+        let dir = tempfile::tempdir()?;
+        let mut f = File::create(dir.path().join("f"))?;
+        f.write_all(&[7u8; 100_000])?;
+        start_writeback_fd(f.as_raw_fd(), 0, 100_000)?;
+        #[cfg(target_os = "linux")]
+        {
+            let err = start_writeback_fd(-1, 0, 1).expect_err("a bad descriptor");
+            assert_eq!(err.raw_os_error(), Some(libc::EBADF));
+            let err = start_writeback_fd(f.as_raw_fd(), u64::MAX, 1).expect_err("offset");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        }
+        Ok(())
     }
 
     #[test]

@@ -66,7 +66,9 @@ impl<W: Write> LayerEncoder<W> {
         };
         enc.set(ZSTD_cParameter::ZSTD_c_compressionLevel, level, "level")?;
         enc.set(ZSTD_cParameter::ZSTD_c_checksumFlag, 0, "checksum flag")?;
-        enc.set(BLOCK_SPLITTER_LEVEL, NO_PRE_SPLIT, "block splitter level")?;
+        // A libzstd older than 1.5.7 (a system one linked through pkg-config) has no
+        // pre-splitter and refuses the parameter: it already compresses the way we ask.
+        let _ = enc.set(BLOCK_SPLITTER_LEVEL, NO_PRE_SPLIT, "block splitter level");
         if workers > 0 {
             let n = i32::try_from(workers).unwrap_or(i32::MAX);
             enc.set(ZSTD_cParameter::ZSTD_c_nbWorkers, n, "workers")?;
@@ -168,7 +170,7 @@ mod tests {
                 }
             }
         }
-        v.repeat(6)
+        v.repeat(16) // ~32 MB: four multithreaded jobs at level 3 (8 MiB each)
     }
 
     fn encode(data: &[u8], workers: u32, step: usize) -> Vec<u8> {
@@ -193,12 +195,36 @@ mod tests {
             "worker count changed the bytes"
         );
         assert_eq!(encode(&data, 1, 4093), one, "write sizes changed the bytes");
+        assert_eq!(
+            encode(&data, 2, 17 << 20),
+            one,
+            "write sizes changed the bytes"
+        );
         let single = encode(&data, 0, 1 << 20);
         assert_eq!(
             zstd::stream::decode_all(single.as_slice()).expect("decode"),
             data
         );
         assert!(one.len() < data.len() / 2);
+    }
+
+    #[test]
+    fn pre_splitting_is_off() {
+        // The same level, workers and checksum setting through the zstd crate, which leaves
+        // 1.5.7's pre-splitter on: the frames must differ (if a zstd-sys upgrade moved the
+        // experimental parameter, ours would silently match the default again).
+        let data = sample();
+        let mut default = zstd::stream::write::Encoder::new(Vec::new(), 3).expect("encoder");
+        default.multithread(1).expect("workers");
+        default.include_checksum(false).expect("checksum");
+        default.write_all(&data).expect("write");
+        let default = default.finish().expect("finish");
+        let ours = encode(&data, 1, 1 << 20);
+        assert_ne!(ours, default, "pre-splitting still on");
+        assert_eq!(
+            zstd::stream::decode_all(default.as_slice()).expect("decode"),
+            data
+        );
     }
 
     #[test]
@@ -220,7 +246,7 @@ mod tests {
                 Ok(())
             }
         }
-        let mut enc = LayerEncoder::new(Failing, 3, 0).expect("encoder");
+        let mut enc = LayerEncoder::new(Failing, 3, 1).expect("encoder");
         let data = sample();
         let err = enc
             .write_all(&data)
