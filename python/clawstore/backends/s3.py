@@ -27,8 +27,8 @@ Invariant: nothing appears at a digest key unless its bytes hash to that digest.
   bytes differ, and the composite checksum of the completed object (CRC-32 of the part CRCs,
   ``-N``), which the server computes from the bytes it stored, is compared with ours as a second
   check. A probe at open time sends a part with a wrong CRC: only a server that refuses it gets
-  CRC-32; one that accepts it (moto, older RGW) gets ``Content-MD5`` instead (every S3-compatible
-  server checks that, and the part ETags the server returns are then compared with our MD5s when
+  CRC-32; one that accepts it (moto, older RGW) gets ``Content-MD5`` instead (S3, MinIO, RGW and
+  s3s-fs check it, moto does not; either way the part ETags the server returns are compared with our MD5s when
   they are plain MD5s, as they are except under SSE-KMS/SSE-C; a mismatch re-sends the part
   before Complete, and the completed object's multipart ETag is checked the same way).
   ``part_checksum=md5|crc32|sha256`` forces a choice. Single PUTs
@@ -175,10 +175,10 @@ class S3Options:
     #: Compare part/object ETags with our MD5s (turn off only for servers with non-MD5 ETags).
     verify_etags: bool = True
     #: Per-part checksum the server verifies: "crc32" (x-amz-checksum-crc32, the AWS SDKs' default;
-    #: nearly free to compute; AWS S3, MinIO, recent RGW), "md5" (Content-MD5: every S3-compatible
-    #: server, and the returned ETag can be checked too; ~0.4 GiB/s of client CPU), "sha256"
-    #: (x-amz-checksum-sha256) or "auto": crc32 if the open-time probe shows the server verifies
-    #: it, else md5 (crc32 when probe is off).
+    #: nearly free to compute; AWS S3, MinIO, recent RGW), "md5" (Content-MD5, checked by most
+    #: servers, and the returned ETags are checked against it too; ~0.7 GiB/s of client CPU),
+    #: "sha256" (x-amz-checksum-sha256) or "auto": crc32 if the open-time probe shows the server
+    #: verifies it, else md5 (md5 too when probe is off).
     part_checksum: str = "auto"
     #: Probe conditional-write support at open time.
     probe: bool = True
@@ -523,11 +523,20 @@ class _ResumingBody(io.RawIOBase):
         super().__init__()
         self._backend = backend
         self._key = key
-        self._body = body
         self._etag = etag
         self._size = size
         self._pos = 0
         self._failures = 0
+        self._set_body(body)
+
+    def _set_body(self, body: Any) -> None:
+        """Take a (new) GET body and choose how to receive from it, once per body: straight from
+        the http.client response under it when reachable, else its own readinto, else read()."""
+        self._body = body
+        raw = _socket_body(body)
+        self._readinto: Callable[[memoryview], int | None] | None = (
+            raw.readinto if raw is not None else getattr(body, "readinto", None)
+        )
 
     def readable(self) -> bool:
         return True
@@ -536,11 +545,7 @@ class _ResumingBody(io.RawIOBase):
         view = memoryview(buffer).cast("B")
         while True:
             try:
-                raw = _socket_body(self._body)
-                if raw is not None:
-                    n = raw.readinto(view)
-                else:
-                    n = self._body.readinto(view) if hasattr(self._body, "readinto") else None
+                n = self._readinto(view) if self._readinto is not None else None
                 if n is None:
                     chunk = self._body.read(len(view))
                     n = len(chunk)
@@ -572,7 +577,7 @@ class _ResumingBody(io.RawIOBase):
             Range=f"bytes={self._pos}-",
             IfMatch=_quoted(self._etag),
         )
-        self._body = resp["Body"]
+        self._set_body(resp["Body"])
 
     def close(self) -> None:
         if not self.closed:
@@ -792,7 +797,7 @@ class S3Backend:
         """Which per-part checksum to send: "crc32" only if the server refuses a part whose
         x-amz-checksum-crc32 is wrong and takes the same part with the right one (S3, MinIO,
         RGW >= Squid), so that no damaged part can ever be completed; else "md5" (Content-MD5,
-        which every S3-compatible server checks, plus our ETag comparisons). A server that
+        which most servers check, plus our ETag comparisons, which also cover moto). A server that
         accepts the wrong CRC (moto) gets md5: a check only after Complete would leave damaged
         bytes at a digest key for a moment (or for good, after a crash)."""
         from botocore.exceptions import ClientError
