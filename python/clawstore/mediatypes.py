@@ -21,6 +21,14 @@ VOLUME_INDEX: Final = "application/vnd.elasticclaw.volume.index.v1+json"
 #: The file index of a volume snapshot as volumes.py stores it: VOLUME_INDEX JSON, zstd-compressed.
 VOLUME_INDEX_ZSTD: Final = "application/vnd.elasticclaw.volume.index.v1+json+zstd"
 CHECKPOINT_FILE: Final = "application/vnd.elasticclaw.checkpoint.file.v1"
+#: A log: artifactType of the manifest; its layers are LOG_SEGMENT blobs in order.
+LOG: Final = "application/vnd.elasticclaw.log.v1+json"
+#: One sealed log segment: a zstd skippable frame of time marks, then one zstd frame of the bytes.
+LOG_SEGMENT: Final = "application/vnd.elasticclaw.log.segment.v1+zstd"
+#: A cache entry: artifactType and config mediaType; layers as volumes', then its file index.
+CACHE: Final = "application/vnd.elasticclaw.cache.v1+json"
+CACHE_LAYER: Final = "application/vnd.elasticclaw.cache.layer.v1.tar+zstd"
+CACHE_INDEX_ZSTD: Final = "application/vnd.elasticclaw.cache.index.v1+json+zstd"
 
 #: The empty JSON object `{}` used as config when a kind has none (OCI 1.1).
 EMPTY_JSON: Final = b"{}"
