@@ -12,7 +12,7 @@ import click
 from clawstore.cli.common import CliContext, existing_store, run_main
 
 #: Subcommand modules under clawstore.cli, each exposing register(group).
-_AREAS: tuple[str, ...] = ("blob", "manifest", "tags", "fsck", "volume", "hub")
+_AREAS: tuple[str, ...] = ("blob", "manifest", "tags", "fsck", "volume", "hub", "log", "cache")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
