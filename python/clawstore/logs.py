@@ -616,13 +616,14 @@ def read(
             return
         if tail == 0:
             return
-        # Read back from the end until the segments hold more than `tail` newlines.
+        # Read back from the end until the segments hold `tail` whole lines: at least `tail`
+        # newlines, starting at a line start (or one more newline than that).
         need: list[Segment] = []
         count = 0
         for s in reversed(log.segments):
             need.append(s)
             count += s.lines
-            if count > tail:
+            if count > tail or (count >= tail and not s.continues):
                 break
         data = b"".join(fetch(s)[0] for s in reversed(need))
         yield b"".join(data.splitlines(keepends=True)[-tail:])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from datetime import UTC, datetime
@@ -96,11 +95,13 @@ def log_group() -> None:
 def append_cmd(cli: CliContext, ref: str, segment_size: int, max_age: float, lease_ttl: float) -> None:
     """Append standard input to the log REF (REPO:TAG), sealing segments as it goes; closes the
     log at end of input. Prints the log's manifest digest."""
-    fd = sys.stdin.fileno()
+    stdin = click.get_binary_stream("stdin")
+    # read1: whatever is available now (a pipe from a running agent), not a full 1 MiB
+    read = getattr(stdin, "read1", stdin.read)
     w = logs.LogWriter(cli.store, ref, segment_bytes=segment_size, max_age=max_age, lease_ttl=lease_ttl)
     try:
         while True:
-            data = os.read(fd, 1 << 20)
+            data = read(1 << 20)
             if not data:
                 break
             w.append(data)
