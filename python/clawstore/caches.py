@@ -50,13 +50,13 @@ from clawstore import mediatypes as mt
 from clawstore.backends.base import MISSING
 from clawstore.digest import Digest
 from clawstore.errors import (
-    ClawstoreError,
     DigestMismatchError,
     InvalidManifestError,
     InvalidNameError,
     NotFoundError,
     RefNotFoundError,
     TagConflictError,
+    UnsafeArchiveError,
 )
 from clawstore.manifest import Descriptor, ImageManifest, canonical_json, parse_manifest
 from clawstore.names import validate_repository
@@ -495,26 +495,40 @@ def _restore_in_place(store: ArtifactStore, entry: CacheEntry, target: Path) -> 
     # volume diff also compares, always differ between two trees.
     gone = [p for p in have if p not in want]
     removed = 0
+    touched_dirs: set[str] = set()
     for p in sorted(gone, key=len, reverse=True):
         if (target / p).exists() or (target / p).is_symlink():
             _remove(target / p)
+        touched_dirs.add(os.path.dirname(p) or ".")
         removed += 1
     changed = {p for p, e in want.items() if have.get(p) != e}
-    if not changed:
-        return 0, removed
     kinds = {p: e[1] for p, e in want.items()}
+    written = _extract(store, entry, target, changed, kinds) if changed else 0
+    # Writing or removing an entry moves its directory's mtime: put every such directory (and
+    # each changed one) back to the entry's, deepest first.
+    touched_dirs |= {os.path.dirname(p) or "." for p in changed if p != "."}
+    touched_dirs |= {p for p in changed if want[p][1] == "dir"}
+    for name in sorted(touched_dirs, key=lambda x: (-x.count("/"), x)):
+        e = want.get(name)
+        if e is not None and e[1] == "dir":
+            if name in changed:
+                os.chmod(target / name, e[3] & 0o7777)
+            os.utime(target / name, ns=(e[4], e[4]), follow_symlinks=False)
+    return written, removed
+
+
+def _extract(
+    store: ArtifactStore, entry: CacheEntry, target: Path, changed: set[str], kinds: dict[str, str]
+) -> int:
+    """Extract the members named in `changed` from the entry's layers (later layers win)."""
     written = 0
-    dir_times: list[tuple[str, int]] = []
     for layer in entry.layers:
         with store.get_blob(layer.digest) as raw:
             stream = zstandard.ZstdDecompressor().stream_reader(raw)
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 for m in tar:
                     name = m.name.removeprefix("./") or "."
-                    if name not in changed:
-                        continue
-                    if name == ".":
-                        dir_times.append((name, _mtime_ns(m)))
+                    if name not in changed or name == ".":
                         continue
                     path = target / name
                     want_dir = kinds.get(name) == "dir"
@@ -525,17 +539,13 @@ def _restore_in_place(store: ArtifactStore, entry: CacheEntry, target: Path) -> 
                     try:
                         tar.extract(m, target, filter="data", set_attrs=not m.isdir())
                     except tarfile.FilterError as e:
-                        raise ClawstoreError(
+                        raise UnsafeArchiveError(
                             f"cache entry {entry.digest}: unsafe member {name!r}: {e}"
                         ) from None
-                    if m.isdir():
-                        dir_times.append((name, _mtime_ns(m)))
-                    elif not m.issym():
+                    if m.isfile():
                         os.utime(path, ns=(_mtime_ns(m), _mtime_ns(m)), follow_symlinks=False)
                     written += 1
-    for name, ns in sorted(dir_times, key=lambda x: -len(x[0])):
-        os.utime(target / name, ns=(ns, ns))
-    return written, removed
+    return written
 
 
 def delete(store: ArtifactStore, key: str, *, scope: str = DEFAULT_SCOPE) -> CacheEntry:
