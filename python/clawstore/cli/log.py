@@ -95,7 +95,7 @@ def log_group() -> None:
 def append_cmd(cli: CliContext, ref: str, segment_size: int, max_age: float, lease_ttl: float) -> None:
     """Append standard input to the log REF (REPO:TAG), sealing segments as it goes; closes the
     log at end of input. Prints the log's manifest digest."""
-    stdin = click.get_binary_stream("stdin")
+    stdin = getattr(sys.stdin, "buffer", sys.stdin)
     # read1: whatever is available now (a pipe from a running agent), not a full 1 MiB
     read = getattr(stdin, "read1", stdin.read)
     w = logs.LogWriter(cli.store, ref, segment_bytes=segment_size, max_age=max_age, lease_ttl=lease_ttl)
