@@ -328,3 +328,48 @@ def test_kill9_during_save_leaves_no_entry_or_a_whole_one(tmp_path: Path) -> Non
             assert caches.save(store, f"key-{i}", src).entry is not None
             assert caches.restore(store, f"key-{i}", tmp_path / f"again{i}").kind == "hit"
             assert tree(tmp_path / f"again{i}") == want
+
+
+def test_a_copied_tree_dedups_against_its_original(
+    local_store: clawstore.ArtifactStore, tmp_path: Path
+) -> None:
+    """New inodes and ctimes (cp -a, a fresh restore, a CI checkout) are not changes."""
+    src = tmp_path / "src"
+    files = make_tree(src, 300)
+    first = caches.save(local_store, "k-1", src)
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(src), str(copy)], check=True)
+    files[0].write_bytes(b"x")  # only in src, not in the copy
+    second = caches.save(local_store, "k-2", copy)
+    assert second.base == "k-1" and second.new_bytes == 0
+    assert second.entry.layers == first.entry.layers
+    (copy / "pkg0" / "lib0" / "f0.js").write_bytes(b"changed in the copy")
+    third = caches.save(local_store, "k-3", copy)
+    assert 0 < third.new_bytes < 0.05 * first.new_bytes
+    out = tmp_path / "out"
+    caches.restore(local_store, "k-3", out)
+    assert tree(out) == tree(copy)
+
+
+def test_content_digests_catch_same_size_same_mtime_edits(
+    local_store: clawstore.ArtifactStore, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    f = src / "f"
+    f.write_bytes(b"aaaa")
+    st = f.stat()
+    caches.save(local_store, "q-1", src, content_digests=True)
+    f.write_bytes(b"bbbb")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    quick = caches.save(local_store, "q-2", src)  # the quick check cannot see it
+    assert quick.new_bytes == 0
+    thorough = caches.save(local_store, "q-3", src, content_digests=True, base="q-1")
+    assert thorough.new_bytes > 0
+    out = tmp_path / "out"
+    caches.restore(local_store, "q-3", out)
+    assert (out / "f").read_bytes() == b"bbbb"
+    caches.restore(local_store, "q-1", out)  # same size and mtime: only a content check sees it
+    assert (out / "f").read_bytes() == b"bbbb"
+    caches.restore(local_store, "q-1", out, check_content=True)
+    assert (out / "f").read_bytes() == b"aaaa"

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -265,6 +266,38 @@ class SaveResult:
     seconds: float = 0.0
 
 
+def _index_json(data: bytes) -> dict[str, Any]:
+    try:
+        raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read()
+        obj = json.loads(raw)
+    except (zstandard.ZstdError, ValueError) as e:
+        raise InvalidManifestError(f"cache index is damaged: {e}") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("entries"), list):
+        raise InvalidManifestError("cache index is damaged: no entry list")
+    return obj
+
+
+#: Index fields that identify a file on one filesystem rather than describe it.
+_IDENTITY = ("i", "d", "ct", "n")
+
+
+def _rebased(base_index: bytes, scan: Any) -> Any:
+    """The base entry's index with each path's inode, device, ctime and link count taken from
+    `scan` where the path exists in both: diffing `scan` against it then finds what differs in
+    type, size, mode, owner, mtime, link target (or content) only, and never mistakes a
+    directory with a new inode (a fresh restore, a CI checkout) for a recreated one."""
+    base = _index_json(base_index)
+    now = {e.get("p"): e for e in _index_json(scan.encode())["entries"] if isinstance(e, dict)}
+    out = []
+    for e in base["entries"]:
+        n = now.get(e.get("p")) if isinstance(e, dict) else None
+        if n is not None:
+            e = {**e, **{k: n[k] for k in _IDENTITY if k in n}}
+        out.append(e)
+    data = zstandard.ZstdCompressor(level=1).compress(canonical_json({**base, "entries": out}))
+    return _core.decode_index(data)
+
+
 def _common_prefix(a: str, b: str) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -290,8 +323,13 @@ def save(
     squash_ratio: float = DEFAULT_SQUASH_RATIO,
     level: int = 3,
     threads: int = 0,
+    content_digests: bool = False,
 ) -> SaveResult:
     """Save `directory` as the entry `key` of `scope`; a no-op if the key exists.
+
+    Files are compared with the base entry by type, size, mode, owner, mtime and link target
+    (the quick check of rsync; a fresh checkout or restore changes inode numbers and ctimes,
+    which therefore do not count); with `content_digests`, by content too (reads every file).
 
     `base` is the key of the entry to pack a delta over: "auto" (the entry of the scope sharing
     the longest key prefix, newest first), a key, or None (always pack whole)."""
@@ -317,12 +355,12 @@ def save(
         if base_entry is None:
             raise RefNotFoundError(f"cache base {base!r} not found in scope {scope!r}")
 
-    scan = _core.scan_tree(root, content_digests=True)
+    scan = _core.scan_tree(root, content_digests=content_digests)
     delta = None
     base_layers: tuple[Descriptor, ...] = ()
     if base_entry is not None:
-        old = _core.decode_index(store.read_blob(base_entry.index.digest))
-        d = scan.diff(old, content=True)
+        old = _rebased(store.read_blob(base_entry.index.digest), scan)
+        d = scan.diff(old, content=content_digests)
         sizes = [_uncompressed(x) for x in base_entry.layers]
         too_long = len(base_entry.layers) + 1 > max_chain
         outweighs = (
@@ -421,8 +459,11 @@ def restore(
     *,
     restore_keys: Sequence[str] = (),
     scope: str = DEFAULT_SCOPE,
+    check_content: bool = False,
 ) -> RestoreResult:
-    """Restore the entry `lookup` finds into `directory` (see the module docstring)."""
+    """Restore the entry `lookup` finds into `directory` (see the module docstring). Into a
+    non-empty directory, files are compared by type, size, mode, mtime and link target, and with
+    `check_content` by content as well (for entries saved with content digests)."""
     started = time.monotonic()
     target = Path(directory).absolute()
     kind, entry = lookup(store, key, restore_keys, scope=scope)
@@ -431,7 +472,7 @@ def restore(
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise NotADirectoryError(f"restore target is not a directory: {target}")
     if target.exists() and not _empty(target):
-        written, removed = _restore_in_place(store, entry, target)
+        written, removed = _restore_in_place(store, entry, target, check_content)
     else:
         written, removed = _restore_fresh(store, entry, target), 0
     return RestoreResult(kind, entry.key, entry, target, written, removed, time.monotonic() - started)
@@ -486,13 +527,22 @@ def _mtime_ns(m: tarfile.TarInfo) -> int:
     return int(m.mtime) * 1_000_000_000
 
 
-def _restore_in_place(store: ArtifactStore, entry: CacheEntry, target: Path) -> tuple[int, int]:
+def _restore_in_place(
+    store: ArtifactStore, entry: CacheEntry, target: Path, check_content: bool = False
+) -> tuple[int, int]:
     """Write only the paths whose type, content or metadata differ from the entry's index, and
     remove the paths the entry lacks. Returns (written, removed)."""
     want = {e[0]: e for e in _core.decode_index(store.read_blob(entry.index.digest)).entries()}
-    have = {e[0]: e for e in _core.scan_tree(target, content_digests=True).entries()}
-    # (path, kind, size, mode, mtime_ns, link, digest): inode numbers and ctimes, which the
-    # volume diff also compares, always differ between two trees.
+    hashed = check_content and any(e[6] is not None for e in want.values())
+    have = {e[0]: e for e in _core.scan_tree(target, content_digests=hashed).entries()}
+    # Compared: (path, kind, size, mode, mtime_ns, link target) and, when checking content and
+    # the index has them, content digests. Inode numbers and ctimes always differ between trees.
+    width = 7 if hashed else 6
+
+    def same(p: str) -> bool:
+        h = have.get(p)
+        return h is not None and h[:width] == want[p][:width]
+
     gone = [p for p in have if p not in want]
     removed = 0
     touched_dirs: set[str] = set()
@@ -501,7 +551,7 @@ def _restore_in_place(store: ArtifactStore, entry: CacheEntry, target: Path) -> 
             _remove(target / p)
         touched_dirs.add(os.path.dirname(p) or ".")
         removed += 1
-    changed = {p for p, e in want.items() if have.get(p) != e}
+    changed = {p for p in want if not same(p)}
     kinds = {p: e[1] for p, e in want.items()}
     written = _extract(store, entry, target, changed, kinds) if changed else 0
     # Writing or removing an entry moves its directory's mtime: put every such directory (and

@@ -309,7 +309,14 @@ class _Pending:
 
 
 class LogWriter:
-    """The one writer of a log (see the module docstring). Thread-safe."""
+    """The one writer of a log (see the module docstring). Thread-safe.
+
+    Segments are compressed and stored by a sealer thread while appends go on (at most
+    `MAX_QUEUED` full segments wait; appenders block beyond that), so the caller's thread only
+    copies bytes; `flush()` and `close()` wait until everything appended before them is stored
+    and the tag moved."""
+
+    MAX_QUEUED: Final = 2
 
     def __init__(
         self,
@@ -343,8 +350,13 @@ class LogWriter:
         self.threads = threads
         self.writer_id = writer_id or f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(4)}"
         self.clock = clock
-        self._lock = threading.RLock()
+        # _lock/_cond guard the buffer and the seal queue; _state guards what the manifest says.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._state = threading.RLock()
         self._pending = _Pending()
+        self._queue: deque[_Pending] = deque()
+        self._in_flight = 0
         self._segments: list[Segment] = []
         self._digest: Digest | None = None
         self._lease_expires = 0.0
@@ -352,12 +364,14 @@ class LogWriter:
         self._closed = False
         self._error: BaseException | None = None
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.compactions = 0
         self._acquire()
+        self._sealer = threading.Thread(target=self._seal_loop, name=f"log-seal {self.ref}", daemon=True)
+        self._sealer.start()
+        self._ticker: threading.Thread | None = None
         if max_age is not None:
-            self._thread = threading.Thread(target=self._run, name=f"log-seal {self.ref}", daemon=True)
-            self._thread.start()
+            self._ticker = threading.Thread(target=self._tick_loop, name=f"log-age {self.ref}", daemon=True)
+            self._ticker.start()
 
     # -- lease -----------------------------------------------------------------------------------
     def _acquire(self) -> None:
@@ -409,18 +423,32 @@ class LogWriter:
 
     # -- writing ---------------------------------------------------------------------------------
     def _check(self) -> None:
+        """(With _lock held.) Raise a sealer error once, or refuse a closed writer."""
         if self._error is not None:
             err, self._error = self._error, None
+            self._closed = True
             raise err
         if self._closed:
             raise ClawstoreError(f"log writer for {self.ref} is closed")
 
+    def _enqueue(self) -> None:
+        """(With _lock held.) Hand the buffer to the sealer, waiting while the queue is full."""
+        p = self._pending
+        if not p.buf:
+            return
+        while len(self._queue) >= self.MAX_QUEUED and self._error is None:
+            self._cond.wait()
+        self._check()
+        self._queue.append(p)
+        self._pending = _Pending()
+        self._cond.notify_all()
+
     def append(self, data: bytes | bytearray | memoryview | str) -> None:
-        """Buffer `data` (str is UTF-8 encoded); seals a segment when `segment_bytes` are buffered."""
-        raw = data.encode() if isinstance(data, str) else bytes(data)
+        """Buffer `data` (str is UTF-8 encoded); a full `segment_bytes` buffer goes to the sealer."""
+        raw = data.encode() if isinstance(data, str) else data
         with self._lock:
             self._check()
-            view = memoryview(raw)
+            view = memoryview(raw).cast("B")
             while len(view):
                 p = self._pending
                 ts = self.clock()
@@ -430,10 +458,12 @@ class LogWriter:
                 elif ts - p.marks[-1][1] >= MARK_RESOLUTION or ts < p.marks[-1][1]:
                     p.marks.append((len(p.buf), ts))
                 room = self.segment_bytes - len(p.buf)
+                if len(view) < room:
+                    p.buf += view
+                    return
                 p.buf += view[:room]
                 view = view[room:]
-                if len(p.buf) >= self.segment_bytes:
-                    self._seal()
+                self._enqueue()
 
     def write(self, data: bytes | bytearray | memoryview | str) -> int:
         """File-like alias of `append`."""
@@ -444,28 +474,38 @@ class LogWriter:
         """Seal what is buffered; when this returns, every byte appended so far is durable."""
         with self._lock:
             self._check()
-            self._seal()
+            self._enqueue()
+            while (self._queue or self._in_flight) and self._error is None:
+                self._cond.wait()
+            self._check()
 
     def close(self) -> None:
         """Seal the rest and mark the log closed (followers stop); the writer lets go of it."""
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
         with self._lock:
-            if self._closed:
+            if self._closed and self._error is None:
                 return
-            self._check()
-            self._seal()
+        self.flush()
+        self._shutdown()
+        with self._state:
             self._commit(self._segments, "closed")
+        with self._lock:
             self._closed = True
 
     def abandon(self) -> None:
-        """Stop without sealing or closing (what a crash leaves: the lease lapses on its own)."""
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+        """Stop without sealing or closing (what a crash leaves: the lease lapses on its own).
+        Segments already handed to the sealer may or may not be stored."""
         with self._lock:
             self._closed = True
+            self._queue.clear()
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        self._stop.set()
+        with self._lock:
+            self._cond.notify_all()
+        for t in (self._sealer, self._ticker):
+            if t is not None and t is not threading.current_thread():
+                t.join()
 
     def __enter__(self) -> LogWriter:
         return self
@@ -485,10 +525,32 @@ class LogWriter:
     def segments(self) -> tuple[Segment, ...]:
         return tuple(self._segments)
 
-    def _seal(self) -> None:
-        p = self._pending
-        if not p.buf:
-            return
+    # -- sealer ----------------------------------------------------------------------------------
+    def _seal_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._stop.is_set():
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                p = self._queue.popleft()
+                self._in_flight += 1
+                self._cond.notify_all()
+            try:
+                with self._state:
+                    self._seal(p)
+            except BaseException as e:  # surfaced by the next append/flush/close
+                with self._lock:
+                    self._error = e
+                    self._queue.clear()
+                    self._in_flight -= 1
+                    self._cond.notify_all()
+                return
+            with self._lock:
+                self._in_flight -= 1
+                self._cond.notify_all()
+
+    def _seal(self, p: _Pending) -> None:
         data = bytes(p.buf)
         offset = self._segments[-1].end if self._segments else 0
         blob = encode_segment(data, p.marks, level=self.level, threads=self.threads)
@@ -507,7 +569,29 @@ class LogWriter:
         segments = self._compacted([*self._segments, seg])
         self._commit(segments, "open")
         self._ends_line = data.endswith(b"\n")
-        self._pending = _Pending()
+
+    def _tick_loop(self) -> None:
+        """Seal by age, and renew the lease while idle."""
+        assert self.max_age is not None
+        tick = min(self.max_age / 4, 0.25)
+        while not self._stop.wait(tick):
+            with self._lock:
+                if self._closed or self._error is not None:
+                    return
+                p = self._pending
+                if p.buf and time.monotonic() - p.started >= self.max_age:
+                    self._enqueue()
+                    continue
+                idle = not self._queue and not self._in_flight
+            if idle and self._lease_expires - self.clock() < self.lease_ttl / 2:
+                try:
+                    with self._state:
+                        self._commit(self._segments, "open")  # heartbeat
+                except BaseException as e:
+                    with self._lock:
+                        self._error = e
+                        self._cond.notify_all()
+                    return
 
     def _compacted(self, segments: list[Segment]) -> list[Segment]:
         """Merge runs of small segments once more than `compact_after` of them accumulate."""
@@ -558,23 +642,6 @@ class LogWriter:
             max(s.last_ts for s in run),
             run[0].continues,
         )
-
-    def _run(self) -> None:
-        assert self.max_age is not None
-        tick = min(self.max_age / 4, 0.25)
-        while not self._stop.wait(tick):
-            try:
-                with self._lock:
-                    if self._closed or self._error is not None:
-                        return
-                    p = self._pending
-                    if p.buf and time.monotonic() - p.started >= self.max_age:
-                        self._seal()
-                    elif self._lease_expires - self.clock() < self.lease_ttl / 2:
-                        self._commit(self._segments, "open")  # heartbeat
-            except BaseException as e:  # surfaced by the next append/flush/close
-                self._error = e
-                return
 
 
 def _reindexed(s: Segment, index: int) -> Segment:
