@@ -40,6 +40,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final
@@ -306,6 +307,9 @@ class _Pending:
     buf: bytearray = field(default_factory=bytearray)
     marks: list[tuple[int, float]] = field(default_factory=list)
     started: float = 0.0  # monotonic time of the first unsealed byte
+    #: the sealed bytes and their encoded segment, compressed ahead of the sealer
+    data: bytes = b""
+    blob: Future[bytes] | None = None
 
 
 class LogWriter:
@@ -366,6 +370,7 @@ class LogWriter:
         self._stop = threading.Event()
         self.compactions = 0
         self._acquire()
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"log-zstd {self.ref}")
         self._sealer = threading.Thread(target=self._seal_loop, name=f"log-seal {self.ref}", daemon=True)
         self._sealer.start()
         self._ticker: threading.Thread | None = None
@@ -439,6 +444,11 @@ class LogWriter:
         while len(self._queue) >= self.MAX_QUEUED and self._error is None:
             self._cond.wait()
         self._check()
+        # Compression starts now on its own thread (zstd releases the GIL), so segment N+1 is
+        # compressed while the sealer stores segment N and its manifest.
+        p.data = bytes(p.buf)
+        p.buf = bytearray()
+        p.blob = self._encoder.submit(encode_segment, p.data, p.marks, level=self.level, threads=self.threads)
         self._queue.append(p)
         self._pending = _Pending()
         self._cond.notify_all()
@@ -506,6 +516,7 @@ class LogWriter:
         for t in (self._sealer, self._ticker):
             if t is not None and t is not threading.current_thread():
                 t.join()
+        self._encoder.shutdown(wait=True)
 
     def __enter__(self) -> LogWriter:
         return self
@@ -551,9 +562,10 @@ class LogWriter:
                 self._cond.notify_all()
 
     def _seal(self, p: _Pending) -> None:
-        data = bytes(p.buf)
+        data = p.data
         offset = self._segments[-1].end if self._segments else 0
-        blob = encode_segment(data, p.marks, level=self.level, threads=self.threads)
+        assert p.blob is not None
+        blob = p.blob.result()
         d = self.store.put_blob(blob, media_type=mt.LOG_SEGMENT)
         ts = [t for _o, t in p.marks]
         seg = Segment(
