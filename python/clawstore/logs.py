@@ -320,7 +320,7 @@ class LogWriter:
     copies bytes; `flush()` and `close()` wait until everything appended before them is stored
     and the tag moved."""
 
-    MAX_QUEUED: Final = 2
+    MAX_QUEUED: Final = 3
 
     def __init__(
         self,
@@ -370,7 +370,8 @@ class LogWriter:
         self._stop = threading.Event()
         self.compactions = 0
         self._acquire()
-        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"log-zstd {self.ref}")
+        # Two encoders: with segments queued, two compress at once (zstd releases the GIL).
+        self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"log-zstd {self.ref}")
         self._sealer = threading.Thread(target=self._seal_loop, name=f"log-seal {self.ref}", daemon=True)
         self._sealer.start()
         self._ticker: threading.Thread | None = None
@@ -457,7 +458,16 @@ class LogWriter:
         """Buffer `data` (str is UTF-8 encoded); a full `segment_bytes` buffer goes to the sealer."""
         raw = data.encode() if isinstance(data, str) else data
         with self._lock:
-            self._check()
+            if self._error is not None or self._closed:
+                self._check()
+            p = self._pending
+            if p.buf and len(raw) < self.segment_bytes - len(p.buf):  # the common case
+                ts = self.clock()
+                last = p.marks[-1][1]
+                if ts - last >= MARK_RESOLUTION or ts < last:
+                    p.marks.append((len(p.buf), ts))
+                p.buf += raw
+                return
             view = memoryview(raw).cast("B")
             while len(view):
                 p = self._pending
