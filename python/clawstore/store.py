@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 from clawstore import mediatypes as mt
-from clawstore.backends.base import ANY, MISSING, Backend, BlobSource, CleanupReport, Expectation
+from clawstore.backends.base import Backend
 from clawstore.digest import DEFAULT_ALGORITHM, Digest, check_algorithm, digest_bytes
 from clawstore.errors import (
     BlobNotFoundError,
@@ -31,6 +31,7 @@ from clawstore.errors import (
 from clawstore.manifest import Descriptor, Manifest, parse_manifest, references
 from clawstore.names import validate_repository, validate_tag
 from clawstore.reader import VerifyingReader
+from clawstore.types import ANY, MISSING, BlobSource, CleanupReport, Expectation
 
 
 def _expectation(expect: Expectation | str) -> Expectation:

@@ -1,4 +1,4 @@
-"""The contract every data plane implements, and the blob sources it accepts.
+"""The contract every data plane implements (its vocabulary is in `clawstore.types`).
 
 Backends are below `clawstore.store`: they get names and digests already validated, and they
 own atomicity (nothing visible at a digest until its bytes are verified) and tag compare-and-swap.
@@ -6,44 +6,11 @@ own atomicity (nothing visible at a digest until its bytes are verified) and tag
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from clawstore.digest import Digest
-
-
-class _Sentinel:
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return f"clawstore.{self.name}"
-
-    def __reduce__(self) -> str:
-        return self.name
-
-
-#: `expect=ANY`: set or remove the tag whatever it points at now.
-ANY = _Sentinel("ANY")
-#: `expect=MISSING`: only create the tag; TagConflictError if it exists.
-MISSING = _Sentinel("MISSING")
-
-Expectation = _Sentinel | Digest
-
-#: What put_blob accepts: bytes-like, a filesystem path, or a readable binary file object.
-BlobSource = bytes | bytearray | memoryview | str | os.PathLike[str] | BinaryIO
-
-
-@dataclass(frozen=True, slots=True)
-class CleanupReport:
-    """What a backend's cleanup removed: temp files, staging objects, stale multipart uploads."""
-
-    removed: int = 0
-    bytes: int = 0
+from clawstore.types import BlobSource, CleanupReport, Expectation
 
 
 @runtime_checkable

@@ -27,7 +27,6 @@ from typing import Any
 from sqlalchemy import select
 
 from clawstore import mediatypes as mt
-from clawstore.backends.base import ANY, BlobSource
 from clawstore.digest import DEFAULT_ALGORITHM, Digest, digest_bytes
 from clawstore.errors import (
     ClawstoreError,
@@ -44,6 +43,7 @@ from clawstore.manifest import Descriptor, parse_manifest, references
 from clawstore.names import Reference, validate_repository, validate_tag
 from clawstore.reader import VerifyingReader
 from clawstore.store import ArtifactStore
+from clawstore.types import ANY, BlobSource
 
 
 class HubSession(ArtifactStore):
