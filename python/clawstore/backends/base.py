@@ -6,11 +6,16 @@ own atomicity (nothing visible at a digest until its bytes are verified) and tag
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import BinaryIO, Protocol, runtime_checkable
+import os
+from collections.abc import Collection, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
 
 from clawstore.digest import Digest
 from clawstore.types import BlobSource, CleanupReport, Expectation
+
+if TYPE_CHECKING:
+    from clawstore.manifest import Manifest
 
 
 @runtime_checkable
@@ -57,3 +62,44 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+# -- optional capabilities: a backend declares one by having its method; the store and the hub
+# -- test with isinstance(), never getattr, so a type checker and a new backend both see them.
+@runtime_checkable
+class Downloads(Protocol):
+    """Writes a blob to a file faster than a streamed copy (S3: parallel ranged GETs), verified,
+    the file appearing only whole (atomic rename). Returns the size."""
+
+    def download_to(self, digest: Digest, path: str | os.PathLike[str]) -> int: ...
+
+
+@runtime_checkable
+class BlobPaths(Protocol):
+    """Stored blobs are files: where one would be (it may be absent). Never written through."""
+
+    def blob_path(self, digest: Digest) -> Path | None: ...
+
+
+@runtime_checkable
+class TempFiles(Protocol):
+    """Lists the backend's temp files (fsck reports them, gc removes the stale ones)."""
+
+    def iter_temp_files(self) -> Iterator[Path]: ...
+
+
+@runtime_checkable
+class LocalRoot(Protocol):
+    """The store lives in a local directory (the hub puts its default SQLite catalog there)."""
+
+    root: Path
+
+
+@runtime_checkable
+class Recording(Protocol):
+    """A wrapper that keeps records beside the content (hub sessions): the store tells it what it
+    is about to rely on, before checking it exists, and what manifest it stored, already parsed
+    and digested, so the wrapper never parses or hashes anything a second time."""
+
+    def hold(self, digests: Collection[Digest]) -> None: ...
+    def manifest_stored(self, digest: Digest, manifest: Manifest, size: int) -> None: ...
