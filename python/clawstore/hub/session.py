@@ -76,6 +76,7 @@ class SessionBackend:
         self._held: dict[str, int] = {}  # digest -> order in which the lease took it
         self._holds = 0
         self._pending: dict[str, int] = {}  # blobs written and held, catalog rows not yet
+        self._verified: set[str] = set()  # manifests whose references were checked while held
         self._closed = False
 
     def __repr__(self) -> str:
@@ -180,6 +181,7 @@ class SessionBackend:
         transaction."""
         with self._lock:
             pending, self._pending = self._pending, {}
+            self._verified.add(str(digest))
         with self.catalog.tx() as conn:
             c.record_manifest(conn, digest, manifest, size, repo=self.repo, extra_blobs=pending)
 
@@ -233,7 +235,9 @@ class SessionBackend:
                 ["pushed_at"],
             )
         # Held (and its closure rescued) now: if GC deleted part of it before, refuse a torso.
-        check_references(self.inner, self._store.get_manifest_typed(new))
+        # A manifest this session stored had its references checked while they were held.
+        if str(new) not in self._verified:
+            check_references(self.inner, self._store.get_manifest_typed(new))
         prev = self.inner.swap_tag(repo, tag, new, expect)
         with self.catalog.tx() as conn:
             c.set_tag(conn, repo, tag, new, actor=self.actor)
