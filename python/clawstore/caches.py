@@ -48,7 +48,6 @@ import zstandard
 
 from clawstore import _core
 from clawstore import mediatypes as mt
-from clawstore.backends.base import MISSING
 from clawstore.digest import Digest
 from clawstore.errors import (
     DigestMismatchError,
@@ -62,6 +61,7 @@ from clawstore.errors import (
 from clawstore.manifest import Descriptor, ImageManifest, canonical_json, parse_manifest
 from clawstore.names import validate_repository
 from clawstore.store import ArtifactStore
+from clawstore.types import MISSING
 
 CONFIG_VERSION: Final = 1
 DEFAULT_SCOPE: Final = "default"

@@ -48,7 +48,6 @@ from typing import Final
 import zstandard
 
 from clawstore import mediatypes as mt
-from clawstore.backends.base import MISSING
 from clawstore.digest import Digest
 from clawstore.errors import (
     ClawstoreError,
@@ -62,6 +61,7 @@ from clawstore.errors import (
 from clawstore.manifest import EMPTY_CONFIG, Descriptor, ImageManifest, parse_manifest
 from clawstore.names import Reference
 from clawstore.store import ArtifactStore
+from clawstore.types import MISSING
 
 DEFAULT_SEGMENT_BYTES: Final = 4 * 1024 * 1024
 DEFAULT_MAX_AGE: Final = 2.0
