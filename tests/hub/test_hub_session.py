@@ -151,6 +151,7 @@ SURFACE: dict[str, Check] = {
     "has_manifest": leased_read(lambda s, d: s.has_manifest(d), "manifest"),
     "stat_manifest": leased_read(lambda s, d: s.stat_manifest(d), "manifest"),
     "resolve": leased_read(lambda s, d: s.resolve(REPO, "v1"), "manifest"),
+    "resolve_ref": leased_read(lambda s, d: s.resolve_ref(f"{REPO}:v1"), "manifest"),
     "hold": check_hold,
     # recorded writes
     "put_blob": check_put_blob,
