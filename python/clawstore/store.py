@@ -256,18 +256,16 @@ def check_references(backend: Backend, manifest: Manifest) -> None:
     the size its descriptor says. `subject` may dangle, as in the OCI distribution spec:
     referrers can be pushed first."""
     refs = references(manifest)
-    for d in refs.blobs:
-        size = backend.blob_size(d.digest)
-        if size is None:
-            raise InvalidManifestError(f"manifest references missing blob {d.digest}")
-        if size != d.size:
-            raise InvalidManifestError(f"blob {d.digest} is {size} bytes, descriptor says {d.size}")
-    for d in refs.manifests:
-        size = backend.manifest_size(d.digest)
-        if size is None:
-            raise InvalidManifestError(f"index references missing manifest {d.digest}")
-        if size != d.size:
-            raise InvalidManifestError(f"manifest {d.digest} is {size} bytes, descriptor says {d.size}")
+    for descs, size_of, referrer, kind in (
+        (refs.blobs, backend.blob_size, "manifest", "blob"),
+        (refs.manifests, backend.manifest_size, "index", "manifest"),
+    ):
+        for d in descs:
+            size = size_of(d.digest)
+            if size is None:
+                raise InvalidManifestError(f"{referrer} references missing {kind} {d.digest}")
+            if size != d.size:
+                raise InvalidManifestError(f"{kind} {d.digest} is {size} bytes, descriptor says {d.size}")
 
 
 def default_store_url() -> str:
