@@ -126,7 +126,6 @@ class Hub:
         backend = SessionBackend(
             self.store.backend,
             self.catalog,
-            self.leases,
             lease,
             repo=repo,
             actor=principal.name,
