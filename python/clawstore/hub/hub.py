@@ -188,10 +188,12 @@ class Hub:
     def tag(
         self, principal: Principal, repo: str, tag: str, digest: Digest | str, expect: Any = ANY
     ) -> Digest | None:
+        self._authorize(principal, "push", repo)  # before anything is written (the lease)
         with closing(self._open_session(principal, repo, "tag", 600)) as s:
             return s.tag(repo, tag, digest, expect)
 
     def untag(self, principal: Principal, repo: str, tag: str, expect: Any = ANY) -> Digest:
+        self._authorize(principal, "delete", repo)
         with closing(self._open_session(principal, repo, "tag", 600)) as s:
             return s.untag(repo, tag, expect)
 
