@@ -343,4 +343,4 @@ class Hub:
             return import_oci(s, Path(directory), repo, tags=tags)
 
 
-__all__ = ["Hub", "HubSession"]
+__all__ = ["Hub"]
