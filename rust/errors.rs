@@ -1,113 +1,51 @@
-//! The clawstore exception hierarchy, created here so that Rust and Python raise the same classes.
+//! The clawstore exception hierarchy raised from Rust, created here so that Rust and Python raise
+//! the same classes.
 //!
-//! `clawstore.errors` re-exports every class; Python code never defines its own duplicates.
+//! Each class is named once, in the `errors!` list below, which both defines it and registers it
+//! on the module. `clawstore.errors` re-exports them and defines the errors only the hub raises
+//! (PermissionDeniedError, LeaseConflictError) as Python subclasses of `ClawstoreError`.
 
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 
-create_exception!(
-    clawstore,
-    ClawstoreError,
-    PyException,
-    "Base class of every clawstore error."
-);
-create_exception!(
-    clawstore,
-    NotFoundError,
-    ClawstoreError,
-    "Something addressed by digest or name does not exist."
-);
-create_exception!(
-    clawstore,
-    BlobNotFoundError,
-    NotFoundError,
-    "No blob with that digest."
-);
-create_exception!(
-    clawstore,
-    ManifestNotFoundError,
-    NotFoundError,
-    "No manifest with that digest."
-);
-create_exception!(
-    clawstore,
-    RefNotFoundError,
-    NotFoundError,
-    "No such repository:tag."
-);
-create_exception!(
-    clawstore,
-    DigestMismatchError,
-    ClawstoreError,
-    "Bytes do not hash to the digest they were stored or requested under."
-);
-create_exception!(
-    clawstore,
-    InvalidDigestError,
-    ClawstoreError,
-    "A digest string that is not algorithm:lowercase-hex of the exact length."
-);
-create_exception!(
-    clawstore,
-    InvalidNameError,
-    ClawstoreError,
-    "A repository or tag name outside the OCI distribution grammar."
-);
-create_exception!(
-    clawstore,
-    InvalidManifestError,
-    ClawstoreError,
-    "A manifest that is not valid JSON, not of a known schema, too large, or dangling."
-);
-create_exception!(
-    clawstore,
-    TagConflictError,
-    ClawstoreError,
-    "A tag compare-and-swap whose expectation did not hold."
-);
-create_exception!(
-    clawstore,
-    UnsafeArchiveError,
-    ClawstoreError,
-    "An archive entry that would escape the target or exceed limits."
-);
-create_exception!(
-    clawstore,
-    PermissionDeniedError,
-    ClawstoreError,
-    "The principal lacks the grant for this action."
-);
-create_exception!(
-    clawstore,
-    LeaseConflictError,
-    ClawstoreError,
-    "A lease is held by someone else."
-);
+macro_rules! errors {
+    ($($name:ident($base:ty, $doc:literal);)+) => {
+        $(create_exception!(clawstore, $name, $base, $doc);)+
 
-pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    let py = m.py();
-    m.add("ClawstoreError", py.get_type::<ClawstoreError>())?;
-    m.add("NotFoundError", py.get_type::<NotFoundError>())?;
-    m.add("BlobNotFoundError", py.get_type::<BlobNotFoundError>())?;
-    m.add(
-        "ManifestNotFoundError",
-        py.get_type::<ManifestNotFoundError>(),
-    )?;
-    m.add("RefNotFoundError", py.get_type::<RefNotFoundError>())?;
-    m.add("DigestMismatchError", py.get_type::<DigestMismatchError>())?;
-    m.add("InvalidDigestError", py.get_type::<InvalidDigestError>())?;
-    m.add("InvalidNameError", py.get_type::<InvalidNameError>())?;
-    m.add(
-        "InvalidManifestError",
-        py.get_type::<InvalidManifestError>(),
-    )?;
-    m.add("TagConflictError", py.get_type::<TagConflictError>())?;
-    m.add("UnsafeArchiveError", py.get_type::<UnsafeArchiveError>())?;
-    m.add(
-        "PermissionDeniedError",
-        py.get_type::<PermissionDeniedError>(),
-    )?;
-    m.add("LeaseConflictError", py.get_type::<LeaseConflictError>())?;
-    Ok(())
+        pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+            let py = m.py();
+            $(m.add(stringify!($name), py.get_type::<$name>())?;)+
+            Ok(())
+        }
+    };
+}
+
+errors! {
+    ClawstoreError(PyException, "Base class of every clawstore error.");
+    NotFoundError(ClawstoreError, "Something addressed by digest or name does not exist.");
+    BlobNotFoundError(NotFoundError, "No blob with that digest.");
+    ManifestNotFoundError(NotFoundError, "No manifest with that digest.");
+    RefNotFoundError(NotFoundError, "No such repository:tag.");
+    DigestMismatchError(
+        ClawstoreError,
+        "Bytes do not hash to the digest they were stored or requested under."
+    );
+    InvalidDigestError(
+        ClawstoreError,
+        "A digest string that is not algorithm:lowercase-hex of the exact length."
+    );
+    InvalidNameError(
+        ClawstoreError,
+        "A repository or tag name outside the OCI distribution grammar."
+    );
+    InvalidManifestError(
+        ClawstoreError,
+        "A manifest that is not valid JSON, not of a known schema, too large, or dangling."
+    );
+    TagConflictError(ClawstoreError, "A tag compare-and-swap whose expectation did not hold.");
+    UnsafeArchiveError(
+        ClawstoreError,
+        "An archive entry that would escape the target or exceed limits."
+    );
 }

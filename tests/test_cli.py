@@ -426,11 +426,38 @@ def test_get_output_is_fsynced_before_rename_and_ignores_stale_partials(
     assert replaced == [True], "the output file must be fsynced before it is renamed into place"
 
 
-def test_other_areas_commands_marked_existing_store_exist() -> None:
-    from clawstore.cli import EXISTING_STORE_COMMANDS, _command
+#: Commands that only read or delete: each module marks them `existing_store` on the command.
+EXISTING_STORE_COMMANDS = (
+    "blob get",
+    "blob stat",
+    "blob rm",
+    "gc",
+    "volume restore",
+    "volume ls",
+    "volume history",
+    "checkpoint restore",
+    "checkpoint ls",
+    "checkpoint diff",
+    "retention ls",
+    "retention apply",
+    "export",
+    "grant ls",
+    "catalog fsck",
+    "catalog history",
+)
+
+
+def test_read_only_commands_carry_existing_store() -> None:
+    import click
+    from clawstore.cli import cli
+    from clawstore.cli.common import _needs_existing_store
 
     for path in EXISTING_STORE_COMMANDS:
-        assert _command(path) is not None, f"`clawstore {path}` no longer exists: update the list"
+        cmd: click.Command | None = cli
+        for name in path.split():
+            cmd = cmd.commands.get(name) if isinstance(cmd, click.Group) else None
+        assert cmd is not None, f"`clawstore {path}` no longer exists: update the list"
+        assert _needs_existing_store(click.Context(cmd)), f"`clawstore {path}` is not marked existing_store"
 
 
 @pytest.mark.parametrize(

@@ -535,11 +535,12 @@ def test_kill9_during_snapshot_and_restore(tmp_path: Path, delay: float) -> None
         assert not (dest / "g0").exists() and (dest / "f39").exists()
     else:
         assert_same_tree(src, dest)
-    # a killed restore never leaves a target that looks complete
+    # a killed restore never leaves a target that looks complete unless it is: the kill may land
+    # after the final rename and before the process exits (seen under load), and then the
+    # target is the whole tree
     dest2 = tmp_path / "dest2"
-    if not run_and_kill([url, "restore", REF, str(dest2)], delay):
-        assert not dest2.exists()
-    else:
+    finished = run_and_kill([url, "restore", REF, str(dest2)], delay)
+    if finished or dest2.exists():
         assert_same_tree(dest, dest2)
     # and a later restore to the same place works and removes what the killed one left
     shutil.rmtree(dest2, ignore_errors=True)

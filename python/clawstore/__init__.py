@@ -7,53 +7,31 @@ with store.get_blob(d.digest) as r:
     data = r.read()
 """
 
+from clawstore import errors
 from clawstore.digest import Digest, Hasher, digest_bytes, digest_file
-from clawstore.errors import (
-    BlobNotFoundError,
-    ClawstoreError,
-    DigestMismatchError,
-    InvalidDigestError,
-    InvalidManifestError,
-    InvalidNameError,
-    LeaseConflictError,
-    ManifestNotFoundError,
-    NotFoundError,
-    PermissionDeniedError,
-    RefNotFoundError,
-    TagConflictError,
-    UnsafeArchiveError,
-)
+from clawstore.errors import *  # noqa: F403  (the one list: errors.__all__)
 from clawstore.manifest import Descriptor, ImageManifest, Index, canonical_json, parse_manifest
 from clawstore.names import Reference
 from clawstore.reader import VerifyingReader
 from clawstore.store import ArtifactStore, open
-from clawstore.types import ANY, MISSING
+from clawstore.types import ANY, MISSING, BlobSource, CleanupReport, Expectation
 
 __version__ = "0.1.0"
 
 __all__ = [
+    *errors.__all__,
     "ANY",
     "MISSING",
     "ArtifactStore",
-    "BlobNotFoundError",
-    "ClawstoreError",
+    "BlobSource",
+    "CleanupReport",
     "Descriptor",
     "Digest",
-    "DigestMismatchError",
+    "Expectation",
     "Hasher",
     "ImageManifest",
     "Index",
-    "InvalidDigestError",
-    "InvalidManifestError",
-    "InvalidNameError",
-    "LeaseConflictError",
-    "ManifestNotFoundError",
-    "NotFoundError",
-    "PermissionDeniedError",
-    "RefNotFoundError",
     "Reference",
-    "TagConflictError",
-    "UnsafeArchiveError",
     "VerifyingReader",
     "canonical_json",
     "digest_bytes",

@@ -1,13 +1,14 @@
-"""The clawstore error hierarchy.
+"""The clawstore error hierarchy: the one list of error classes.
 
-The classes are created in the Rust core (`clawstore._core`) so that errors raised from Rust and
-from Python are the same classes; this module is their one public home.
+Errors the Rust core raises are created there (`clawstore._core`, rust/errors.rs) so that Rust
+and Python raise the same classes; errors only the hub raises are defined here, subclassing the
+same base. Everyone imports errors from this module (the package root re-exports `__all__`).
 
     ClawstoreError
     ├── NotFoundError ── BlobNotFoundError, ManifestNotFoundError, RefNotFoundError
     ├── DigestMismatchError, InvalidDigestError, InvalidNameError, InvalidManifestError
     ├── TagConflictError, UnsafeArchiveError
-    └── PermissionDeniedError, LeaseConflictError
+    └── PermissionDeniedError, LeaseConflictError          (hub only, defined here)
 """
 
 from clawstore._core import (
@@ -17,14 +18,25 @@ from clawstore._core import (
     InvalidDigestError,
     InvalidManifestError,
     InvalidNameError,
-    LeaseConflictError,
     ManifestNotFoundError,
     NotFoundError,
-    PermissionDeniedError,
     RefNotFoundError,
     TagConflictError,
     UnsafeArchiveError,
 )
+
+
+class PermissionDeniedError(ClawstoreError):
+    """The principal lacks the grant for this action."""
+
+    __module__ = "clawstore"
+
+
+class LeaseConflictError(ClawstoreError):
+    """A lease is held by someone else."""
+
+    __module__ = "clawstore"
+
 
 __all__ = [
     "BlobNotFoundError",

@@ -38,6 +38,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from clawstore.backends.base import TempFiles
 from clawstore.digest import Digest
 from clawstore.errors import (
     ClawstoreError,
@@ -335,11 +336,10 @@ def _check_tags(
 
 
 def _check_temp_files(store: ArtifactStore, report: FsckReport, repair: bool, stale_after: float) -> None:
-    lister = getattr(store.backend, "iter_temp_files", None)
     now = time.time()
     found: list[tuple[str, int, float]] = []
-    if lister is not None:
-        for p in lister():
+    if isinstance(store.backend, TempFiles):
+        for p in store.backend.iter_temp_files():
             with contextlib.suppress(FileNotFoundError):
                 st = Path(p).stat()
                 found.append((Path(p).name, st.st_size, now - st.st_mtime))
@@ -348,8 +348,8 @@ def _check_temp_files(store: ArtifactStore, report: FsckReport, repair: bool, st
         cleaned = store.cleanup(older_than=stale_after)
         removed, removed_bytes = cleaned.removed, cleaned.bytes
     still = set()
-    if repair and lister is not None:
-        still = {Path(p).name for p in lister()}
+    if repair and isinstance(store.backend, TempFiles):
+        still = {Path(p).name for p in store.backend.iter_temp_files()}
     for name, size, age in found:
         report.problems.append(
             Problem(

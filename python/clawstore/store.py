@@ -8,7 +8,6 @@ bytes, atomicity and compare-and-swap.
 from __future__ import annotations
 
 import builtins
-import contextlib
 import errno
 import os
 import shutil
@@ -18,8 +17,9 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 from clawstore import mediatypes as mt
+from clawstore.atomic import atomic_file
 from clawstore.backends.base import Backend, BlobPaths, Downloads, Recording
-from clawstore.digest import DEFAULT_ALGORITHM, Digest, check_algorithm, digest_bytes
+from clawstore.digest import ALGORITHMS, DEFAULT_ALGORITHM, Digest, check_algorithm, digest_bytes
 from clawstore.errors import (
     BlobNotFoundError,
     ClawstoreError,
@@ -29,7 +29,7 @@ from clawstore.errors import (
     RefNotFoundError,
 )
 from clawstore.manifest import Descriptor, Manifest, parse_manifest, references
-from clawstore.names import validate_repository, validate_tag
+from clawstore.names import Reference, validate_repository, validate_tag
 from clawstore.reader import VerifyingReader
 from clawstore.types import ANY, MISSING, BlobSource, CleanupReport, Expectation
 
@@ -95,18 +95,9 @@ class ArtifactStore:
         d = Digest.parse(digest)
         if isinstance(self.backend, Downloads):
             return int(self.backend.download_to(d, path))
-        dest = Path(path)
-        tmp = dest.with_name(f".{dest.name}.clawstore-{os.getpid()}-{os.urandom(4).hex()}")
-        try:
-            with self.get_blob(d) as r, builtins.open(tmp, "xb") as out:
-                shutil.copyfileobj(r, out, 1 << 20)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, dest)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        return dest.stat().st_size
+        with self.get_blob(d) as r, atomic_file(path) as out:
+            shutil.copyfileobj(r, out, 1 << 20)
+        return Path(path).stat().st_size
 
     def read_blob(self, digest: Digest | str) -> bytes:
         """Whole blob in memory, verified. For small blobs (configs, indexes)."""
@@ -200,6 +191,20 @@ class ArtifactStore:
             raise RefNotFoundError(f"{repo}:{tag} not found")
         return d
 
+    def resolve_ref(self, ref: str | Digest | Reference) -> Digest:
+        """The manifest digest a reference names: `repo:tag` (resolved; RefNotFoundError),
+        `repo@digest` or a bare digest (taken as is). There is no default tag: a reference
+        without one is an InvalidNameError. The one resolver every artifact kind uses."""
+        if isinstance(ref, Digest):
+            return ref
+        if isinstance(ref, str) and ref.startswith(tuple(f"{a}:" for a in ALGORITHMS)):
+            return Digest.parse(ref)
+        r = ref if isinstance(ref, Reference) else Reference.parse(ref)
+        if r.digest is not None:
+            return r.digest
+        assert r.tag is not None  # Reference.parse gives a tag or a digest
+        return self.resolve(r.repository, r.tag)
+
     def tag(
         self, repo: str, tag: str, digest: Digest | str, expect: Expectation | str = ANY
     ) -> Digest | None:
@@ -251,18 +256,16 @@ def check_references(backend: Backend, manifest: Manifest) -> None:
     the size its descriptor says. `subject` may dangle, as in the OCI distribution spec:
     referrers can be pushed first."""
     refs = references(manifest)
-    for d in refs.blobs:
-        size = backend.blob_size(d.digest)
-        if size is None:
-            raise InvalidManifestError(f"manifest references missing blob {d.digest}")
-        if size != d.size:
-            raise InvalidManifestError(f"blob {d.digest} is {size} bytes, descriptor says {d.size}")
-    for d in refs.manifests:
-        size = backend.manifest_size(d.digest)
-        if size is None:
-            raise InvalidManifestError(f"index references missing manifest {d.digest}")
-        if size != d.size:
-            raise InvalidManifestError(f"manifest {d.digest} is {size} bytes, descriptor says {d.size}")
+    for descs, size_of, referrer, kind in (
+        (refs.blobs, backend.blob_size, "manifest", "blob"),
+        (refs.manifests, backend.manifest_size, "index", "manifest"),
+    ):
+        for d in descs:
+            size = size_of(d.digest)
+            if size is None:
+                raise InvalidManifestError(f"{referrer} references missing {kind} {d.digest}")
+            if size != d.size:
+                raise InvalidManifestError(f"{kind} {d.digest} is {size} bytes, descriptor says {d.size}")
 
 
 def default_store_url() -> str:

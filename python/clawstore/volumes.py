@@ -200,15 +200,8 @@ def _is_volume(manifest: ImageManifest) -> bool:
 
 def load(store: ArtifactStore, ref: str | Digest) -> Snapshot:
     """Read a snapshot by `repo:tag`, `repo@digest` or a manifest digest."""
-    ref_text: str | None = None
-    if isinstance(ref, Digest) or (
-        isinstance(ref, str) and ref.startswith(("sha256:", "sha512:", "blake3:"))
-    ):
-        digest = Digest.parse(ref)
-    else:
-        r = Reference.parse(str(ref))
-        digest = r.digest if r.digest is not None else store.resolve(r.repository, r.tag or "")
-        ref_text = str(r)
+    digest = store.resolve_ref(ref)
+    ref_text = None if digest == ref else str(ref)
     manifest = parse_manifest(store.get_manifest(digest))
     if not isinstance(manifest, ImageManifest) or not _is_volume(manifest):
         raise InvalidManifestError(f"{ref_text or digest} is not a volume snapshot")

@@ -151,6 +151,7 @@ SURFACE: dict[str, Check] = {
     "has_manifest": leased_read(lambda s, d: s.has_manifest(d), "manifest"),
     "stat_manifest": leased_read(lambda s, d: s.stat_manifest(d), "manifest"),
     "resolve": leased_read(lambda s, d: s.resolve(REPO, "v1"), "manifest"),
+    "resolve_ref": leased_read(lambda s, d: s.resolve_ref(f"{REPO}:v1"), "manifest"),
     "hold": check_hold,
     # recorded writes
     "put_blob": check_put_blob,
@@ -238,3 +239,32 @@ def test_put_manifest_parses_and_digests_once(hub: Hub, monkeypatch: pytest.Monk
         assert not hasattr(session_mod, "parse_manifest") and not hasattr(session_mod, "digest_bytes")
         s.put_manifest(m.to_json())
     assert calls == {"parse": 1, "digest": 1}
+
+
+def test_blob_rows_are_batched_and_a_held_digest_needs_no_head(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blob whose digest is known only after the write: its catalog row waits for the next
+    manifest (or the end of the session), and writing content the lease already held needs no
+    look at the store afterwards."""
+    backend_cls = type(hub.store.backend)
+    looks: list[str] = []
+    real_blob_size = backend_cls.blob_size
+
+    def counting_blob_size(self: Any, digest: Any) -> Any:
+        looks.append(str(digest))
+        return real_blob_size(self, digest)
+
+    def blob_row(digest: str) -> Any:
+        with hub.catalog.tx() as conn:
+            return conn.execute(select(c.blobs.c.size).where(c.blobs.c.digest == digest)).scalar()
+
+    monkeypatch.setattr(backend_cls, "blob_size", counting_blob_size)
+    with hub.session(ADMIN, REPO) as s:
+        d = s.put_blob(b"written with no expected digest")
+        assert looks == [str(d.digest)]  # not held before the write: one look after the lease
+        assert blob_row(str(d.digest)) is None  # batched, not one transaction per blob
+        looks.clear()
+        assert s.put_blob(b"written with no expected digest") == d
+        assert looks == []  # held before this write began: nothing can have swept it
+    assert blob_row(str(d.digest)) == d.size

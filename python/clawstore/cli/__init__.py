@@ -1,6 +1,8 @@
 """The `clawstore` command line (click + rich). See `clawstore --help`.
 
-Each area lives in its own module with a `register(group)`; add new areas to `_AREAS`.
+Each area lives in its own module with a `register(group)`; add new areas to `_AREAS`. Each
+command carries its own decorators there (`existing_store` on the ones that only read or delete,
+so a mistyped store path fails instead of becoming an empty store).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import importlib
 
 import click
 
-from clawstore.cli.common import CliContext, existing_store, run_main
+from clawstore.cli.common import CliContext, run_main
 
 #: Subcommand modules under clawstore.cli, each exposing register(group).
 _AREAS: tuple[str, ...] = ("blob", "manifest", "tags", "fsck", "volume", "hub", "log", "cache")
@@ -35,38 +37,6 @@ def cli(ctx: click.Context, store_url: str | None) -> None:
 
 for _area in _AREAS:
     importlib.import_module(f"clawstore.cli.{_area}").register(cli)
-
-#: Commands of other areas that only work on an existing store (they read it, or delete from
-#: it): marked here with `existing_store` until their own modules carry the decorator, so that a
-#: mistyped store path fails instead of becoming an empty store. tests/test_cli.py checks that
-#: every path still names a command.
-EXISTING_STORE_COMMANDS: tuple[str, ...] = (
-    "gc",
-    "volume restore",
-    "volume ls",
-    "volume history",
-    "checkpoint restore",
-    "checkpoint ls",
-    "checkpoint diff",
-    "retention ls",
-    "retention apply",
-    "export",
-    "grant ls",
-    "catalog fsck",
-    "catalog history",
-)
-
-
-def _command(path: str) -> click.Command | None:
-    cmd: click.Command | None = cli
-    for name in path.split():
-        cmd = cmd.commands.get(name) if isinstance(cmd, click.Group) else None
-    return cmd
-
-
-for _path in EXISTING_STORE_COMMANDS:
-    if (_cmd := _command(_path)) is not None:
-        existing_store(_cmd)
 
 
 def main() -> None:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import click
 
+from clawstore.atomic import atomic_file
 from clawstore.cli.common import CliContext, Progress, existing_store, is_interactive, pass_cli
 from clawstore.digest import ALGORITHMS, Digest
 from clawstore.errors import ClawstoreError
@@ -110,27 +109,8 @@ def blob_get(ctx: CliContext, digest: str, output: str | None) -> None:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(141)
         return
-    with atomic_output(output) as out:
+    with atomic_file(output) as out:
         _copy_out(store.get_blob(d), out, size)
-
-
-@contextlib.contextmanager
-def atomic_output(output: str) -> Iterator[BinaryIO]:
-    """A temp file beside `output`, renamed onto it only if the block succeeds; removed otherwise,
-    so a failed or unverified download never leaves a partial file (or clobbers an old one)."""
-    dest = Path(output)
-    if dest.is_dir():
-        raise IsADirectoryError(f"is a directory: {output}")
-    # A random part: a file left by an earlier run killed with the same pid must not block us.
-    tmp = dest.with_name(f".{dest.name}.clawstore-{os.getpid()}-{secrets.token_hex(4)}.partial")
-    try:
-        with open(tmp, "xb") as out:
-            yield out
-            out.flush()
-            os.fsync(out.fileno())  # durable before it takes the name: no empty file after a crash
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _copy_out(reader: BinaryIO, out: BinaryIO, size: int) -> None:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
-from clawstore.cli.common import CliContext, pass_cli, progress
+from clawstore.cli.common import CliContext, existing_store, pass_cli, progress
 from clawstore.errors import ClawstoreError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -85,6 +85,7 @@ def _human(n: int) -> str:
 
 
 # -- gc -------------------------------------------------------------------------------------------
+@existing_store
 @click.command("gc")
 @click.option("--dry-run", is_flag=True, help="Report what would be deleted; change nothing.")
 @click.option(
@@ -165,6 +166,7 @@ def checkpoint_create(
     )
 
 
+@existing_store
 @checkpoint.command("restore")
 @click.argument("ref")
 @click.argument("directory", type=click.Path(file_okay=False))
@@ -183,6 +185,7 @@ def checkpoint_restore(hub: Any, principal: Any, ref: str, directory: str) -> No
     click.echo(f"restored {n} files from {digest}", err=True)
 
 
+@existing_store
 @checkpoint.command("ls")
 @click.argument("repo")
 @with_hub
@@ -196,6 +199,7 @@ def checkpoint_ls(hub: Any, principal: Any, repo: str) -> None:
         click.echo(f"{i.tag}\t{i.digest}\t{i.created}\t{i.files} files\t{_human(i.bytes)}\tparent {parent}")
 
 
+@existing_store
 @checkpoint.command("diff")
 @click.argument("a")
 @click.argument("b")
@@ -255,6 +259,7 @@ def retention_rm(hub: Any, principal: Any, pattern: str) -> None:
         raise ClawstoreError(f"no policy for {pattern!r}")
 
 
+@existing_store
 @retention.command("ls")
 @with_hub
 def retention_ls(hub: Any, principal: Any) -> None:
@@ -266,6 +271,7 @@ def retention_ls(hub: Any, principal: Any) -> None:
         )
 
 
+@existing_store
 @retention.command("apply")
 @click.option("--dry-run", is_flag=True, help="List what would go and how many bytes; change nothing.")
 @click.option("--grace", type=DURATION, default="1h", show_default=True, help="GC grace for the sweep.")
@@ -286,6 +292,7 @@ def retention_apply(hub: Any, principal: Any, dry_run: bool, grace: float) -> No
 
 
 # -- export / import -----------------------------------------------------------------------------
+@existing_store
 @click.command("export")
 @click.argument("ref")
 @click.option(
@@ -358,6 +365,7 @@ def grant_rm(hub: Any, principal: Any, principal_name: str, action: str, pattern
         raise ClawstoreError("no such grant")
 
 
+@existing_store
 @grant.command("ls")
 @click.argument("principal_name", required=False)
 @with_hub
@@ -374,6 +382,7 @@ def catalog() -> None:
     """The hub catalog: consistency with the store, tag history."""
 
 
+@existing_store
 @catalog.command("fsck")
 @click.option("--rebuild", is_flag=True, help="Rebuild the catalog's content tables from the store.")
 @click.option("--verify-blobs", is_flag=True, help="Re-hash every blob.")
@@ -392,6 +401,7 @@ def catalog_fsck(hub: Any, principal: Any, rebuild: bool, verify_blobs: bool) ->
         raise SystemExit(1)
 
 
+@existing_store
 @catalog.command("history")
 @click.argument("ref")
 @with_hub

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from clawstore.cli.blob import atomic_output
+from clawstore.atomic import atomic_file
 from clawstore.cli.common import CliContext, existing_store, pass_cli
 from clawstore.digest import Digest
 from clawstore.errors import InvalidManifestError
@@ -61,7 +61,7 @@ def manifest_get(ctx: CliContext, digest: str, output: str | None) -> None:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
     else:
-        with atomic_output(output) as out:
+        with atomic_file(output) as out:
             out.write(data)
 
 

@@ -58,13 +58,10 @@ def untag_cmd(ctx: CliContext, ref: str, expect: str | None) -> None:
 def resolve_cmd(ctx: CliContext, ref: str) -> None:
     """Print the manifest digest REPO:TAG points at (REPO@DIGEST: check it exists)."""
     parsed = Reference.parse(ref)
-    if parsed.digest is not None:
-        if not ctx.store.has_manifest(parsed.digest):
-            raise ManifestNotFoundError(f"manifest {parsed.digest} not found")
-        click.echo(parsed.digest)
-        return
-    assert parsed.tag is not None
-    click.echo(ctx.store.resolve(parsed.repository, parsed.tag))
+    digest = ctx.store.resolve_ref(parsed)
+    if parsed.digest is not None and not ctx.store.has_manifest(digest):
+        raise ManifestNotFoundError(f"manifest {digest} not found")
+    click.echo(digest)
 
 
 @existing_store

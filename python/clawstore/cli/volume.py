@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from clawstore import volumes
-from clawstore.cli.common import CliContext, Progress, pass_cli
+from clawstore.cli.common import CliContext, Progress, existing_store, pass_cli
 
 
 def _human(n: float) -> str:
@@ -98,6 +98,7 @@ def snapshot_cmd(
     click.echo(str(snap.digest))
 
 
+@existing_store
 @volume_group.command("restore")
 @click.argument("ref")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
@@ -132,6 +133,7 @@ def restore_cmd(
     )
 
 
+@existing_store
 @volume_group.command("ls")
 @click.argument("repo", required=False)
 @pass_cli
@@ -141,6 +143,7 @@ def ls_cmd(cli: CliContext, repo: str | None) -> None:
         click.echo(f"{s.ref}  {_snapshot_line(s)}")
 
 
+@existing_store
 @volume_group.command("history")
 @click.argument("ref")
 @click.option("-n", "--limit", type=click.IntRange(min=1), default=None, help="Show at most N snapshots.")

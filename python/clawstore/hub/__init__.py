@@ -7,10 +7,11 @@
 from clawstore.hub.catalog import Catalog
 from clawstore.hub.fsck import FsckReport
 from clawstore.hub.gc import GarbageCollector, GCReport
-from clawstore.hub.hub import Hub, HubSession
+from clawstore.hub.hub import Hub
 from clawstore.hub.leases import Lease, VolumeLease
 from clawstore.hub.permissions import ACTIONS, Principal
 from clawstore.hub.retention import Policy, RetentionReport
+from clawstore.hub.session import HubSession, SessionBackend
 
 __all__ = [
     "ACTIONS",
@@ -24,5 +25,6 @@ __all__ = [
     "Policy",
     "Principal",
     "RetentionReport",
+    "SessionBackend",
     "VolumeLease",
 ]

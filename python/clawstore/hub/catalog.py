@@ -45,6 +45,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 
 from clawstore.errors import ClawstoreError
+from clawstore.hub.migrations import upgrade
 
 DIGEST = String(200)
 NAME = String(255)
@@ -285,9 +286,7 @@ class Catalog:
         else:
             raise ClawstoreError(f"unsupported catalog database {self.dialect!r} (sqlite or postgresql)")
         if migrate:
-            from clawstore.hub.migrations import upgrade
-
-            upgrade(self)
+            upgrade(self.engine)
 
     @contextmanager
     def tx(self, *, exclusive: bool = False) -> Iterator[Connection]:

@@ -11,11 +11,10 @@ children-first with their digests verified, and tags them.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from clawstore import mediatypes as mt
+from clawstore.atomic import write_atomic
 from clawstore.digest import Digest
 from clawstore.errors import ClawstoreError, InvalidManifestError
 from clawstore.manifest import Descriptor, ImageManifest, Index, canonical_json, parse_manifest
@@ -30,27 +29,12 @@ def _blob_path(root: Path, digest: Digest) -> Path:
     return root / "blobs" / digest.algorithm / digest.encoded
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _copy_blob(store: ArtifactStore, root: Path, d: Descriptor) -> None:
     dest = _blob_path(root, d.digest)
     if dest.is_file() and dest.stat().st_size == d.size:
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    with store.get_blob(d.digest) as r, open(tmp, "wb") as f:
-        shutil.copyfileobj(r, f, 1 << 20)  # the verifying reader raises on a bad digest
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, dest)
+    store.get_blob_to_path(d.digest, dest)  # verified, atomic; parallel ranged GETs on S3
 
 
 def _export_manifest(store: ArtifactStore, root: Path, digest: Digest) -> Descriptor:
@@ -62,7 +46,7 @@ def _export_manifest(store: ArtifactStore, root: Path, digest: Digest) -> Descri
     else:
         for b in m.blobs():
             _copy_blob(store, root, b)
-    _atomic_write(_blob_path(root, digest), data)
+    write_atomic(_blob_path(root, digest), data, make_parents=True)
     return Descriptor(digest, len(data), m.media_type, artifact_type=m.artifact_type)
 
 
@@ -92,8 +76,8 @@ def export_oci(
     ]
     entries.append(entry)
     index = {"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": entries}
-    _atomic_write(layout_file, canonical_json(LAYOUT))
-    _atomic_write(index_file, canonical_json(index))
+    write_atomic(layout_file, canonical_json(LAYOUT))
+    write_atomic(index_file, canonical_json(index))
     return desc
 
 

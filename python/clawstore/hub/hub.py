@@ -126,7 +126,6 @@ class Hub:
         backend = SessionBackend(
             self.store.backend,
             self.catalog,
-            self.leases,
             lease,
             repo=repo,
             actor=principal.name,
@@ -179,8 +178,8 @@ class Hub:
     def get_manifest(self, principal: Principal, repo: str, reference: str) -> bytes:
         """`reference` is a tag or a digest."""
         self._authorize(principal, "pull", repo)
-        d = Digest.parse(reference) if ":" in reference else self.store.resolve(repo, reference)
-        return self.store.get_manifest(d)
+        ref = f"{repo}@{reference}" if ":" in reference else f"{repo}:{reference}"
+        return self.store.get_manifest(self.store.resolve_ref(ref))
 
     def resolve(self, principal: Principal, repo: str, tag: str) -> Digest:
         self._authorize(principal, "pull", repo)
@@ -189,10 +188,12 @@ class Hub:
     def tag(
         self, principal: Principal, repo: str, tag: str, digest: Digest | str, expect: Any = ANY
     ) -> Digest | None:
+        self._authorize(principal, "push", repo)  # before anything is written (the lease)
         with closing(self._open_session(principal, repo, "tag", 600)) as s:
             return s.tag(repo, tag, digest, expect)
 
     def untag(self, principal: Principal, repo: str, tag: str, expect: Any = ANY) -> Digest:
+        self._authorize(principal, "delete", repo)
         with closing(self._open_session(principal, repo, "tag", 600)) as s:
             return s.untag(repo, tag, expect)
 
@@ -294,7 +295,7 @@ class Hub:
         self, principal: Principal, *, dry_run: bool = False, grace: float = 3600.0
     ) -> RetentionReport:
         self.permissions.check(principal, "admin")
-        return self.retention_policies.apply(self, dry_run=dry_run, grace=grace, actor=principal.name)
+        return self.retention_policies.apply(self.store, dry_run=dry_run, grace=grace, actor=principal.name)
 
     def gc(
         self,
@@ -322,7 +323,7 @@ class Hub:
         self.permissions.check(principal, "pull", r.repository)
         lease = self.leases.create("export", principal.name)
         try:
-            digest = r.digest or self.store.resolve(r.repository, r.tag or "latest")
+            digest = self.store.resolve_ref(r)
             lease.add([digest])
             return export_oci(self.store, digest, Path(directory), ref_name=r.tag)
         finally:
@@ -342,4 +343,4 @@ class Hub:
             return import_oci(s, Path(directory), repo, tags=tags)
 
 
-__all__ = ["Hub", "HubSession"]
+__all__ = ["Hub"]

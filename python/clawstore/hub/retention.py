@@ -27,10 +27,11 @@ from sqlalchemy import delete, select
 
 from clawstore.errors import ClawstoreError, RefNotFoundError, TagConflictError
 from clawstore.hub import catalog as c
+from clawstore.hub.gc import GarbageCollector
 from clawstore.hub.permissions import pattern_matches, pattern_regex
 
 if TYPE_CHECKING:
-    from clawstore.hub.hub import Hub
+    from clawstore.store import ArtifactStore
 
 
 @dataclass(frozen=True)
@@ -153,11 +154,10 @@ class Retention:
                 untagged.add(m.digest)
         return remove, sorted(untagged)
 
-    def apply(self, hub: Hub, *, dry_run: bool, grace: float, actor: str) -> RetentionReport:
-        from clawstore.hub.gc import GarbageCollector
-
+    def apply(self, store: ArtifactStore, *, dry_run: bool, grace: float, actor: str) -> RetentionReport:
+        """Untag what the policies drop, then collect (or, dry run, report what would go)."""
         report = RetentionReport(dry_run=dry_run)
-        gc = GarbageCollector(self.catalog, hub.store)
+        gc = GarbageCollector(self.catalog, store)
         if dry_run:
             tags, untagged = self.plan()
             report.tags, report.manifests = tags, untagged
@@ -179,7 +179,7 @@ class Retention:
         tags, untagged = self.plan()
         for repo, tag, digest in tags:
             try:
-                hub.store.untag(repo, tag, expect=digest)  # moved meanwhile: leave it
+                store.untag(repo, tag, expect=digest)  # moved meanwhile: leave it
             except (TagConflictError, RefNotFoundError):
                 continue
             with self.catalog.tx() as conn:

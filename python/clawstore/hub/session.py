@@ -34,7 +34,7 @@ from clawstore.backends.base import Backend, BlobPaths, Downloads
 from clawstore.digest import Digest
 from clawstore.errors import ClawstoreError, ManifestNotFoundError, PermissionDeniedError
 from clawstore.hub import catalog as c
-from clawstore.hub.leases import DEFAULT_TTL, Lease, Leases
+from clawstore.hub.leases import DEFAULT_TTL, Lease
 from clawstore.hub.records import ensure_recorded
 from clawstore.store import ArtifactStore, check_references
 from clawstore.types import BlobSource, CleanupReport, Expectation
@@ -56,7 +56,6 @@ class SessionBackend:
         self,
         inner: Backend,
         catalog: c.Catalog,
-        leases: Leases,
         lease: Lease,
         *,
         repo: str,
@@ -65,7 +64,6 @@ class SessionBackend:
     ) -> None:
         self.inner = inner
         self.catalog = catalog
-        self.leases = leases
         self.lease = lease
         self.repo = repo
         self.actor = actor
