@@ -21,7 +21,7 @@ from typing import Any
 
 import clawstore
 import pytest
-from clawstore.backends.s3 import S3ConfigurationError, S3Error
+from clawstore.backends.s3 import S3Error
 from clawstore.errors import ClawstoreError, TagConflictError
 from fault_proxy import FaultProxy
 from s3_server import TEST_OPTIONS, set_fake_credentials, store_url
@@ -51,6 +51,14 @@ def staging_keys(client: Any, bucket: str) -> list[str]:
     return [
         o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="store/uploads/").get("Contents", [])
     ]
+
+
+def skip_without_s3_checksums(store: clawstore.ArtifactStore, mode: str) -> None:
+    """Forced crc32 needs a server that verifies S3 checksums or reports the stored object's;
+    one that does neither (RGW 16) refuses every such upload (test_s3.py::test_part_checksums)."""
+    caps = store.backend.caps  # type: ignore[attr-defined]
+    if mode != "md5" and not caps.verifies_checksums and not caps.reports_checksums:
+        pytest.skip(f"the server neither verifies nor reports S3 checksums: part_checksum={mode} refused")
 
 
 @pytest.fixture
@@ -139,6 +147,7 @@ def test_corrupted_request_bodies_are_detected_and_resent(
         store={"part_checksum": mode},
     )
     assert store.backend.part_checksum == mode  # type: ignore[attr-defined]
+    skip_without_s3_checksums(store, mode)
     calls: Counter[str] = Counter()
     for op in ("CreateMultipartUpload", "UploadPart"):
         store.backend.client.meta.events.register(  # type: ignore[attr-defined]
@@ -166,6 +175,7 @@ def test_corrupted_stream_upload_is_a_clear_error_and_leaves_nothing(
     store, proxy = faulty(
         rate=1.0, seed=9, faults=("corrupt",), max_faults=1, store={"part_checksum": "crc32"}
     )
+    skip_without_s3_checksums(store, "crc32")
     data = random.Random(9).randbytes(12 * MiB)
     with pytest.raises(S3Error, match="other bytes than were sent"):
         store.put_blob(io.BytesIO(data))
@@ -225,15 +235,6 @@ def test_tag_cas_under_lost_responses(faulty: Any, s3_store: clawstore.ArtifactS
         assert store.untag("repo", tag, expect=m[2]) == m[2]
         assert s3_store.backend.read_tag("repo", tag) is None
     assert proxy.counts["lost"] > 0, proxy.counts
-
-
-def test_probe_detects_server_ignoring_conditional_writes(s3_endpoint: str, s3_bucket: str) -> None:
-    proxy = FaultProxy(int(s3_endpoint.rsplit(":", 1)[1]), strip_conditionals=True)
-    try:
-        with pytest.raises(S3ConfigurationError, match="ignored a conditional write"):
-            clawstore.open(store_url(proxy.endpoint, s3_bucket))
-    finally:
-        proxy.close()
 
 
 ROUNDS = 6
@@ -298,7 +299,7 @@ def test_cas_race_processes(s3_store: clawstore.ArtifactStore, s3_endpoint: str,
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(4)
     out = ctx.Queue()
-    opts = {**TEST_OPTIONS, "probe": False}
+    opts = dict(TEST_OPTIONS)  # probed: how the server takes If-Match (RGW: bare ETags)
     procs = [
         ctx.Process(
             target=_race_process, args=(store_url(s3_endpoint, s3_bucket), opts, base, m, barrier, out)

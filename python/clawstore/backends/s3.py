@@ -232,6 +232,33 @@ class S3Options:
         return opts
 
 
+@dataclass(frozen=True)
+class S3Capabilities:
+    """What the server was found to do by the open-time probe (or, without one, what is assumed:
+    S3's documented behaviour and Content-MD5 parts)."""
+
+    #: If-Match takes the ETag quoted, as RFC 9110 and S3 have it (False: bare, as Ceph RGW 16
+    #: wants on PUT).
+    if_match_quoted: bool = True
+    #: DELETE honours If-Match (False: `untag` checks then deletes; a racing writer can be lost).
+    conditional_delete: bool = True
+    #: Per-part checksum: "crc32" / "sha256" (x-amz-checksum-*, verified by the server) or "md5".
+    part_checksum: str = "md5"
+    #: md5 parts on a server that takes declared S3 checksums without verifying them (moto):
+    #: declare CRC-32 and send it with each part too (spares moto a full-object pass of its own).
+    md5_with_crc32: bool = False
+    #: The server reports the composite checksum of a completed multipart upload (S3, MinIO,
+    #: moto; not RGW 16): needed by part_checksum=crc32|sha256 on a server that does not verify
+    #: them per part. True without a probe (S3's documented behaviour).
+    reports_checksums: bool = True
+    #: The server refuses a part whose x-amz-checksum-crc32 is wrong (S3, MinIO, RGW >= Squid).
+    verifies_checksums: bool = False
+
+    def if_match(self, etag: str) -> str:
+        """`etag` in the form this server's If-Match takes."""
+        return _quoted(etag) if self.if_match_quoted else _bare(etag)
+
+
 # ------------------------------------------------------------------------------------------------
 # key layout
 
@@ -646,19 +673,33 @@ class S3Backend:
             query.append(f"region={self.options.region}")
         self.url = f"s3://{bucket}/{self.layout.prefix}" + (f"?{'&'.join(query)}" if query else "")
         self.client = client if client is not None else self._make_client()
-        self.conditional_delete = True
         self._rand = random.Random()
-        #: The per-part checksum in use ("auto" resolved by the probe; md5 without a probe).
-        self.part_checksum = "md5" if self.options.part_checksum == "auto" else self.options.part_checksum
-        #: md5 mode on a server that takes (but does not verify) declared S3 checksums: declare
-        #: CRC32 too and send it with each part. Costs ~0.1 s per GiB; spares servers that build a
-        #: full-object checksum of their own when none is declared (moto: CRC64NVME over a copy
-        #: of the whole object, half of its time).
-        self.md5_with_crc32 = False
+        mode = "md5" if self.options.part_checksum == "auto" else self.options.part_checksum
+        #: What the server does (probed at open time unless probe=false).
+        self.caps = S3Capabilities(part_checksum=mode)
         if self.options.probe:
-            self.probe_conditional_writes()
+            quoted, conditional_delete = self.probe_conditional_writes()
+            mode_found, md5_with_crc32, reports = self.probe_part_checksums()
             if self.options.part_checksum == "auto":
-                self.part_checksum = self.probe_part_checksums()
+                mode = mode_found
+            else:
+                md5_with_crc32 = False  # a forced mode sends exactly the checksum asked for
+            self.caps = S3Capabilities(
+                quoted, conditional_delete, mode, md5_with_crc32, reports, mode_found == "crc32"
+            )
+
+    @property
+    def part_checksum(self) -> str:
+        """The per-part checksum in use ("auto" resolved by the probe; md5 without a probe)."""
+        return self.caps.part_checksum
+
+    @property
+    def md5_with_crc32(self) -> bool:
+        return self.caps.md5_with_crc32
+
+    @property
+    def conditional_delete(self) -> bool:
+        return self.caps.conditional_delete
 
     @classmethod
     def from_url(cls, bucket: str, prefix: str, query: dict[str, str], **options: Any) -> S3Backend:
@@ -734,72 +775,113 @@ class S3Backend:
             raise
 
     # -- probe ---------------------------------------------------------------------------------
-    def probe_conditional_writes(self) -> None:
-        """Check that the server honours If-None-Match / If-Match on PUT (and on DELETE).
+    def probe_conditional_writes(self) -> tuple[bool, bool]:
+        """Check what the server accepts as well as what it refuses, on a fresh probe key:
+        ``If-None-Match: *`` creates and then refuses; ``If-Match`` with the object's current
+        ETag replaces it (the quoted form first, as RFC 9110 and S3 have it, then the bare one,
+        which Ceph RGW 16 wants) and with a stale ETag is refused; conditional DELETE likewise.
 
-        Raises S3ConfigurationError if PUT preconditions are ignored: tag compare-and-swap would
-        then silently lose updates. Conditional DELETE is optional: without it `untag` with an
-        expectation checks and deletes in two steps (see README)."""
+        Returns ``(if_match_quoted, conditional_delete)``. Raises S3ConfigurationError, naming
+        the behaviour, when a conditional PUT is ignored or a correct one is refused: tag
+        compare-and-swap would then lose updates, or never move a tag. A server that ignores
+        If-Match on DELETE (RGW 16) gets check-then-delete for `untag` (see README)."""
         key = self.layout.new_probe()
-        body = b"clawstore conditional-write probe\n"
-        try:
+        where = f"s3://{self.bucket}"
+
+        def refuse(behaviour: str, cause: BaseException | None = None) -> NoReturn:
+            raise S3ConfigurationError(
+                f"{where}: the server {behaviour}; tag compare-and-swap needs conditional writes "
+                "(AWS S3, MinIO >= 2024, Ceph RGW). Pass probe=false only if no two writers ever "
+                "update the same tag."
+            ) from cause
+
+        def put(body: bytes, **kw: Any) -> str | None:
+            """A conditional PUT: the new ETag, or None when the precondition failed (unless the
+            object now holds `body`: a retried attempt whose first one landed, response lost)."""
             try:
-                # A fresh random key: a failed precondition on a *retried* attempt is our own
-                # first attempt having landed with its response lost.
-                if not self._conditional(
-                    f"PUT {key}",
-                    lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*"),
-                    lambda: True,
-                ):
-                    raise S3ConfigurationError(f"probe key {key} unexpectedly exists")
-            except Exception as e:
-                if _is(e, "NotImplemented", status=501):
-                    raise S3ConfigurationError(
-                        f"s3://{self.bucket}: the server does not implement conditional writes "
-                        "(If-None-Match); tag compare-and-swap needs them"
-                    ) from e
-                raise
-            for what, kw in (
-                ("If-None-Match: * on an existing object", {"IfNoneMatch": "*"}),
-                ("If-Match with a stale ETag", {"IfMatch": '"00000000000000000000000000000000"'}),
-            ):
-                try:
-                    self._call("put_object", Bucket=self.bucket, Key=key, Body=b"overwritten\n", **kw)
-                except Exception as e:
-                    if _precondition_failed(e):
-                        continue
-                    if _is(e, "NotImplemented", status=501):
-                        raise S3ConfigurationError(
-                            f"s3://{self.bucket}: the server does not implement {what}"
-                        ) from e
-                    raise
-                raise S3ConfigurationError(
-                    f"s3://{self.bucket}: the server ignored a conditional write ({what}); "
-                    "tag compare-and-swap would silently lose updates. Use a server with "
-                    "conditional writes (AWS S3, MinIO >= 2024, Ceph RGW >= Reef) or pass probe=false "
-                    "only if no two writers ever update the same tag."
-                )
-            try:
-                self._call("delete_object", Bucket=self.bucket, Key=key, IfMatch=_quoted("0" * 32))
-                self.conditional_delete = False  # the precondition was ignored: object is gone
+                resp = self._call("put_object", Bucket=self.bucket, Key=key, Body=body, **kw)
             except Exception as e:
                 if _precondition_failed(e):
-                    self.conditional_delete = True
+                    now = current_etag()
+                    mine = base64.b64decode(_core.content_md5(body)).hex()
+                    return now if now is not None and _bare(now) == mine else None
+                if _is(e, "NotImplemented", status=501):
+                    refuse(f"does not implement {', '.join(kw)} on PUT", e)
+                raise
+            return str(resp.get("ETag", ""))
+
+        def current_etag() -> str | None:
+            head = self._head(key)
+            return None if head is None else str(head["ETag"])
+
+        try:
+            # A fresh random key: a failed precondition on a *retried* attempt is our own first
+            # attempt having landed with its response lost; the ETag read back settles it.
+            created = self._conditional(
+                f"PUT {key}",
+                lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=b"1\n", IfNoneMatch="*"),
+                lambda: current_etag() is not None,
+            )
+            if not created:
+                refuse("refused If-None-Match: * on a key that does not exist")
+            etag = current_etag()
+            if etag is None:
+                refuse("lost an object just created with If-None-Match: *")
+            if put(b"2\n", IfNoneMatch="*") is not None:
+                refuse("ignored If-None-Match: * on an existing object (it overwrote it)")
+            stale = _quoted("0" * 32)
+            if put(b"3\n", IfMatch=stale) is not None:
+                refuse("ignored If-Match with a stale ETag (it overwrote the object)")
+            quoted = True
+            new = put(b"4\n", IfMatch=_quoted(etag))
+            if new is None:
+                quoted = False
+                new = put(b"4\n", IfMatch=_bare(etag))
+                if new is None:
+                    refuse(f"refused If-Match with the object's current ETag {etag} (quoted and unquoted)")
+            now = current_etag()
+            if now is None or _bare(now) == _bare(etag):
+                refuse("accepted If-Match with the current ETag but did not replace the object")
+            form = _quoted if quoted else _bare
+            if put(b"5\n", IfMatch=form(etag)) is not None:
+                refuse("ignored If-Match with the previous (stale) ETag (it overwrote the object)")
+            # DELETE: a stale ETag must be refused, the current one accepted.
+            try:
+                self._call("delete_object", Bucket=self.bucket, Key=key, IfMatch=form(etag))
+            except Exception as e:
+                if _precondition_failed(e):
+                    pass
                 elif _is(e, "NotImplemented", status=501):
-                    self.conditional_delete = False
+                    return quoted, False
                 else:
                     raise
+            if current_etag() is None:
+                return quoted, False  # the precondition was ignored: the object is gone
+            try:
+                self._call("delete_object", Bucket=self.bucket, Key=key, IfMatch=form(now))
+            except Exception as e:
+                if _precondition_failed(e):
+                    refuse(f"refused a DELETE with If-Match of the current ETag {now}", e)
+                raise
+            if current_etag() is not None:
+                refuse("answered a DELETE with If-Match of the current ETag but kept the object")
+            return quoted, True
         finally:
             with contextlib.suppress(Exception):
                 self._call("delete_object", Bucket=self.bucket, Key=key)
 
-    def probe_part_checksums(self) -> str:
+    def probe_part_checksums(self) -> tuple[str, bool, bool]:
         """Which per-part checksum to send: "crc32" only if the server refuses a part whose
         x-amz-checksum-crc32 is wrong and takes the same part with the right one (S3, MinIO,
         RGW >= Squid), so that no damaged part can ever be completed; else "md5" (Content-MD5,
         which most servers check, plus our ETag comparisons, which also cover moto). A server that
-        accepts the wrong CRC (moto) gets md5: a check only after Complete would leave damaged
-        bytes at a digest key for a moment (or for good, after a crash)."""
+        accepts the wrong CRC (moto, RGW 16) gets md5: a check only after Complete would leave
+        damaged bytes at a digest key for a moment (or for good, after a crash).
+
+        Returns ``(mode, md5_with_crc32, reports_checksums)``: whether md5 parts should carry a
+        declared CRC-32 too (a server that takes declared checksums without verifying them), and
+        whether the server reports the composite checksum of a completed upload (found by
+        completing the probe upload when the wrong CRC was accepted; S3 and MinIO report it)."""
         from botocore.exceptions import ClientError
 
         key = self.layout.new_probe()
@@ -810,36 +892,51 @@ class S3Backend:
                 "create_multipart_upload", Bucket=self.bucket, Key=key, ChecksumAlgorithm="CRC32"
             )
         except ClientError:
-            return "md5"
+            return "md5", False, False
         common = {"Bucket": self.bucket, "Key": key, "UploadId": mpu["UploadId"]}
 
-        def refused() -> bool:
+        def refused() -> str | None:
             # A refusal (BadDigest) is the answer here, not a fault for _retry to retry.
             try:
-                self.client.upload_part(PartNumber=1, Body=body, ChecksumCRC32=wrong, **common)
+                return str(
+                    self.client.upload_part(PartNumber=1, Body=body, ChecksumCRC32=wrong, **common)["ETag"]
+                )
             except ClientError as e:
                 if _code(e) in _CHECKSUM_REFUSALS:
-                    return True
+                    return None
                 raise
-            return False
 
         try:
             try:
-                if not self._retry(f"UploadPart {key} (checksum probe)", refused):
-                    # A wrong checksum was accepted: parts are not verified by it. The server does
-                    # take declared checksums, though: send them along with Content-MD5.
-                    self.md5_with_crc32 = True
-                    return "md5"
+                etag = self._retry(f"UploadPart {key} (checksum probe)", refused)
             except ClientError:
-                return "md5"
+                return "md5", False, False
+            if etag is not None:
+                # A wrong checksum was accepted: parts are not verified by it. The server does
+                # take declared checksums, though: send them along with Content-MD5. Does it
+                # report a composite checksum after Complete?
+                part = {"PartNumber": 1, "ETag": etag, "ChecksumCRC32": wrong}
+                try:
+                    resp = self._call(
+                        "complete_multipart_upload", MultipartUpload={"Parts": [part]}, **common
+                    )
+                    reports = bool(resp.get("ChecksumCRC32"))
+                    if not reports:
+                        head = self._call("head_object", Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+                        reports = bool(head.get("ChecksumCRC32"))
+                except ClientError:
+                    reports = False
+                return "md5", True, reports
             try:
                 self._call("upload_part", PartNumber=1, Body=body, ChecksumCRC32=true, **common)
             except ClientError:
-                return "md5"
-            return "crc32"
+                return "md5", False, False
+            return "crc32", False, True
         finally:
             with contextlib.suppress(Exception):
                 self.client.abort_multipart_upload(**common)
+            with contextlib.suppress(Exception):
+                self.client.delete_object(Bucket=self.bucket, Key=key)
 
     # -- blobs: writes -------------------------------------------------------------------------
     def _part_size_for(self, size: int | None) -> int:
@@ -901,7 +998,7 @@ class S3Backend:
             bare = _bare(str(resp.get("ETag", "")))
             if self.options.verify_etags and _HEX32.match(bare) and bare != md5_hex:
                 with contextlib.suppress(Exception):
-                    self.client.delete_object(Bucket=self.bucket, Key=key, IfMatch=_quoted(bare))
+                    self.client.delete_object(Bucket=self.bucket, Key=key, IfMatch=self.caps.if_match(bare))
                 raise _PartCorrupted(f"PUT {key}: server stored MD5 {bare}, we sent {md5_hex}")
             return resp
 
@@ -1120,15 +1217,19 @@ class S3Backend:
         part before Complete). A mismatch removes the object; a server that reports no checksum
         at all does not support them, and part_checksum=md5 is what it needs."""
         got = self._stored_checksum(key, resp, _S3_CHECKSUM[mode])
-        if got == "":
-            return
+        if got == "" or (got is None and self.caps.verifies_checksums):
+            return  # (a server that verified every part but reports no composite: nothing to add)
         want = _composite(mode, sums)
         if got is not None:
             value, _, count = got.partition("-")
             if value == want and (not count or int(count) == len(sums)):
                 return
         with contextlib.suppress(Exception):
-            guard = {"IfMatch": resp["ETag"]} if resp.get("ETag") and self.conditional_delete else {}
+            guard = (
+                {"IfMatch": self.caps.if_match(resp["ETag"])}
+                if resp.get("ETag") and self.conditional_delete
+                else {}
+            )
             self._call("delete_object", Bucket=self.bucket, Key=key, **guard)
         if got is None:
             raise S3Error(
@@ -1148,7 +1249,7 @@ class S3Backend:
         if m.group(1) != want or int(m.group(2)) != len(md5s):
             # The assembled object is not what we uploaded: remove it (it sits at a digest key).
             with contextlib.suppress(Exception):
-                self._call("delete_object", Bucket=self.bucket, Key=key, IfMatch=_quoted(etag))
+                self._call("delete_object", Bucket=self.bucket, Key=key, IfMatch=self.caps.if_match(etag))
             raise S3Error(f"{key}: completed ETag {_bare(etag)} is not {want}-{len(md5s)}; removed")
 
     def _copy(self, src: str, dst: str, size: int) -> None:
@@ -1489,7 +1590,11 @@ class S3Backend:
                 ok = self._conditional(
                     f"PUT {key}",
                     lambda etag=etag: self.client.put_object(
-                        Bucket=self.bucket, Key=key, Body=body, ContentMD5=md5, IfMatch=etag
+                        Bucket=self.bucket,
+                        Key=key,
+                        Body=body,
+                        ContentMD5=md5,
+                        IfMatch=self.caps.if_match(etag),
                     ),
                     is_new,
                 )
@@ -1504,7 +1609,9 @@ class S3Backend:
         if self.conditional_delete:
             return self._conditional(
                 f"DELETE {key}",
-                lambda: self.client.delete_object(Bucket=self.bucket, Key=key, IfMatch=etag),
+                lambda: self.client.delete_object(
+                    Bucket=self.bucket, Key=key, IfMatch=self.caps.if_match(etag)
+                ),
                 gone,
             )
         # Server without conditional DELETE: re-check the ETag, then delete. A writer racing in
@@ -1565,8 +1672,10 @@ class S3Backend:
         other = S3Backend(
             self.bucket, self.layout.prefix, replace(self.options, probe=False, **changes), self.client
         )
-        other.md5_with_crc32 = self.md5_with_crc32 and other.part_checksum == "md5"
-        other.conditional_delete = self.conditional_delete
+        mode = other.options.part_checksum
+        other.caps = replace(
+            self.caps, part_checksum=mode, md5_with_crc32=self.md5_with_crc32 and mode == "md5"
+        )
         return other
 
     def close(self) -> None:
