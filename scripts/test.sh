@@ -42,7 +42,6 @@ pytest_step "pytest" "$@"
 S3_SUITES=(tests/test_s3.py tests/test_s3_faults.py tests/test_conformance.py tests/test_volumes.py
   tests/test_concurrency.py)
 if [ "${CLAWSTORE_TEST_RGW:-$([ $# -eq 0 ] && echo 1 || echo 0)}" = 1 ]; then
-  echo "== pytest on Ceph RGW" >&2
   rgw_dir=$(mktemp -d "${TMPDIR:-/tmp}/clawstore-rgw.XXXXXX")
   # shellcheck disable=SC2064
   trap "bash scripts/s3/ceph-rgw-down '$rgw_dir' >/dev/null 2>&1 || true; rm -rf '$rgw_dir'" EXIT

@@ -7,6 +7,7 @@ not) in the bucket.
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import io
 import os
@@ -188,7 +189,7 @@ def test_stream_unknown_digest_stages_then_copies(
 def test_large_copy_uses_upload_part_copy(
     s3_store: clawstore.ArtifactStore, s3_client: Any, s3_bucket: str
 ) -> None:
-    backend(s3_store).max_single_copy = 6 * MiB  # stand-in for S3's 5 GiB CopyObject limit
+    backend(s3_store).uploader.max_single_copy = 6 * MiB  # stand-in for S3's 5 GiB CopyObject limit
     c = Counter(s3_store)
     data = rand(16 * MiB + 3, 8)
     d = s3_store.put_blob(io.BytesIO(data))
@@ -424,7 +425,7 @@ def test_file_shrinking_during_upload_fails_cleanly(
     st = _core.PartStager(str(p), 5 * MiB)
     os.truncate(p, 6 * MiB)
     with pytest.raises(OSError):
-        backend(s3_store)._multipart("store/blobs/sha256/00/" + "0" * 64, st, None)
+        backend(s3_store).uploader.multipart("store/blobs/sha256/00/" + "0" * 64, st, None)
     assert digest_keys(s3_client, s3_bucket) == [] and uploads(s3_client, s3_bucket) == []
 
 
@@ -575,59 +576,73 @@ def test_part_checksum_probe(s3_endpoint: str, s3_bucket: str, s3_client: Any) -
     assert uploads(s3_client, s3_bucket) == []
 
 
+class Chunky(io.RawIOBase):
+    """A stream that hands out odd-sized pieces (as a socket does) and can fail part-way."""
+
+    def __init__(self, data: bytes, fail_at: int | None = None) -> None:
+        super().__init__()
+        self.data = memoryview(data)
+        self.pos = 0
+        self.fail_at = fail_at
+        self.rng = random.Random(1)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.fail_at is not None and self.pos >= self.fail_at:
+            raise ConnectionResetError("peer reset")
+        n = min(len(buffer), len(self.data) - self.pos, self.rng.randint(1, 300_000))
+        buffer[:n] = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+
 @pytest.mark.parametrize("where", ["tmp", "shm"])
-def test_hash_writer_direct_and_buffered(tmp_path: Path, where: str) -> None:
-    """The verified-download writer: whole buffers with O_DIRECT where the filesystem takes it
-    (ext4), buffered where it refuses (tmpfs) and for the unaligned tail; the bytes and the
-    digest are those received (hashlib oracle)."""
-    from clawstore.backends.s3 import _HashWriter
+@pytest.mark.parametrize("size", [9 * MiB, 9 * MiB + 4097, 100])
+def test_stream_copier_direct_and_buffered(tmp_path: Path, where: str, size: int) -> None:
+    """The verified-download writer (`_core.copy_stream_hashed`, the Rust Sink): whole buffers
+    with O_DIRECT where the filesystem takes it (ext4) from DIRECT_MIN bytes, buffered where it
+    refuses (tmpfs), for small files and for the unaligned tail; the bytes and the digest are
+    those received (hashlib oracle)."""
+    from clawstore import _core
 
     base = Path("/dev/shm") if where == "shm" else tmp_path
     if not base.is_dir():
         pytest.skip("no /dev/shm")
-    data = rand(9 * MiB + 4097, 21)
-    path = base / f"clawstore-hw-{os.getpid()}"
+    data = rand(size, 21)
+    path = base / f"clawstore-copy-{os.getpid()}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        with _HashWriter(fd, "sha256", buffers=3, size=2 * MiB, direct=True) as out:
-            fs = subprocess.run(["stat", "-f", "-c", "%T", str(base)], capture_output=True, text=True).stdout
-            if "tmpfs" not in fs:
-                assert out._direct  # whole buffers go with O_DIRECT on a disk filesystem
-            pos = 0
-            while pos < len(data):
-                view = out.buffer()
-                n = min(len(view), len(data) - pos)
-                view[:n] = data[pos : pos + n]
-                del view
-                out.submit(n)
-                pos += n
-        assert out.hexdigest == hashlib.sha256(data).hexdigest()
+        hexd, n = _core.copy_stream_hashed(Chunky(data), fd, "sha256", size)
+        assert (hexd, n) == (hashlib.sha256(data).hexdigest(), size)
+        fs = subprocess.run(["stat", "-f", "-c", "%T", str(base)], capture_output=True, text=True).stdout
+        direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)  # the file description's flag
+        # On a disk filesystem O_DIRECT is on from DIRECT_MIN bytes, and stays on to the end only
+        # for a whole number of aligned buffers (tmpfs may take it or refuse it: either works).
+        if "tmpfs" not in fs:
+            assert direct == (size >= _core.DIRECT_MIN and size % 4096 == 0)
         assert path.read_bytes() == data
     finally:
         os.close(fd)
         path.unlink()
 
 
-def test_hash_writer_failure_mid_download_surfaces(tmp_path: Path) -> None:
-    """A receive error inside the writer's block propagates as is (not masked), the writer
-    threads end, and a failing write surfaces as an OSError at the end of the block."""
-    from clawstore.backends.s3 import _HashWriter
+def test_stream_copier_failures_surface(tmp_path: Path) -> None:
+    """A receive error propagates as itself (the resuming body's S3Error, here a reset), a
+    failing write as an OSError."""
+    from clawstore import _core
 
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        with pytest.raises(ConnectionResetError), _HashWriter(fd, "sha256", buffers=2, size=MiB) as out:
-            out.buffer()[:10] = b"0123456789"
-            out.submit(10)
-            out.buffer()
-            raise ConnectionResetError("peer reset")
-        assert all(not t.is_alive() for t in out._threads)
+        with pytest.raises(ConnectionResetError, match="peer reset"):
+            _core.copy_stream_hashed(Chunky(rand(3 * MiB, 2), fail_at=MiB), fd, "sha256", 3 * MiB)
     finally:
         os.close(fd)
     ro = os.open(tmp_path / "f", os.O_RDONLY)
     try:
-        with pytest.raises(OSError), _HashWriter(ro, "sha256", buffers=2, size=MiB) as out:
-            out.buffer()[:10] = b"0123456789"
-            out.submit(10)
+        with pytest.raises(OSError):
+            _core.copy_stream_hashed(Chunky(rand(3 * MiB, 2)), ro, "sha256", 3 * MiB)
     finally:
         os.close(ro)
 
@@ -636,16 +651,16 @@ def test_download_receives_into_the_callers_buffer(s3_store: clawstore.ArtifactS
     """The verified download reads the http.client response under botocore's body directly
     (no urllib3 copy); if botocore/urllib3 change that layout it falls back to body.readinto,
     and this test says so."""
-    from clawstore.backends.s3 import _socket_body
+    from clawstore.backends.s3.download import socket_body
 
     d = s3_store.put_blob(rand(MiB, 31))
     b = backend(s3_store)
     resp = b.client.get_object(Bucket=b.bucket, Key=b.layout.blob(d.digest))
     try:
-        assert _socket_body(resp["Body"]) is not None
+        assert socket_body(resp["Body"]) is not None
     finally:
         resp["Body"].close()
-    assert _socket_body(io.BytesIO(b"x")) is None
+    assert socket_body(io.BytesIO(b"x")) is None
 
 
 # ------------------------------------------------------------------------------------------------
