@@ -50,7 +50,8 @@ if [ "${CLAWSTORE_TEST_RGW:-$([ $# -eq 0 ] && echo 1 || echo 0)}" = 1 ]; then
     endpoint=${endpoint%% *}
     echo "test: Ceph RGW at $endpoint" >&2
     CLAWSTORE_TEST_S3_ENDPOINT=$endpoint AWS_ACCESS_KEY_ID=clawtest AWS_SECRET_ACCESS_KEY=clawtestsecret \
-      AWS_DEFAULT_REGION=us-east-1 pytest_step "pytest on Ceph RGW" -k s3 "${S3_SUITES[@]}" "$@"
+      AWS_DEFAULT_REGION=us-east-1 CLAWSTORE_TEST_S3_RESTART="bash scripts/s3/ceph-rgw-restart $rgw_dir" \
+      pytest_step "pytest on Ceph RGW" -k s3 "${S3_SUITES[@]}" "$@"
   else
     cat "$rgw_dir/up.log" >&2
     failed+=("Ceph RGW did not start")

@@ -782,3 +782,41 @@ def test_volumes_and_checkpoints_on_s3(s3_store: clawstore.ArtifactStore, tmp_pa
     checkpoints.restore(s3_store, "ckpt/agent:latest", back)
     assert (back / "a.txt").read_bytes() == b"three"
     assert (back / "d" / "big").read_bytes() == (src / "d" / "big").read_bytes()
+
+
+def test_retry_policy() -> None:
+    """The one retry policy: backoff doubling from `base`, capped, jittered within +-50%;
+    transient errors retried up to max_attempts then reported as a clear S3Error; anything else
+    raised as itself at once; the attempt number is passed to the attempt function."""
+    from botocore.exceptions import ClientError
+    from clawstore.backends.s3 import RetryPolicy
+
+    p = RetryPolicy(max_attempts=4, base=0.001, cap=0.004, rng=random.Random(3))
+    for attempt, nominal in ((1, 0.001), (2, 0.002), (3, 0.004), (4, 0.004), (9, 0.004)):
+        for _ in range(50):
+            assert 0.5 * nominal <= p.delay(attempt) < 1.5 * nominal
+    slow_down = ClientError(
+        {"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}}, "PutObject"
+    )
+    seen: list[int] = []
+
+    def flaky(n: int) -> str:
+        seen.append(n)
+        if n < 3:
+            raise slow_down
+        return "ok"
+
+    assert p.run("PUT k", flaky) == "ok" and seen == [1, 2, 3]
+    seen.clear()
+    with pytest.raises(S3Error, match="PUT k failed after 4 attempts"):
+        p.run("PUT k", lambda n: seen.append(n) or (_ for _ in ()).throw(slow_down))
+    assert seen == [1, 2, 3, 4]
+    denied = ClientError(
+        {"Error": {"Code": "NoSuchKey"}, "ResponseMetadata": {"HTTPStatusCode": 404}}, "GetObject"
+    )
+    seen.clear()
+    with pytest.raises(ClientError) as info:
+        p.run("GET k", lambda n: seen.append(n) or (_ for _ in ()).throw(denied))
+    assert info.value is denied and seen == [1]
+    seen.clear()
+    assert p.run("x", lambda n: seen.append(n) or n, retry_on=lambda e: True) == 1

@@ -9,9 +9,11 @@ Invariants checked after every scenario, with a plain boto3 client as the oracle
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import multiprocessing
+import os
 import random
 import threading
 from collections import Counter
@@ -316,3 +318,121 @@ def test_cas_race_processes(s3_store: clawstore.ArtifactStore, s3_endpoint: str,
         winners = [m for m, res in results if res[r]]
         assert len(winners) == 1, (r, winners)
         assert s3_store.resolve("race", f"p{r}") == winners[0]
+
+
+_KILL_CHILD = """
+import sys
+import clawstore
+url, expected = sys.argv[1], sys.argv[2]
+opts = dict(part_size=5 << 20, stream_part_size=5 << 20, multipart_threshold=5 << 20, concurrency=1)
+with clawstore.open(url, **opts) as store:
+    store.put_blob(sys.stdin.buffer, expected=expected)
+"""
+
+
+def test_kill9_mid_multipart_leaves_nothing_and_cleanup_reclaims(
+    s3_store: clawstore.ArtifactStore, s3_endpoint: str, s3_bucket: str, s3_client: Any
+) -> None:
+    """A writer SIGKILLed in the middle of a multipart upload straight to a digest key (a stream
+    with `expected`): no object appears at the key, and `cleanup` aborts the orphaned upload
+    (its parts are reclaimed). The writer reads from a pipe this test feeds, so it is killed
+    with parts uploaded and the source not yet at its end, whatever the server's speed."""
+    import subprocess
+    import sys
+    import time
+
+    data = random.Random(11).randbytes(24 * MiB)
+    digest = oracle(data)
+    key = s3_store.backend.layout.blob(clawstore.Digest.parse(digest))  # type: ignore[attr-defined]
+    child = subprocess.Popen(
+        [sys.executable, "-c", _KILL_CHILD, store_url(s3_endpoint, s3_bucket), digest],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert child.stdin is not None
+    try:
+        child.stdin.write(data[: 16 * MiB])  # three parts' worth, not the end of the stream
+        child.stdin.flush()
+        deadline = time.monotonic() + 120
+        parts: list[Any] = []
+        while not parts:
+            assert child.poll() is None, child.stderr.read() if child.stderr else ""
+            assert time.monotonic() < deadline, "no part was uploaded"
+            ups = [
+                u
+                for u in s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+                if u["Key"] == key
+            ]
+            if ups:
+                parts = s3_client.list_parts(Bucket=s3_bucket, Key=key, UploadId=ups[0]["UploadId"]).get(
+                    "Parts", []
+                )
+            time.sleep(0.05)
+    finally:
+        child.kill()
+        child.wait()
+        if child.stdin:
+            with contextlib.suppress(BrokenPipeError):
+                child.stdin.close()
+    assert child.returncode == -9
+    assert not s3_store.has_blob(digest)
+    assert assert_digest_keys_verify(s3_client, s3_bucket) == 0
+    report = s3_store.cleanup(older_than=0)
+    assert report.removed >= 1
+    assert [u for u in s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])] == []
+    assert s3_store.put_blob(data, expected=digest).digest == digest  # and the blob can be stored
+
+
+@pytest.mark.skipif(
+    not os.environ.get("CLAWSTORE_TEST_S3_RESTART"),
+    reason="needs CLAWSTORE_TEST_S3_RESTART, a command restarting the S3 server (test.sh: RGW)",
+)
+@pytest.mark.parametrize("kind", ["path", "stream"])
+def test_put_during_server_restart_completes_verified_or_fails_clearly(
+    s3_store: clawstore.ArtifactStore,
+    s3_endpoint: str,
+    s3_bucket: str,
+    s3_client: Any,
+    tmp_path: Path,
+    kind: str,
+) -> None:
+    """The server restarts (connections refused for a while) in the middle of a multipart
+    upload: the put either completes, with the bytes at the digest key verified, or fails with
+    a clear ClawstoreError; never anything unverified at a digest key."""
+    import shlex
+    import subprocess
+    import time
+
+    data = random.Random(12).randbytes(48 * MiB)
+    src: Any = io.BytesIO(data)
+    if kind == "path":
+        src = tmp_path / "f"
+        src.write_bytes(data)
+    opts = {**TEST_OPTIONS, "concurrency": 2, "max_attempts": 12, "retry_base": 0.2, "retry_cap": 2.0}
+    outcome: list[Any] = []
+    with clawstore.open(store_url(s3_endpoint, s3_bucket), **opts) as store:
+
+        def put() -> None:
+            try:
+                outcome.append(store.put_blob(src))
+            except BaseException as e:
+                outcome.append(e)
+
+        writer = threading.Thread(target=put)
+        writer.start()
+        deadline = time.monotonic() + 60
+        while not s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads"):
+            assert writer.is_alive() and time.monotonic() < deadline, outcome
+            time.sleep(0.02)
+        cmd = shlex.split(os.environ["CLAWSTORE_TEST_S3_RESTART"])
+        subprocess.run(cmd, check=True, timeout=180)
+        writer.join(300)
+        assert not writer.is_alive()
+    (result,) = outcome
+    if isinstance(result, BaseException):
+        assert isinstance(result, ClawstoreError), repr(result)
+        assert "\n" not in str(result).strip()
+    else:
+        assert result.digest == oracle(data)
+        assert s3_store.read_blob(result.digest) == data
+    assert assert_digest_keys_verify(s3_client, s3_bucket) == (0 if isinstance(result, BaseException) else 1)
