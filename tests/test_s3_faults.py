@@ -387,34 +387,47 @@ def test_kill9_mid_multipart_leaves_nothing_and_cleanup_reclaims(
     not os.environ.get("CLAWSTORE_TEST_S3_RESTART"),
     reason="needs CLAWSTORE_TEST_S3_RESTART, a command restarting the S3 server (test.sh: RGW)",
 )
-@pytest.mark.parametrize("kind", ["path", "stream"])
+class Throttled(io.RawIOBase):
+    """`data` at about `rate` bytes per second: a writer that is surely mid-upload for a while."""
+
+    def __init__(self, data: bytes, rate: float) -> None:
+        super().__init__()
+        self.src = io.BytesIO(data)
+        self.rate = rate
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        import time
+
+        n = self.src.readinto(memoryview(buffer)[: 1 << 20])
+        time.sleep(n / self.rate)
+        return n
+
+
+@pytest.mark.parametrize("kind", ["expected", "stream"])
 def test_put_during_server_restart_completes_verified_or_fails_clearly(
-    s3_store: clawstore.ArtifactStore,
-    s3_endpoint: str,
-    s3_bucket: str,
-    s3_client: Any,
-    tmp_path: Path,
-    kind: str,
+    s3_store: clawstore.ArtifactStore, s3_endpoint: str, s3_bucket: str, s3_client: Any, kind: str
 ) -> None:
     """The server restarts (connections refused for a while) in the middle of a multipart
-    upload: the put either completes, with the bytes at the digest key verified, or fails with
-    a clear ClawstoreError; never anything unverified at a digest key."""
+    upload (to the digest key with `expected`, or to a staging key for a stream): the put either
+    completes, with the bytes at the digest key verified, or fails with a clear ClawstoreError;
+    never anything unverified at a digest key. The source is throttled so that the writer is
+    still uploading when the server goes down."""
     import shlex
     import subprocess
     import time
 
     data = random.Random(12).randbytes(48 * MiB)
-    src: Any = io.BytesIO(data)
-    if kind == "path":
-        src = tmp_path / "f"
-        src.write_bytes(data)
     opts = {**TEST_OPTIONS, "concurrency": 2, "max_attempts": 12, "retry_base": 0.2, "retry_cap": 2.0}
     outcome: list[Any] = []
     with clawstore.open(store_url(s3_endpoint, s3_bucket), **opts) as store:
 
         def put() -> None:
             try:
-                outcome.append(store.put_blob(src))
+                src = Throttled(data, 16 * MiB)
+                outcome.append(store.put_blob(src, expected=oracle(data) if kind == "expected" else None))
             except BaseException as e:
                 outcome.append(e)
 
@@ -424,11 +437,12 @@ def test_put_during_server_restart_completes_verified_or_fails_clearly(
         while not s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads"):
             assert writer.is_alive() and time.monotonic() < deadline, outcome
             time.sleep(0.02)
-        cmd = shlex.split(os.environ["CLAWSTORE_TEST_S3_RESTART"])
-        subprocess.run(cmd, check=True, timeout=180)
+        assert writer.is_alive()  # (about 3 s of source left)
+        subprocess.run(shlex.split(os.environ["CLAWSTORE_TEST_S3_RESTART"]), check=True, timeout=180)
         writer.join(300)
         assert not writer.is_alive()
     (result,) = outcome
+    print(f"outcome: {result!r}")
     if isinstance(result, BaseException):
         assert isinstance(result, ClawstoreError), repr(result)
         assert "\n" not in str(result).strip()
