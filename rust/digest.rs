@@ -600,7 +600,9 @@ impl Read for PyReader {
             }
             let n: usize = r.extract()?;
             if n > buf.len() {
-                return Err(PyValueError::new_err("stream readinto() reported more than asked"));
+                return Err(PyValueError::new_err(
+                    "stream readinto() reported more than asked",
+                ));
             }
             Ok(n)
         })
@@ -790,7 +792,10 @@ fn copy_stream_hashed(
     }
     // SAFETY: `dup` is a fresh descriptor nobody else owns.
     let out = unsafe { File::from_raw_fd(dup) };
-    let mut reader = PyReader { obj: src, err: None };
+    let mut reader = PyReader {
+        obj: src,
+        err: None,
+    };
     let result =
         py.allow_threads(|| copy_reader_hashed(alg, &mut reader, out, size_hint >= DIRECT_MIN));
     if let Some(e) = reader.err.take() {
