@@ -383,10 +383,6 @@ def test_kill9_mid_multipart_leaves_nothing_and_cleanup_reclaims(
     assert s3_store.put_blob(data, expected=digest).digest == digest  # and the blob can be stored
 
 
-@pytest.mark.skipif(
-    not os.environ.get("CLAWSTORE_TEST_S3_RESTART"),
-    reason="needs CLAWSTORE_TEST_S3_RESTART, a command restarting the S3 server (test.sh: RGW)",
-)
 class Throttled(io.RawIOBase):
     """`data` at about `rate` bytes per second: a writer that is surely mid-upload for a while."""
 
@@ -406,6 +402,10 @@ class Throttled(io.RawIOBase):
         return n
 
 
+@pytest.mark.skipif(
+    not os.environ.get("CLAWSTORE_TEST_S3_RESTART"),
+    reason="needs CLAWSTORE_TEST_S3_RESTART, a command restarting the S3 server (test.sh: RGW)",
+)
 @pytest.mark.parametrize("kind", ["expected", "stream"])
 def test_put_during_server_restart_completes_verified_or_fails_clearly(
     s3_store: clawstore.ArtifactStore, s3_endpoint: str, s3_bucket: str, s3_client: Any, kind: str
