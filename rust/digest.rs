@@ -305,7 +305,7 @@ impl AlignedBuf {
 
 /// Fill `buf` from `input` (short only at end of file), so that every chunk but the last is a
 /// whole number of `DIRECT_ALIGN` blocks.
-fn read_full(input: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+fn read_full<R: Read>(input: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match input.read(&mut buf[n..]) {
@@ -508,6 +508,111 @@ fn copy_into(
     Ok((hasher.hex(), total))
 }
 
+/// Hash then write every buffer received (the stream variant's second thread); hand each back
+/// for reuse. Returns (hex, size) of exactly the bytes written.
+fn hash_and_write_buffers(
+    mut sink: Sink,
+    full: Receiver<(AlignedBuf, usize)>,
+    empty: SyncSender<AlignedBuf>,
+    algorithm: Algorithm,
+) -> io::Result<(String, u64)> {
+    let mut hasher = StreamHasher::new(algorithm);
+    let mut total = 0u64;
+    for (buf, n) in full {
+        hasher.update_parallel(buf.get(n));
+        sink.write(buf.get(n), false)?;
+        total += n as u64;
+        let _ = empty.send(buf);
+    }
+    Ok((hasher.hex(), total))
+}
+
+/// Copy a stream (a network body) into `out`, hashing exactly the bytes written; `out` is not
+/// synced. The caller's thread receives whole `READ_CHUNK` buffers while a second thread hashes
+/// and writes the previous ones, so receiving overlaps hashing and writing. With `direct`, the
+/// file is written with `O_DIRECT` where the filesystem allows it (the same `Sink` as file
+/// copies: whole aligned buffers direct, the tail and any refusal through the page cache).
+pub fn copy_reader_hashed<R: Read>(
+    algorithm: Algorithm,
+    input: &mut R,
+    out: File,
+    direct: bool,
+) -> io::Result<(String, u64)> {
+    let (full_tx, full_rx) = sync_channel::<(AlignedBuf, usize)>(COPY_BUFFERS);
+    let (empty_tx, empty_rx) = sync_channel::<AlignedBuf>(COPY_BUFFERS + 2);
+    for _ in 0..COPY_BUFFERS + 1 {
+        let _ = empty_tx.send(AlignedBuf::new());
+    }
+    let sink = Sink::new(out, direct);
+    let writer = std::thread::Builder::new()
+        .name("clawstore-get-writer".into())
+        .spawn(move || hash_and_write_buffers(sink, full_rx, empty_tx, algorithm))?;
+    let read_result: io::Result<()> = loop {
+        let Ok(mut buf) = empty_rx.recv() else {
+            break Ok(()); // the writer stopped: its error comes from join below
+        };
+        let n = match read_full(input, buf.as_mut()) {
+            Ok(0) => break Ok(()),
+            Ok(n) => n,
+            Err(e) => break Err(e),
+        };
+        if full_tx.send((buf, n)).is_err() {
+            break Ok(());
+        }
+    };
+    drop(full_tx);
+    let written = writer
+        .join()
+        .map_err(|_| io::Error::other("download writer thread panicked"))?;
+    read_result?;
+    written
+}
+
+/// A Python binary stream as a `Read`: each read takes the GIL and calls `readinto` on a
+/// memoryview of our buffer (the stream releases the GIL while it waits on its socket). A
+/// Python exception is kept, to be raised as itself once the copy has stopped.
+struct PyReader {
+    obj: PyObject,
+    err: Option<PyErr>,
+}
+
+impl Read for PyReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let obj = &self.obj;
+        Python::with_gil(|py| -> PyResult<usize> {
+            // SAFETY: the memoryview covers `buf`, exclusively ours for this call, and is
+            // released before we return.
+            let mv = unsafe {
+                let p = pyo3::ffi::PyMemoryView_FromMemory(
+                    buf.as_mut_ptr() as *mut std::os::raw::c_char,
+                    buf.len() as pyo3::ffi::Py_ssize_t,
+                    pyo3::ffi::PyBUF_WRITE,
+                );
+                Bound::from_owned_ptr_or_err(py, p)?
+            };
+            let r = obj.bind(py).call_method1("readinto", (&mv,));
+            let _ = mv.call_method0("release");
+            let r = r?;
+            if r.is_none() {
+                return Err(PyValueError::new_err(
+                    "non-blocking stream returned no data; use a blocking binary stream",
+                ));
+            }
+            let n: usize = r.extract()?;
+            if n > buf.len() {
+                return Err(PyValueError::new_err(
+                    "stream readinto() reported more than asked",
+                ));
+            }
+            Ok(n)
+        })
+        .map_err(|e| {
+            self.err = Some(e);
+            io::Error::other("the stream raised an exception")
+        })
+    }
+}
+
 pub fn parse_algorithm(name: &str) -> PyResult<Algorithm> {
     Algorithm::parse(name).ok_or_else(|| {
         InvalidDigestError::new_err(format!(
@@ -664,6 +769,41 @@ fn copy_file_hashed(
         .map_err(|e| io_err(&format!("{} -> {}", src.display(), dst.display()), e))
 }
 
+/// Receive a binary stream (anything with `readinto`, e.g. an S3 GET body) into the open file
+/// `fd` (the caller keeps its descriptor; writes go to a duplicate, from its current offset),
+/// hashing exactly the bytes written, with the GIL released except inside `readinto`. Files of
+/// `DIRECT_MIN` bytes or more (`size_hint`) are written with `O_DIRECT` where the filesystem
+/// allows it. Not fsynced. Returns (hex digest, size); an exception of the stream is raised as is.
+#[pyfunction]
+#[pyo3(signature = (src, fd, algorithm = "sha256", size_hint = 0))]
+fn copy_stream_hashed(
+    py: Python<'_>,
+    src: PyObject,
+    fd: i32,
+    algorithm: &str,
+    size_hint: u64,
+) -> PyResult<(String, u64)> {
+    use std::os::unix::io::FromRawFd;
+    let alg = parse_algorithm(algorithm)?;
+    // SAFETY: dup of a descriptor the caller holds open; the new one is owned by `out` alone.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return Err(io_err("dup", io::Error::last_os_error()));
+    }
+    // SAFETY: `dup` is a fresh descriptor nobody else owns.
+    let out = unsafe { File::from_raw_fd(dup) };
+    let mut reader = PyReader {
+        obj: src,
+        err: None,
+    };
+    let result =
+        py.allow_threads(|| copy_reader_hashed(alg, &mut reader, out, size_hint >= DIRECT_MIN));
+    if let Some(e) = reader.err.take() {
+        return Err(e);
+    }
+    result.map_err(|e| io_err("download", e))
+}
+
 /// Start writing `length` bytes at `offset` of the open file `fd` back to disk without waiting
 /// (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`; elsewhere nothing). Writers of large files
 /// call it as they go, so that their final fsync has little left to wait for. Only a hint: it
@@ -708,6 +848,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(digest_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(digest_file, m)?)?;
     m.add_function(wrap_pyfunction!(copy_file_hashed, m)?)?;
+    m.add_function(wrap_pyfunction!(copy_stream_hashed, m)?)?;
+    m.add("DIRECT_MIN", DIRECT_MIN)?;
     m.add_function(wrap_pyfunction!(py_start_writeback, m)?)?;
     m.add_function(wrap_pyfunction!(validate_digest_str, m)?)?;
     m.add_function(wrap_pyfunction!(hash_features, m)?)?;

@@ -17,6 +17,24 @@ if [ ${#need_apt[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
     || echo "setup: warning: could not install ${need_apt[*]} (tests needing them will skip)" >&2
 fi
 
+# Ceph RGW for the S3 suites on a real server: scripts/test.sh starts a throwaway single-node
+# cluster with scripts/s3/ceph-rgw-up (Debian 12: Ceph 16.2 "Pacific").
+need_ceph=()
+for pair in radosgw:radosgw ceph-mon:ceph-mon ceph-osd:ceph-osd ceph:ceph-common uuidgen:uuid-runtime \
+  curl:curl; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need_ceph+=("${pair#*:}")
+done
+if [ ${#need_ceph[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing ${need_ceph[*]} from Debian" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_ceph[@]}" \
+    >/dev/null 2>&1 || {
+    $SUDO apt-get update -qq >/dev/null 2>&1 || true
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_ceph[@]}" \
+      >/dev/null 2>&1
+  } || echo "setup: warning: could not install ${need_ceph[*]} (scripts/test.sh needs them for RGW)" >&2
+fi
+
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip

@@ -12,8 +12,9 @@ For a seeded, bounded fraction of requests it:
                stores bad bytes under an ETag that is not our MD5)
 
 Only what the test asks for is injected; `counts` records what happened, so a test can check that
-faults really occurred. `strip_conditionals` drops If-Match / If-None-Match, imitating a server
-that ignores conditional writes.
+faults really occurred. (Servers that treat conditional headers differently are imitated with
+client hooks in test_s3.py instead: a proxy that changed signed headers would break SigV4 on any
+server that checks signatures.)
 """
 
 from __future__ import annotations
@@ -91,7 +92,6 @@ class FaultProxy:
         faults: Iterable[str] = FAULTS,
         seed: int = 0,
         max_faults: int = 1000,
-        strip_conditionals: bool = False,
         min_body_for_corrupt: int = 1 << 20,
     ) -> None:
         self.upstream = ("127.0.0.1", upstream_port)
@@ -99,7 +99,6 @@ class FaultProxy:
         self.faults = tuple(faults)
         self.rng = random.Random(seed)
         self.max_faults = max_faults
-        self.strip_conditionals = strip_conditionals
         self.min_body_for_corrupt = min_body_for_corrupt
         self.counts: Counter[str] = Counter()
         self.lock = threading.Lock()
@@ -158,9 +157,7 @@ class FaultProxy:
                     client_sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
                 body = client.read_exact(length) if length else b""
                 # We forward the whole body at once: no Expect handshake upstream.
-                drop: tuple[bytes, ...] = (b"expect:",)
-                if self.strip_conditionals:
-                    drop += (b"if-match:", b"if-none-match:")
+                drop = (b"expect:",)
                 lines = [ln for ln in head[:-4].split(b"\r\n") if not ln.lower().startswith(drop)]
                 head = b"\r\n".join(lines) + b"\r\n\r\n"
                 fault = self._choose(method, len(body))

@@ -46,6 +46,17 @@ def copy_file_hashed(
 ) -> tuple[str, int]:
     """Copy src to a new file dst (fsynced), hashing in the same pass: (hex digest, size)."""
 
+def copy_stream_hashed(
+    src: BinaryIO, fd: int, algorithm: str = "sha256", size_hint: int = 0
+) -> tuple[str, int]:
+    """Receive a binary stream (with `readinto`) into the open file `fd` (from its current offset;
+    the caller keeps `fd`), hashing exactly the bytes written; GIL released except inside
+    `readinto`; O_DIRECT from `DIRECT_MIN` bytes (`size_hint`) where the filesystem allows it. Not
+    fsynced. (hex digest, size); an exception of the stream is raised as is."""
+
+#: Files at least this large are written with O_DIRECT where the filesystem allows it.
+DIRECT_MIN: Final[int]
+
 def start_writeback(fd: int, offset: int, length: int) -> None:
     """Start writing that range of the open file back to disk without waiting (Linux
     sync_file_range; elsewhere nothing). A hint so that a later fsync has less to wait for."""

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from clawstore import _core
+from clawstore.backends import keys
 from clawstore.digest import ALGORITHMS, Digest, Hasher
 from clawstore.errors import (
     BlobNotFoundError,
@@ -50,7 +51,7 @@ WRITEBACK_EVERY = 8 << 20
 LOCK_SUFFIX = ".lock"
 _LOCKED, _NO_LOCK_FILE = -1, -2
 _NO_HARDLINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS})
-TAGS_DIR = "_tags"
+TAGS_DIR = keys.TAGS_DIR
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -82,31 +83,27 @@ class _Fd:
 
 
 class LocalLayout:
-    """Every path of the local store, built in one place from validated names."""
+    """Every path of the local store: the shared key layout (`clawstore.backends.keys`, also
+    the S3 backend's) under the root, plus the local-only temp files."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.blobs = root / "blobs"
-        self.manifests = root / "manifests"
-        self.refs = root / "refs"
+        self.blobs = root / keys.BLOBS
+        self.manifests = root / keys.MANIFESTS
+        self.refs = root / keys.REFS
         self.tmp = root / "tmp"
 
-    @staticmethod
-    def _fanout(base: Path, digest: Digest) -> Path:
-        enc = digest.encoded
-        return base / digest.algorithm / enc[:2] / enc
-
     def blob(self, digest: Digest) -> Path:
-        return self._fanout(self.blobs, digest)
+        return self.root / keys.fanout(keys.BLOBS, digest)
 
     def manifest(self, digest: Digest) -> Path:
-        return self._fanout(self.manifests, digest)
+        return self.root / keys.fanout(keys.MANIFESTS, digest)
 
     def tags_dir(self, repo: str) -> Path:
-        return self.refs.joinpath(*repo.split("/"), TAGS_DIR)
+        return self.root / keys.tags_dir(repo)
 
     def tag(self, repo: str, tag: str) -> Path:
-        return self.tags_dir(repo) / tag
+        return self.root / keys.tag(repo, tag)
 
     def tag_lock(self, repo: str) -> Path:
         return self.tags_dir(repo) / ".lock"
