@@ -10,15 +10,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
-use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::fsys::{file_type, Dir, Stat};
 use crate::digest::{hash_path, Algorithm};
 
 /// Version of the serialised index format.
@@ -118,96 +117,146 @@ impl std::fmt::Display for ScanError {
 
 impl std::error::Error for ScanError {}
 
-fn utf8(name: &OsStr, full: &Path) -> Result<String, ScanError> {
-    std::str::from_utf8(name.as_bytes())
+fn utf8(name: &[u8], full: impl FnOnce() -> PathBuf) -> Result<String, ScanError> {
+    std::str::from_utf8(name)
         .map(str::to_owned)
-        .map_err(|_| ScanError::NotUtf8(full.to_path_buf()))
+        .map_err(|_| ScanError::NotUtf8(full()))
 }
 
-fn entry_from(rel: String, full: &Path, md: &fs::Metadata) -> Result<Option<Entry>, ScanError> {
-    let ft = md.file_type();
-    let kind = if ft.is_file() {
-        Kind::File
-    } else if ft.is_dir() {
-        Kind::Dir
-    } else if ft.is_symlink() {
-        Kind::Symlink
-    } else if ft.is_fifo() {
-        Kind::Fifo
-    } else if ft.is_char_device() {
-        Kind::Char
-    } else if ft.is_block_device() {
-        Kind::Block
-    } else {
-        return Ok(None); // sockets cannot be archived; tar skips them too
-    };
-    let link = if kind == Kind::Symlink {
-        let target = fs::read_link(full).map_err(|e| ScanError::Io(full.to_path_buf(), e))?;
-        Some(utf8(target.as_os_str(), full)?)
-    } else {
-        None
-    };
-    Ok(Some(Entry {
-        path: rel,
+fn kind_of(st: &Stat) -> Option<Kind> {
+    Some(match file_type(st) {
+        libc::S_IFREG => Kind::File,
+        libc::S_IFDIR => Kind::Dir,
+        libc::S_IFLNK => Kind::Symlink,
+        libc::S_IFIFO => Kind::Fifo,
+        libc::S_IFCHR => Kind::Char,
+        libc::S_IFBLK => Kind::Block,
+        _ => return None, // sockets cannot be archived; tar skips them too
+    })
+}
+
+fn entry_from(path: String, kind: Kind, st: &Stat, link: Option<String>) -> Entry {
+    Entry {
+        path,
         kind,
-        size: if kind == Kind::File { md.size() } else { 0 },
-        mode: md.mode() & 0o7777,
-        uid: md.uid(),
-        gid: md.gid(),
-        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-        ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
-        ino: md.ino(),
-        dev: md.dev(),
-        nlink: md.nlink(),
+        size: if kind == Kind::File {
+            st.st_size as u64
+        } else {
+            0
+        },
+        mode: st.st_mode & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
+        ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec,
+        ino: st.st_ino,
+        dev: st.st_dev,
+        nlink: st.st_nlink as u64,
         rdev: if matches!(kind, Kind::Char | Kind::Block) {
-            md.rdev()
+            st.st_rdev
         } else {
             0
         },
         link,
         digest: None,
-    }))
+    }
 }
 
 fn join(prefix: &str, name: &str) -> String {
     if prefix == ROOT {
         name.to_owned()
     } else {
-        format!("{prefix}/{name}")
+        let mut s = String::with_capacity(prefix.len() + 1 + name.len());
+        s.push_str(prefix);
+        s.push('/');
+        s.push_str(name);
+        s
     }
 }
 
-fn scan_dir(root: &Path, rel: &str, out: &mut Vec<Entry>) -> Result<(), ScanError> {
-    let dir = if rel == ROOT {
-        root.to_path_buf()
-    } else {
-        root.join(rel)
-    };
-    let rd = fs::read_dir(&dir).map_err(|e| ScanError::Io(dir.clone(), e))?;
-    let mut subdirs = Vec::new();
-    for de in rd {
-        let de = de.map_err(|e| ScanError::Io(dir.clone(), e))?;
-        let full = de.path();
-        let name = utf8(&de.file_name(), &full)?;
-        let md = match fs::symlink_metadata(&full) {
-            Ok(md) => md,
-            // Deleted between readdir and lstat: a live volume; the next snapshot sees it.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(ScanError::Io(full, e)),
+thread_local! {
+    static DENTS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Scan the directory `dir` (open, at `rel`): its entries go to `out`, its subdirectories are
+/// opened (relative to `dir`, never through a symlink) and scanned in parallel. A subdirectory's
+/// entry is taken from the handle it was opened as, so what the index records is what was walked.
+fn scan_dir(root: &Path, dir: &Dir, rel: &str, out: &mut Vec<Entry>) -> Result<(), ScanError> {
+    let full = |name: Option<&[u8]>| {
+        let mut p = if rel == ROOT {
+            root.to_path_buf()
+        } else {
+            root.join(rel)
         };
-        let child = join(rel, &name);
-        if let Some(e) = entry_from(child.clone(), &full, &md)? {
-            if e.kind == Kind::Dir {
-                subdirs.push(child);
-            }
-            out.push(e);
+        if let Some(n) = name {
+            p.push(OsStr::from_bytes(n));
         }
+        p
+    };
+    let names = DENTS
+        .with(|b| dir.names(&mut b.borrow_mut()))
+        .map_err(|e| ScanError::Io(full(None), e))?;
+    let mut subdirs: Vec<(String, Dir)> = Vec::new();
+    for cname in names {
+        let name = cname.as_bytes();
+        let st = match dir.lstat_at(&cname) {
+            Ok(st) => st,
+            // Deleted between getdents and stat: a live volume; the next snapshot sees it.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(ScanError::Io(full(Some(name)), e)),
+        };
+        let Some(mut kind) = kind_of(&st) else {
+            continue;
+        };
+        let child = join(rel, &utf8(name, || full(Some(name)))?);
+        let mut st = st;
+        if kind == Kind::Dir {
+            match dir.open_dir(&cname) {
+                Ok(d) => {
+                    // record the directory actually opened (it may have been replaced meanwhile)
+                    st = d.stat().map_err(|e| ScanError::Io(full(Some(name)), e))?;
+                    out.push(entry_from(child.clone(), Kind::Dir, &st, None));
+                    subdirs.push((child, d));
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) => {
+                    // replaced by a non-directory since the stat: record what is there now
+                    st = match dir.lstat_at(&cname) {
+                        Ok(st) => st,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(ScanError::Io(full(Some(name)), e)),
+                    };
+                    match kind_of(&st) {
+                        Some(Kind::Dir) | None => {
+                            return Err(ScanError::Io(
+                                full(Some(name)),
+                                io::Error::other("changed while scanning"),
+                            ))
+                        }
+                        Some(k) => kind = k,
+                    }
+                }
+                Err(e) => return Err(ScanError::Io(full(Some(name)), e)),
+            }
+        }
+        let link = if kind == Kind::Symlink {
+            let target = match dir.readlink_at(&cname) {
+                Ok(t) => t,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(ScanError::Io(full(Some(name)), e)),
+            };
+            Some(utf8(&target, || full(Some(name)))?)
+        } else {
+            None
+        };
+        out.push(entry_from(child, kind, &st, link));
     }
     let nested: Result<Vec<Vec<Entry>>, ScanError> = subdirs
-        .par_iter()
-        .map(|d| {
+        .into_par_iter()
+        .map(|(rel, d)| {
             let mut v = Vec::new();
-            scan_dir(root, d, &mut v).map(|_| v)
+            scan_dir(root, &d, &rel, &mut v).map(|_| v)
         })
         .collect();
     for v in nested? {
@@ -216,21 +265,23 @@ fn scan_dir(root: &Path, rel: &str, out: &mut Vec<Entry>) -> Result<(), ScanErro
     Ok(())
 }
 
-/// Walk `root` (never following symlinks) and return every entry, sorted, root first.
+/// Walk `root` (never following symlinks: every name is opened relative to its directory's
+/// handle with `O_NOFOLLOW`) and return every entry, sorted, root first.
 /// With `content`, regular files also get a content digest (read in parallel).
 pub fn scan(root: &Path, content: Option<Algorithm>) -> Result<Vec<Entry>, ScanError> {
-    let md = fs::symlink_metadata(root).map_err(|e| ScanError::Io(root.to_path_buf(), e))?;
-    if !md.is_dir() {
-        return Err(ScanError::Io(
-            root.to_path_buf(),
-            io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
-        ));
-    }
-    let mut out = Vec::new();
-    if let Some(e) = entry_from(ROOT.to_owned(), root, &md)? {
-        out.push(e);
-    }
-    scan_dir(root, ROOT, &mut out)?;
+    let dir = Dir::open(root).map_err(|e| {
+        let e = if e.raw_os_error() == Some(libc::ELOOP) {
+            io::Error::new(io::ErrorKind::NotADirectory, "not a directory")
+        } else {
+            e
+        };
+        ScanError::Io(root.to_path_buf(), e)
+    })?;
+    let st = dir
+        .stat()
+        .map_err(|e| ScanError::Io(root.to_path_buf(), e))?;
+    let mut out = vec![entry_from(ROOT.to_owned(), Kind::Dir, &st, None)];
+    scan_dir(root, &dir, ROOT, &mut out)?;
     sort_entries(&mut out);
     if let Some(alg) = content {
         out.par_iter_mut()
@@ -247,7 +298,7 @@ pub fn scan(root: &Path, content: Option<Algorithm>) -> Result<Vec<Entry>, ScanE
 
 /// Sort order of entries in an index and in a layer: root first, then by path bytes.
 pub fn sort_entries(entries: &mut [Entry]) {
-    entries.sort_by(|a, b| sort_key(&a.path).cmp(sort_key(&b.path)));
+    entries.par_sort_unstable_by(|a, b| sort_key(&a.path).cmp(sort_key(&b.path)));
 }
 
 fn sort_key(path: &str) -> &[u8] {
@@ -430,6 +481,7 @@ pub fn diff(old: &[Entry], new: &[Entry], content: bool) -> Delta {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::os::unix::fs::symlink;
 
     fn paths(entries: &[Entry]) -> Vec<&str> {
