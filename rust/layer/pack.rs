@@ -248,7 +248,7 @@ fn changed(expected: u64, got: u64) -> io::Error {
 
 /// Open the regular file of `e` relative to its directory (no symlink followed on the way) and
 /// check that it is the inode the scan recorded.
-fn open_checked(dirs: &mut DirCache<'_>, e: &Entry) -> io::Result<File> {
+pub(super) fn open_checked(dirs: &mut DirCache<'_>, e: &Entry) -> io::Result<File> {
     let (parent, name) = match e.path.rfind('/') {
         Some(i) => (&e.path[..i], &e.path[i + 1..]),
         None => (ROOT, e.path.as_str()),
@@ -261,12 +261,14 @@ fn open_checked(dirs: &mut DirCache<'_>, e: &Entry) -> io::Result<File> {
     };
     let dir = dirs.get(parent).map_err(|err| match err.raw_os_error() {
         Some(libc::ELOOP) | Some(libc::ENOTDIR) => swapped("a parent directory was replaced"),
+        Some(libc::ENOENT) => swapped("a parent directory was deleted"),
         _ => err,
     })?;
     let f = dir
         .open_file(&c_name(name.as_bytes())?)
         .map_err(|err| match err.raw_os_error() {
             Some(libc::ELOOP) => swapped("replaced by a symlink"),
+            Some(libc::ENOENT) => swapped("deleted"),
             _ => err,
         })?;
     let st = fsys::fstat(std::os::fd::AsRawFd::as_raw_fd(&f))?;
