@@ -276,10 +276,12 @@ def snapshot(
         scan = _core.scan_tree(root, content_digests=content_digests)
         report(ProgressEvent("scan", scan.files, scan.bytes, scan.files, scan.bytes), force=True)
 
+        fingerprint = scan.fingerprint(content=content_digests)
         delta = None
         if prev is not None and not full:
-            if prev.config.get("fingerprint") == scan.fingerprint(
-                content=content_digests and prev.content_digests
+            compare_content = content_digests and prev.content_digests
+            if prev.config.get("fingerprint") == (
+                fingerprint if compare_content == content_digests else scan.fingerprint(content=False)
             ):
                 # the paths and metadata the diff compares are all the same: nothing changed
                 # (no need to read and decode the parent's index)
@@ -349,7 +351,7 @@ def snapshot(
         "parent": str(prev.digest) if prev is not None else None,
         "index": index_desc.to_dict(),
         "contentDigests": content_digests,
-        "fingerprint": scan.fingerprint(content=content_digests),
+        "fingerprint": fingerprint,
     }
     config_desc = store.put_blob(canonical_json(config), media_type=mt.VOLUME)
     notes = {ANNOTATION_CREATED: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}

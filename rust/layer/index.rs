@@ -686,14 +686,37 @@ fn under(path: &str, dir: &str) -> bool {
 /// Compare two sorted indexes. `content` also compares content digests (both sides must have
 /// been scanned with them).
 pub fn diff(old: &[Entry], new: &[Entry], content: bool) -> Delta {
-    let old_by_path: HashMap<&str, &Entry> = old.iter().map(|e| (e.path.as_str(), e)).collect();
-    let new_kind: HashMap<&str, Kind> = new.iter().map(|e| (e.path.as_str(), e.kind)).collect();
+    // Both sides are sorted by path (root first): one merge pass pairs each new entry with its
+    // old self and lists what was deleted, with no hashing of paths.
+    let mut old_of: Vec<Option<&Entry>> = Vec::with_capacity(new.len());
+    let mut deleted_list: Vec<&Entry> = Vec::new();
+    let mut oi = 0usize;
+    for e in new {
+        let key = sort_key(&e.path);
+        while oi < old.len() && sort_key(&old[oi].path) < key {
+            deleted_list.push(&old[oi]);
+            oi += 1;
+        }
+        if oi < old.len() && sort_key(&old[oi].path) == key {
+            old_of.push(Some(&old[oi]));
+            oi += 1;
+        } else {
+            old_of.push(None);
+        }
+    }
+    deleted_list.extend(old[oi..].iter());
+    let new_kind = |p: &str| -> Option<Kind> {
+        let key = sort_key(p);
+        new.binary_search_by(|e| sort_key(&e.path).cmp(key))
+            .ok()
+            .map(|i| new[i].kind)
+    };
 
     // Directories recreated since `old` become opaque: their subtree is packed in full.
     let mut opaque: Vec<String> = Vec::new();
-    for e in new {
+    for (e, o) in new.iter().zip(&old_of) {
         if e.kind == Kind::Dir && e.path != ROOT {
-            if let Some(o) = old_by_path.get(e.path.as_str()) {
+            if let Some(o) = o {
                 if o.kind == Kind::Dir
                     && o.ino != e.ino
                     && !opaque.iter().any(|d| under(&e.path, d))
@@ -707,7 +730,8 @@ pub fn diff(old: &[Entry], new: &[Entry], content: bool) -> Delta {
 
     let mut changed_set: Vec<bool> = new
         .iter()
-        .map(|e| match old_by_path.get(e.path.as_str()) {
+        .zip(&old_of)
+        .map(|(e, o)| match o {
             None => true,
             Some(o) => !o.same_metadata(e, content) || in_opaque(&e.path),
         })
@@ -733,21 +757,14 @@ pub fn diff(old: &[Entry], new: &[Entry], content: bool) -> Delta {
     // Whiteouts: topmost deleted paths whose parent is still a directory. Children of a directory
     // that became a file or symlink vanish when the new entry replaces the directory.
     let mut whiteouts = Vec::new();
-    let deleted: HashSet<&str> = old
-        .iter()
-        .map(|e| e.path.as_str())
-        .filter(|p| !new_kind.contains_key(p))
-        .collect();
-    for e in old {
+    let deleted: HashSet<&str> = deleted_list.iter().map(|e| e.path.as_str()).collect();
+    for e in &deleted_list {
         let p = e.path.as_str();
-        if !deleted.contains(p) {
-            continue;
-        }
         let parent = parent_of(p);
         if deleted.contains(parent) {
             continue;
         }
-        if new_kind.get(parent) != Some(&Kind::Dir) {
+        if new_kind(parent) != Some(Kind::Dir) {
             continue;
         }
         if in_opaque(p) {
