@@ -97,8 +97,8 @@ def summary(times: list[float]) -> str:
     return f"median {statistics.median(times):.2f}s, best {min(times):.2f}s"
 
 
-def ensure_data(data: Path, size: str) -> tuple[Path, Path]:
-    vol, small = data / "vol", data / "small"
+def ensure_data(data: Path, size: str, tree: Path | None = None) -> tuple[Path, Path]:
+    vol, small = tree or data / "vol", data / "small"
     if not vol.exists():
         subprocess.run([sys.executable, MAKE_VOLUME, str(vol), "--size", size], check=True)
     if not small.exists():
@@ -271,6 +271,7 @@ def main() -> None:
         type=Path,
         help="restore the 1 GiB volume under this directory (e.g. /dev/shm: takes the disk out of it)",
     )
+    ap.add_argument("--volume-tree", type=Path, help="an existing mixed volume (make_volume.py DIR) to use")
     ap.add_argument(
         "--many-files", type=Path, metavar="TREE", help="run only the many-small-files case on TREE"
     )
@@ -282,7 +283,7 @@ def main() -> None:
         if a.json:
             a.json.write_text(json.dumps(out_many, indent=1))
         return
-    vol, small = ensure_data(a.data, a.size)
+    vol, small = ensure_data(a.data, a.size, a.volume_tree)
     nfiles, nbytes = tree_bytes(vol)
     work = Path(tempfile.mkdtemp(prefix="run-", dir=a.data))
     cleanup: list[Path] = []

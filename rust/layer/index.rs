@@ -153,6 +153,8 @@ fn entry_from(path: String, kind: Kind, st: &Stat, link: Option<String>) -> Entr
         ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec,
         ino: st.st_ino,
         dev: st.st_dev,
+        // nlink_t is u64 on x86_64, u32 on aarch64
+        #[allow(clippy::unnecessary_cast)]
         nlink: st.st_nlink as u64,
         rdev: if matches!(kind, Kind::Char | Kind::Block) {
             st.st_rdev
