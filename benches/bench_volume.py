@@ -17,6 +17,14 @@ of --repeat runs. Compared:
 - restore (`volumes.restore` from the local store) vs `zstd -dc FILE | tar -xf -`;
 - the small case restore time;
 - peak RSS of a process packing the 1 GiB volume and a 4 GiB sparse-file tree.
+
+    python benches/bench_volume.py --many-files TREE [--repeat 5]
+
+The many-small-files case (issue 17), whole CLI processes into a local store, paired runs in
+rotating order: `clawstore volume snapshot --full TREE` vs the openssl pipeline; a no-change
+snapshot; a snapshot after `make_volume.py --mutate 1` (on a copy of TREE, mutated afresh before
+each run); `clawstore volume restore` vs `zstd -dc | tar -x`; peak RSS (VmHWM) of each CLI run.
+TREE is made with `make_volume.py TREE --many-files 100000` and is only read.
 """
 
 from __future__ import annotations
@@ -89,8 +97,8 @@ def summary(times: list[float]) -> str:
     return f"median {statistics.median(times):.2f}s, best {min(times):.2f}s"
 
 
-def ensure_data(data: Path, size: str) -> tuple[Path, Path]:
-    vol, small = data / "vol", data / "small"
+def ensure_data(data: Path, size: str, tree: Path | None = None) -> tuple[Path, Path]:
+    vol, small = tree or data / "vol", data / "small"
     if not vol.exists():
         subprocess.run([sys.executable, MAKE_VOLUME, str(vol), "--size", size], check=True)
     if not small.exists():
@@ -141,6 +149,114 @@ def peak_rss_of(code: str) -> int:
     return int(p.stdout.strip().splitlines()[-1]) * 1024
 
 
+def timed_cli(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (user+sys) and peak RSS (bytes) of one command."""
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _pid, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed")
+    return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024
+
+
+def many_files(tree: Path, data: Path, repeat: int) -> dict[str, object]:
+    """Issue 17's figures for a many-small-files tree: whole CLI processes, paired runs."""
+    cli = str(Path(sys.executable).with_name("clawstore"))
+    work = Path(tempfile.mkdtemp(prefix="many-", dir=data))
+    env = dict(os.environ, CLAWSTORE_URL=f"file://{work / 'store'}")
+    nfiles, nbytes = tree_bytes(tree)
+    res: dict[str, object] = {"tree": str(tree), "files": nfiles, "bytes": nbytes, "load": os.getloadavg()}
+    print(f"tree {tree}: {nfiles} files, {nbytes / 1e6:.0f} MB; load {os.getloadavg()}", flush=True)
+    pipe = work / "pipe.tar.zst"
+    runs: dict[str, list[tuple[float, float, int]]] = {}
+
+    def record(name: str, r: tuple[float, float, int]) -> None:
+        runs.setdefault(name, []).append(r)
+
+    def med(name: str, k: int = 0) -> float:
+        return statistics.median(x[k] for x in runs[name])
+
+    try:
+        for i in range(repeat):
+            order = ["snapshot", "pipeline"] if i % 2 == 0 else ["pipeline", "snapshot"]
+            for n in order:
+                os.sync()
+                if n == "snapshot":
+                    cmd = [cli, "volume", "snapshot", "--full", str(tree), f"bench/many:f{i}"]
+                    record(n, timed_cli(cmd, env))
+                else:
+                    c = cpu_seconds()
+                    t = time.perf_counter()
+                    sh(f"tar -cf - -C '{tree}' . | zstd -q -3 -T2 | tee '{pipe}' | openssl dgst -sha256")
+                    record(n, (time.perf_counter() - t, cpu_seconds() - c, 0))
+        ratio = med("pipeline") / med("snapshot")
+        pairs = [p[0] / s[0] for s, p in zip(runs["snapshot"], runs["pipeline"], strict=True)]
+        res.update(
+            full_snapshot_s=med("snapshot"),
+            full_snapshot_cpu_s=med("snapshot", 1),
+            full_snapshot_rss=max(x[2] for x in runs["snapshot"]),
+            pipeline_s=med("pipeline"),
+            pipeline_cpu_s=med("pipeline", 1),
+            ratio_full_vs_pipeline=ratio,
+            ratio_full_vs_pipeline_pairs=pairs,
+        )
+        print(
+            f"full CLI snapshot {med('snapshot'):.2f}s (CPU {med('snapshot', 1):.2f}s) vs pipeline "
+            f"{med('pipeline'):.2f}s (CPU {med('pipeline', 1):.2f}s): {ratio:.2f}x (median of pairs "
+            f"{statistics.median(pairs):.2f}x)",
+            flush=True,
+        )
+        # no change: the tag already points at a snapshot of this tree
+        timed_cli([cli, "volume", "snapshot", str(tree), "bench/many:latest"], env)
+        for _ in range(repeat):
+            record("nochange", timed_cli([cli, "volume", "snapshot", str(tree), "bench/many:latest"], env))
+        res.update(nochange_s=med("nochange"), nochange_cpu_s=med("nochange", 1))
+        print(f"no-change CLI snapshot {summary([x[0] for x in runs['nochange']])}", flush=True)
+        # small change: a copy, mutated 1% before each run
+        mut = work / "mut"
+        sh(f"cp -a '{tree}' '{mut}'")
+        timed_cli([cli, "volume", "snapshot", str(mut), "bench/mut:latest"], env)
+        for i in range(repeat):
+            subprocess.run(
+                [sys.executable, MAKE_VOLUME, str(mut), "--mutate", "1", "--seed", str(100 + i)],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+            os.sync()
+            record("mutate", timed_cli([cli, "volume", "snapshot", str(mut), "bench/mut:latest"], env))
+        res.update(mutate1_s=med("mutate"), mutate1_cpu_s=med("mutate", 1))
+        print(f"CLI snapshot after --mutate 1: {summary([x[0] for x in runs['mutate']])}", flush=True)
+        # restore vs zstd -dc | tar -x, fresh targets, nothing deleted until the end
+        trash = work / "restores"
+        trash.mkdir()
+        for i in range(repeat):
+            order = ["restore", "tar"] if i % 2 == 0 else ["tar", "restore"]
+            for n in order:
+                os.sync()
+                if n == "restore":
+                    dest = trash / f"ours{i}"
+                    record(n, timed_cli([cli, "volume", "restore", "bench/many:f0", str(dest)], env))
+                else:
+                    d = trash / f"tar{i}"
+                    d.mkdir()
+                    c = cpu_seconds()
+                    t = time.perf_counter()
+                    sh(f"zstd -dc '{pipe}' | tar -xf - -C '{d}'")
+                    record(n, (time.perf_counter() - t, cpu_seconds() - c, 0))
+        assert tree_bytes(trash / "ours0") == (nfiles, nbytes)
+        rr = med("tar") / med("restore")
+        res.update(restore_s=med("restore"), zstd_tar_x_s=med("tar"), ratio_restore_vs_tar=rr)
+        print(
+            f"CLI restore {med('restore'):.2f}s vs zstd -dc | tar -x {med('tar'):.2f}s: {rr:.2f}x", flush=True
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    res["runs"] = runs
+    res["load_after"] = os.getloadavg()
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "volbench-volumes")
@@ -155,8 +271,19 @@ def main() -> None:
         type=Path,
         help="restore the 1 GiB volume under this directory (e.g. /dev/shm: takes the disk out of it)",
     )
+    ap.add_argument("--volume-tree", type=Path, help="an existing mixed volume (make_volume.py DIR) to use")
+    ap.add_argument(
+        "--many-files", type=Path, metavar="TREE", help="run only the many-small-files case on TREE"
+    )
     a = ap.parse_args()
-    vol, small = ensure_data(a.data, a.size)
+    if a.many_files is not None:
+        a.data.mkdir(parents=True, exist_ok=True)
+        out_many = many_files(a.many_files, a.data, a.repeat)
+        print(json.dumps(out_many, indent=1))
+        if a.json:
+            a.json.write_text(json.dumps(out_many, indent=1))
+        return
+    vol, small = ensure_data(a.data, a.size, a.volume_tree)
     nfiles, nbytes = tree_bytes(vol)
     work = Path(tempfile.mkdtemp(prefix="run-", dir=a.data))
     cleanup: list[Path] = []

@@ -9,10 +9,12 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import clawstore
 import pytest
+import zstandard
 from clawstore import _core, volumes
 from clawstore import mediatypes as mt
 from clawstore.errors import ClawstoreError, DigestMismatchError, TagConflictError
@@ -54,7 +56,7 @@ def test_manifest_config_and_index_shape(local_store: clawstore.ArtifactStore, t
     assert raw["artifactType"] == mt.VOLUME
     assert raw["config"]["mediaType"] == mt.VOLUME
     kinds = [layer["mediaType"] for layer in raw["layers"]]
-    assert kinds == [mt.VOLUME_LAYER, mt.VOLUME_INDEX_ZSTD]
+    assert kinds == [mt.VOLUME_LAYER, mt.VOLUME_INDEX_V2_ZSTD]
     layer = raw["layers"][0]
     assert layer["annotations"][volumes.ANNOTATION_DIFF_ID].startswith("sha256:")
     config = json.loads(local_store.read_blob(raw["config"]["digest"]))
@@ -547,3 +549,63 @@ def test_kill9_during_snapshot_and_restore(tmp_path: Path, delay: float) -> None
     volumes.restore(store, REF, dest2)
     assert_same_tree(dest, dest2)
     assert not list(tmp_path.glob(".dest2.restore-*"))
+
+
+SECRET = b"TOP-SECRET-0600-BYTES-OUTSIDE!!\n"
+HARMLESS = b"harmless workspace file content\n"
+
+
+def _layer_tars(store: clawstore.ArtifactStore, snap: volumes.Snapshot) -> list[bytes]:
+    dctx = zstandard.ZstdDecompressor()
+    return [dctx.decompressobj().decompress(store.read_blob(d.digest)) for d in snap.layers]
+
+
+def test_symlink_swapped_in_after_scan_is_never_read(
+    local_store: clawstore.ArtifactStore, tmp_path: Path
+) -> None:
+    """Issue 16 item 3: a thread flips ws/x between a regular file and a same-size symlink to a
+    0600 file outside the workspace while snapshots run; the outside bytes must never get into a
+    layer (a snapshot may fail with "changed while packing", or pack x as a file or a symlink)."""
+    assert len(SECRET) == len(HARMLESS)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret"
+    secret.write_bytes(SECRET)
+    os.chmod(secret, 0o600)
+    staging = tmp_path / "staging"  # same filesystem, outside the workspace
+    staging.mkdir()
+    ws = tmp_path / "ws"
+    (ws / "sub").mkdir(parents=True)
+    for i in range(50):
+        (ws / "sub" / f"f{i}").write_bytes(HARMLESS)
+    (ws / "x").write_bytes(HARMLESS)
+    stop = threading.Event()
+
+    def flip() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            link, plain = staging / f"l{n}", staging / f"p{n}"
+            os.symlink(secret, link)
+            os.replace(link, ws / "x")
+            plain.write_bytes(HARMLESS)
+            os.replace(plain, ws / "x")
+
+    flipper = threading.Thread(target=flip, daemon=True)
+    flipper.start()
+    packed = failed = 0
+    try:
+        for i in range(40):
+            try:
+                snap = volumes.snapshot(local_store, ws, f"race/ws:t{i}", full=True)
+            except ClawstoreError as e:
+                assert "changed while packing" in str(e)
+                failed += 1
+                continue
+            packed += 1
+            for tar_bytes in _layer_tars(local_store, snap):
+                assert SECRET not in tar_bytes, "a layer holds the bytes of the file outside"
+    finally:
+        stop.set()
+        flipper.join()
+    assert packed + failed == 40

@@ -127,7 +127,9 @@ class Scan:
     def bytes(self) -> int:
         """Bytes of regular files (each hardlinked inode counted once)."""
     def encode(self) -> bytes:
-        """The serialised index (zstd-compressed JSON)."""
+        """The serialised index (zstd-compressed binary records, version 2)."""
+    def fingerprint(self, content: bool = False) -> str:
+        """sha256 of the paths and the metadata `diff` compares: equal means an empty diff."""
     def entries(self) -> list[tuple[str, EntryKind, int, int, int, str | None, str | None]]:
         """(path, kind, size, mode, mtime_ns, link target, content digest) for every entry."""
     def diff(self, old: Scan, content: bool = False) -> Delta:
@@ -152,7 +154,8 @@ def scan_tree(root: str | PathLike[str], content_digests: bool = False, algorith
     """Scan `root` (symlinks never followed); with `content_digests`, hash every regular file too."""
 
 def decode_index(data: Buffer) -> Scan:
-    """Decode a serialised index into a Scan without a root (InvalidManifestError if damaged)."""
+    """Decode a serialised index (version 2 binary or version 1 JSON) into a Scan without a root
+    (InvalidManifestError if damaged)."""
 
 def pack_to_file(
     scan: Scan,

@@ -20,6 +20,9 @@ VOLUME_LAYER: Final = "application/vnd.elasticclaw.volume.layer.v1.tar+zstd"
 VOLUME_INDEX: Final = "application/vnd.elasticclaw.volume.index.v1+json"
 #: The file index of a volume snapshot as volumes.py stores it: VOLUME_INDEX JSON, zstd-compressed.
 VOLUME_INDEX_ZSTD: Final = "application/vnd.elasticclaw.volume.index.v1+json+zstd"
+#: The file index as volumes.py stores it now: binary records (version 2), zstd-compressed
+#: (`_core.decode_index` reads both).
+VOLUME_INDEX_V2_ZSTD: Final = "application/vnd.elasticclaw.volume.index.v2+zstd"
 CHECKPOINT_FILE: Final = "application/vnd.elasticclaw.checkpoint.file.v1"
 #: A log: artifactType of the manifest; its layers are LOG_SEGMENT blobs in order.
 LOG: Final = "application/vnd.elasticclaw.log.v1+json"

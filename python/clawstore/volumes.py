@@ -10,8 +10,9 @@ A snapshot is an OCI image manifest (artifactType `application/vnd.elasticclaw.v
   `contentDigests` (whether the index holds content digests).
 - `layers`: one or more `application/vnd.elasticclaw.volume.layer.v1.tar+zstd` layers, applied in
   order, each annotated with its diff_id (`io.elasticclaw.layer.diff_id`), uncompressed size and
-  kind (`full` or `delta`); then the file index (`...volume.index.v1+json+zstd`), listed as a
-  layer so that garbage collection keeps it. Restore only unpacks the tar+zstd layers.
+  kind (`full` or `delta`); then the file index (`...volume.index.v2+zstd`; older snapshots:
+  `v1+json+zstd`), listed as a layer so that garbage collection keeps it. Restore only unpacks
+  the tar+zstd layers.
 
 Incremental snapshots compare the tree with the parent's file index (type, size, mode, owner,
 mtime, ctime, inode; optionally content digests) and pack only what changed plus OCI whiteouts,
@@ -64,6 +65,10 @@ ANNOTATION_CREATED: Final = "org.opencontainers.image.created"
 DEFAULT_MAX_CHAIN: Final = 16
 #: ... or when the deltas' uncompressed bytes exceed this fraction of the base layer's.
 DEFAULT_SQUASH_RATIO: Final = 1.0
+#: Scan and pack again at most this many times when files change under the packer.
+PACK_ATTEMPTS: Final = 3
+#: What the packer's error says when a file is not what the scan saw any more.
+CHANGED_WHILE_PACKING: Final = "changed while packing"
 #: Progress callbacks are called at most this often (seconds).
 PROGRESS_INTERVAL: Final = 0.1
 
@@ -257,38 +262,62 @@ def snapshot(
     except RefNotFoundError:
         prev_digest = None
     prev = load(store, prev_digest) if prev_digest is not None else None
+    old_index: Any = None
 
-    report(ProgressEvent("scan", 0, 0), force=True)
-    scan = _core.scan_tree(root, content_digests=content_digests)
-    report(ProgressEvent("scan", scan.files, scan.bytes, scan.files, scan.bytes), force=True)
+    for attempt in range(1, PACK_ATTEMPTS + 1):
+        report(ProgressEvent("scan", 0, 0), force=True)
+        scan = _core.scan_tree(root, content_digests=content_digests)
+        report(ProgressEvent("scan", scan.files, scan.bytes, scan.files, scan.bytes), force=True)
 
-    delta = None
-    if prev is not None and not full:
-        old = _core.decode_index(store.read_blob(prev.index.digest))
-        d = scan.diff(old, content=content_digests and prev.content_digests)
-        if d.is_empty():
-            return Snapshot(prev.digest, prev.manifest, prev.config, str(r), created_now=False)
-        base, *deltas = prev.layers
-        base_size = _layer_size(base)
-        delta_sizes = [_layer_size(x) for x in deltas]
-        too_long = len(prev.layers) + 1 > max_chain
-        outweighs = (
-            base_size is None
-            or any(s is None for s in delta_sizes)
-            or sum(s or 0 for s in delta_sizes) + d.changed_bytes > squash_ratio * base_size
-        )
-        if not too_long and not outweighs:
-            delta = d
+        fingerprint = scan.fingerprint(content=content_digests)
+        delta = None
+        if prev is not None and not full:
+            compare_content = content_digests and prev.content_digests
+            if prev.config.get("fingerprint") == (
+                fingerprint if compare_content == content_digests else scan.fingerprint(content=False)
+            ):
+                # the paths and metadata the diff compares are all the same: nothing changed
+                # (no need to read and decode the parent's index)
+                return Snapshot(prev.digest, prev.manifest, prev.config, str(r), created_now=False)
+            if old_index is None:
+                old_index = _core.decode_index(store.read_blob(prev.index.digest))
+            d = scan.diff(old_index, content=content_digests and prev.content_digests)
+            if d.is_empty():
+                return Snapshot(prev.digest, prev.manifest, prev.config, str(r), created_now=False)
+            base, *deltas = prev.layers
+            base_size = _layer_size(base)
+            delta_sizes = [_layer_size(x) for x in deltas]
+            too_long = len(prev.layers) + 1 > max_chain
+            outweighs = (
+                base_size is None
+                or any(s is None for s in delta_sizes)
+                or sum(s or 0 for s in delta_sizes) + d.changed_bytes > squash_ratio * base_size
+            )
+            if not too_long and not outweighs:
+                delta = d
 
-    stream = _core.PackStream(scan, delta, level=level, threads=threads)
-    total_files = delta.changed if delta is not None else scan.files
-    total_bytes = delta.changed_bytes if delta is not None else scan.bytes
-    reader = _PackReader(stream, report, total_files, total_bytes)
-    try:
-        stored = store.put_blob(reader, media_type=mt.VOLUME_LAYER)  # type: ignore[arg-type]
-        packed = stream.result()
-    finally:
-        stream.close()
+        stream = _core.PackStream(scan, delta, level=level, threads=threads)
+        total_files = delta.changed if delta is not None else scan.files
+        total_bytes = delta.changed_bytes if delta is not None else scan.bytes
+        reader = _PackReader(stream, report, total_files, total_bytes)
+        try:
+            stored = store.put_blob(reader, media_type=mt.VOLUME_LAYER)  # type: ignore[arg-type]
+            packed = stream.result()
+        except OSError as e:
+            # A file was replaced (or resized) between the scan and its read: the packer never
+            # reads through what replaced it. Scan again (a live tree settles) a few times.
+            if CHANGED_WHILE_PACKING not in str(e):
+                raise
+            if attempt == PACK_ATTEMPTS:
+                raise ClawstoreError(
+                    f"{root}: files kept changing while packing ({attempt} attempts): {e}"
+                ) from None
+            continue
+        finally:
+            stream.close()
+        break
+    else:  # pragma: no cover (the loop returns, breaks or raises)
+        raise AssertionError("unreachable")
     if stored.digest != packed["digest"] or stored.size != packed["size"]:
         raise DigestMismatchError(
             f"store recorded the layer as {stored.digest} ({stored.size} bytes), "
@@ -306,7 +335,7 @@ def snapshot(
     )
     layers = (*prev.layers, layer) if delta is not None and prev is not None else (layer,)
 
-    index_desc = store.put_blob(scan.encode(), media_type=mt.VOLUME_INDEX_ZSTD)
+    index_desc = store.put_blob(scan.encode(), media_type=mt.VOLUME_INDEX_V2_ZSTD)
     config: dict[str, Any] = {
         "version": CONFIG_VERSION,
         "entries": len(scan),
@@ -315,6 +344,7 @@ def snapshot(
         "parent": str(prev.digest) if prev is not None else None,
         "index": index_desc.to_dict(),
         "contentDigests": content_digests,
+        "fingerprint": fingerprint,
     }
     config_desc = store.put_blob(canonical_json(config), media_type=mt.VOLUME)
     notes = {ANNOTATION_CREATED: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}

@@ -10,6 +10,7 @@
 
 mod chunks;
 mod encoder;
+pub mod fsys;
 pub mod index;
 pub mod pack;
 mod py;

@@ -2,17 +2,24 @@
 //! pass, hashing the compressed stream (blob digest) and the tar stream (diff_id) as they are
 //! written.
 //!
-//! Pipeline: reader threads load small files ahead of the writer, in order, through a bounded
-//! window (memory <= `READ_WINDOW` x `PRELOAD_MAX`); large files stream straight from disk. The
-//! writer frames tar entries (ustar + PAX for nanosecond mtimes, long names, big ids/sizes),
-//! hashes them for the diff_id and feeds multithreaded zstd, whose output is hashed for the
-//! digest and written to the sink. Entries are in index order, headers carry only what `scan`
-//! recorded (no atime, no user names), so the same tree gives the same bytes.
+//! Pipeline: the members are cut into batches of consecutive small files (up to `TAR_BUFFER` of
+//! framed tar each); reader threads frame a whole batch (PAX record when needed, ustar header,
+//! body read with one `read` into the batch buffer, padding) into one pooled buffer, which goes
+//! to the diff_id hasher and the compressor as one chunk: no per-file allocation, channel
+//! message or copy. Large files stream straight from disk on the writer thread. Entries are in
+//! index order, headers carry only what `scan` recorded (no atime, no user names), so the same
+//! tree gives the same bytes whatever the batching or the thread counts.
+//!
+//! Safety: every file is opened relative to its directory's handle, each path component with
+//! `O_NOFOLLOW` (`fsys::DirCache`), and the opened inode must be the scanned one (device, inode,
+//! type, size): a file replaced after the scan, by a symlink or anything else, fails the pack
+//! ("changed while packing") instead of reading what the link points at.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -20,13 +27,15 @@ use tar::{EntryType, Header};
 
 use super::chunks::{Pool, Shared};
 use super::encoder::LayerEncoder;
+use super::fsys::{self, c_name, Dir, DirCache};
 use super::index::{Entry, Kind, ROOT};
 use crate::digest::{Algorithm, StreamHasher};
 
-/// Files up to this size are read ahead by the reader threads; larger ones stream.
-pub const PRELOAD_MAX: u64 = 512 * 1024;
-/// How many entries the readers may run ahead of the writer.
-pub const READ_WINDOW: usize = 128;
+/// Files whose framed member is up to this size are read in batches by the reader threads;
+/// larger ones stream from disk on the writer thread.
+pub const PRELOAD_MAX: u64 = 256 * 1024;
+/// How many batches the readers may run ahead of the writer.
+pub const READ_WINDOW: usize = 16;
 /// Marker of an opaque directory (OCI image spec, layer whiteouts).
 pub const OPAQUE: &str = ".wh..wh..opq";
 pub const WHITEOUT_PREFIX: &str = ".wh.";
@@ -48,7 +57,7 @@ impl Default for PackOptions {
         PackOptions {
             level: 3,
             threads: cpus as u32,
-            readers: (cpus * 2).clamp(2, 8),
+            readers: cpus.clamp(2, 8),
             algorithm: Algorithm::Sha256,
         }
     }
@@ -129,16 +138,16 @@ enum Item<'a> {
     Opaque(String),
 }
 
-impl Item<'_> {
-    fn tar_path(&self) -> String {
+impl<'a> Item<'a> {
+    fn tar_path(&self) -> Cow<'a, str> {
         match self {
-            Item::Entry(e) => e.path.clone(),
-            Item::Whiteout(p) => match p.rfind('/') {
+            Item::Entry(e) => Cow::Borrowed(e.path.as_str()),
+            Item::Whiteout(p) => Cow::Owned(match p.rfind('/') {
                 Some(i) => format!("{}/{WHITEOUT_PREFIX}{}", &p[..i], &p[i + 1..]),
                 None => format!("{WHITEOUT_PREFIX}{p}"),
-            },
-            Item::Opaque(d) if d == ROOT => OPAQUE.to_owned(),
-            Item::Opaque(d) => format!("{d}/{OPAQUE}"),
+            }),
+            Item::Opaque(d) if d == ROOT => Cow::Borrowed(OPAQUE),
+            Item::Opaque(d) => Cow::Owned(format!("{d}/{OPAQUE}")),
         }
     }
 }
@@ -154,31 +163,57 @@ fn sort_key(p: &str) -> &[u8] {
 /// One planned tar member.
 struct Plan<'a> {
     item: Item<'a>,
-    name: String,
+    name: Cow<'a, str>,
     /// For the second and later names of a hardlinked file: the first name in this layer.
-    link_to: Option<String>,
-    preload: bool,
+    link_to: Option<Cow<'a, str>>,
+    /// An upper bound of the member's framed size (PAX record, header, body, padding).
+    framed: u64,
+}
+
+impl Plan<'_> {
+    /// A regular file whose body is read from disk.
+    fn reads(&self) -> Option<&Entry> {
+        match &self.item {
+            Item::Entry(e) if e.kind == Kind::File && self.link_to.is_none() => Some(e),
+            _ => None,
+        }
+    }
+}
+
+fn pad512(n: u64) -> u64 {
+    n.div_ceil(512) * 512
+}
+
+fn framed_bound(name: &str, link: Option<&str>, body: u64) -> u64 {
+    // header + body; a PAX member (header + records) when any field needs one: path, linkpath
+    // and three short records at most
+    let records = name.len() as u64 + link.map_or(0, |l| l.len() as u64) + 128;
+    512 + pad512(body) + 512 + pad512(records)
 }
 
 fn plan<'a>(entries: &[&'a Entry], whiteouts: &[String], opaque: &[String]) -> Vec<Plan<'a>> {
     let mut items: Vec<Item<'a>> = entries.iter().map(|e| Item::Entry(e)).collect();
     items.extend(whiteouts.iter().map(|p| Item::Whiteout(p.clone())));
     items.extend(opaque.iter().map(|d| Item::Opaque(d.clone())));
-    let mut named: Vec<(String, Item<'a>)> = items.into_iter().map(|i| (i.tar_path(), i)).collect();
+    let mut named: Vec<(Cow<'a, str>, Item<'a>)> =
+        items.into_iter().map(|i| (i.tar_path(), i)).collect();
     // Opaque markers right after their directory and before its children (key `dir/\0`: names
     // never contain NUL), so that simple unpackers apply them before the new content; everything
-    // else in path order.
-    named.sort_by_cached_key(|(name, item)| match item {
-        Item::Opaque(d) if d == ROOT => vec![0u8],
-        Item::Opaque(d) => [d.as_bytes(), b"/\0"].concat(),
-        _ => sort_key(name).to_vec(),
-    });
-    let mut first_name: HashMap<(u64, u64), String> = HashMap::new();
+    // else in path order. Entries come sorted: only deltas with markers need the sort.
+    if !whiteouts.is_empty() || !opaque.is_empty() {
+        named.sort_by_cached_key(|(name, item)| match item {
+            Item::Opaque(d) if d == ROOT => vec![0u8],
+            Item::Opaque(d) => [d.as_bytes(), b"/\0"].concat(),
+            _ => sort_key(name).to_vec(),
+        });
+    }
+    let mut first_name: HashMap<(u64, u64), Cow<'a, str>> = HashMap::new();
     named
         .into_iter()
         .map(|(name, item)| {
             let mut link_to = None;
-            let mut preload = false;
+            let mut body = 0;
+            let mut link: Option<&str> = None;
             if let Item::Entry(e) = &item {
                 if e.is_hardlinked() {
                     match first_name.get(&(e.dev, e.ino)) {
@@ -188,26 +223,20 @@ fn plan<'a>(entries: &[&'a Entry], whiteouts: &[String], opaque: &[String]) -> V
                         }
                     }
                 }
-                preload = e.kind == Kind::File && link_to.is_none() && e.size <= PRELOAD_MAX;
+                if e.kind == Kind::File && link_to.is_none() {
+                    body = e.size;
+                }
+                link = e.link.as_deref();
             }
+            let framed = framed_bound(&name, link.or(link_to.as_deref()), body);
             Plan {
                 item,
                 name,
                 link_to,
-                preload,
+                framed,
             }
         })
         .collect()
-}
-
-fn read_exact_file(path: &Path, size: u64) -> io::Result<Vec<u8>> {
-    let mut f = File::open(path)?;
-    let mut buf = Vec::with_capacity(size as usize);
-    (&mut f).take(size + 1).read_to_end(&mut buf)?;
-    if buf.len() as u64 != size {
-        return Err(changed(size, buf.len() as u64));
-    }
-    Ok(buf)
 }
 
 fn changed(expected: u64, got: u64) -> io::Error {
@@ -215,6 +244,44 @@ fn changed(expected: u64, got: u64) -> io::Error {
         io::ErrorKind::InvalidData,
         format!("file changed while packing (scanned {expected} bytes, read {got})"),
     )
+}
+
+/// Open the regular file of `e` relative to its directory (no symlink followed on the way) and
+/// check that it is the inode the scan recorded.
+pub(super) fn open_checked(dirs: &mut DirCache<'_>, e: &Entry) -> io::Result<File> {
+    let (parent, name) = match e.path.rfind('/') {
+        Some(i) => (&e.path[..i], &e.path[i + 1..]),
+        None => (ROOT, e.path.as_str()),
+    };
+    let swapped = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("file changed while packing ({what})"),
+        )
+    };
+    let dir = dirs.get(parent).map_err(|err| match err.raw_os_error() {
+        Some(libc::ELOOP) | Some(libc::ENOTDIR) => swapped("a parent directory was replaced"),
+        Some(libc::ENOENT) => swapped("a parent directory was deleted"),
+        _ => err,
+    })?;
+    let f = dir
+        .open_file(&c_name(name.as_bytes())?)
+        .map_err(|err| match err.raw_os_error() {
+            Some(libc::ELOOP) => swapped("replaced by a symlink"),
+            Some(libc::ENOENT) => swapped("deleted"),
+            _ => err,
+        })?;
+    let st = fsys::fstat(std::os::fd::AsRawFd::as_raw_fd(&f))?;
+    if fsys::file_type(&st) != libc::S_IFREG {
+        return Err(swapped("not a regular file any more"));
+    }
+    if st.st_dev != e.dev || st.st_ino != e.ino {
+        return Err(swapped("another inode than the scanned one"));
+    }
+    if st.st_size as u64 != e.size {
+        return Err(changed(e.size, st.st_size as u64));
+    }
+    Ok(f)
 }
 
 /// Reads exactly `size` bytes of a file, failing if it has shrunk or grown meanwhile.
@@ -243,17 +310,35 @@ impl Read for ExactFile {
     }
 }
 
-/// PAX extended-header records of one member, sorted by key.
-type PaxRecords = Vec<(&'static str, Vec<u8>)>;
+/// Read the whole body of a small file into `out` (which has room for `size + 1` bytes): one
+/// `read` when the file is as scanned (a short read of a regular file is its end).
+fn read_body(f: &mut File, out: &mut [u8], size: usize) -> io::Result<()> {
+    let mut got = 0usize;
+    loop {
+        let n = match f.read(&mut out[got..=size]) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => other?,
+        };
+        if n == 0 {
+            break;
+        }
+        got += n;
+        if got > size {
+            return Err(changed(size as u64, got as u64));
+        }
+        if got == size {
+            // a regular file's read stops short only at its end
+            break;
+        }
+    }
+    if got != size {
+        return Err(changed(size as u64, got as u64));
+    }
+    Ok(())
+}
 
 const USTAR_MAX_OCTAL: u64 = 0o77777777777;
 const USTAR_MAX_ID: u64 = 0o7777777;
-
-fn pax_time(ns: i64) -> String {
-    let sign = if ns < 0 { "-" } else { "" };
-    let abs = ns.unsigned_abs();
-    format!("{sign}{}.{:09}", abs / 1_000_000_000, abs % 1_000_000_000)
-}
 
 fn set_name_raw(field: &mut [u8], value: &[u8]) {
     // The PAX record carries the real name; the header keeps a prefix (cut on a UTF-8 boundary).
@@ -265,50 +350,63 @@ fn set_name_raw(field: &mut [u8], value: &[u8]) {
     field[..n].copy_from_slice(&value[..n]);
 }
 
+/// Append one PAX record (`"<len> key=value\n"`, the length counting itself) to `data`.
+fn pax_record(data: &mut Vec<u8>, key: &str, value: &[u8]) {
+    let rest = 3 + key.len() + value.len();
+    let mut len_len = 1;
+    let mut max = 10;
+    while rest + len_len >= max {
+        len_len += 1;
+        max *= 10;
+    }
+    let _ = write!(data, "{} {key}=", rest + len_len);
+    data.extend_from_slice(value);
+    data.push(b'\n');
+}
+
+/// The framing of one member: its ustar header and, when a field does not fit ustar, the PAX
+/// records (sorted by key) of a preceding extended header. `records` is scratch space reused
+/// between members (cleared here).
 fn header_for(
     e: Option<&Entry>,
     name: &str,
     kind: EntryType,
     size: u64,
     link: Option<&str>,
-) -> io::Result<(Header, PaxRecords)> {
+    records: &mut Vec<u8>,
+) -> io::Result<Header> {
+    records.clear();
     let mut h = Header::new_ustar();
-    let mut pax: Vec<(&'static str, Vec<u8>)> = Vec::new();
-    let tar_name = if kind == EntryType::Directory {
-        if name == ROOT {
+    let dir_name;
+    let tar_name: &str = if kind == EntryType::Directory {
+        dir_name = if name == ROOT {
             "./".to_owned()
         } else {
             format!("{name}/")
-        }
+        };
+        &dir_name
     } else {
-        name.to_owned()
+        name
     };
-    if tar_name.len() > 100 || !tar_name.is_ascii() {
-        pax.push(("path", tar_name.as_bytes().to_vec()));
-    }
+    // records in key order: gid, linkpath, mtime, path, size, uid
+    let mut mtime_rec: Option<i64> = None;
+    let (mut gid_rec, mut uid_rec) = (None, None);
     if let Some(u) = h.as_ustar_mut() {
         set_name_raw(&mut u.name, tar_name.as_bytes());
-    }
-    if let Some(target) = link {
-        if target.len() > 100 || !target.is_ascii() {
-            pax.push(("linkpath", target.as_bytes().to_vec()));
-        }
-        if let Some(u) = h.as_ustar_mut() {
+        if let Some(target) = link {
             set_name_raw(&mut u.linkname, target.as_bytes());
         }
     }
     h.set_entry_type(kind);
-    if size > USTAR_MAX_OCTAL {
-        pax.push(("size", size.to_string().into_bytes()));
-    }
     h.set_size(size);
     match e {
         Some(e) => {
             h.set_mode(e.mode);
-            for (key, id) in [("uid", e.uid), ("gid", e.gid)] {
-                if u64::from(id) > USTAR_MAX_ID {
-                    pax.push((key, id.to_string().into_bytes()));
-                }
+            if u64::from(e.uid) > USTAR_MAX_ID {
+                uid_rec = Some(e.uid);
+            }
+            if u64::from(e.gid) > USTAR_MAX_ID {
+                gid_rec = Some(e.gid);
             }
             h.set_uid(u64::from(e.uid).min(USTAR_MAX_ID));
             h.set_gid(u64::from(e.gid).min(USTAR_MAX_ID));
@@ -317,7 +415,7 @@ fn header_for(
                 || secs < 0
                 || secs as u64 > USTAR_MAX_OCTAL
             {
-                pax.push(("mtime", pax_time(e.mtime_ns).into_bytes()));
+                mtime_rec = Some(e.mtime_ns);
             }
             h.set_mtime(secs.clamp(0, USTAR_MAX_OCTAL as i64) as u64);
             if matches!(e.kind, Kind::Char | Kind::Block) {
@@ -335,61 +433,204 @@ fn header_for(
             h.set_mtime(0);
         }
     }
-    pax.sort_by(|a, b| a.0.cmp(b.0));
-    h.set_cksum();
-    Ok((h, pax))
-}
-
-fn append<R: Read>(
-    b: &mut tar::Builder<ChunkSink>,
-    header: &Header,
-    pax: &[(&'static str, Vec<u8>)],
-    mut data: R,
-) -> io::Result<()> {
-    if !pax.is_empty() {
-        b.append_pax_extensions(pax.iter().map(|(k, v)| (*k, v.as_slice())))?;
+    let mut num = [0u8; 24];
+    if let Some(g) = gid_rec {
+        pax_record(records, "gid", fmt_u64(&mut num, u64::from(g)));
     }
-    // tar's own append copies through `dyn Write` in 8 KiB steps; bodies are read straight into
-    // the chunks the hasher and the compressor take (no intermediate copy).
-    let out = b.get_mut();
-    out.write_all(header.as_bytes())?;
-    let mut len = 0u64;
-    loop {
-        match out.read_from(&mut data)? {
-            0 => break,
-            n => len += n as u64,
+    if let Some(target) = link {
+        if target.len() > 100 || !target.is_ascii() {
+            pax_record(records, "linkpath", target.as_bytes());
         }
     }
-    let pad = (512 - (len % 512) as usize) % 512;
-    out.write_all(&[0u8; 512][..pad])
-}
-
-/// Chunk size of the tar stream handed to the diff_id hasher and the compressor.
-const TAR_BUFFER: usize = 1 << 20;
-
-/// Append a body already in memory.
-fn append_bytes(
-    b: &mut tar::Builder<ChunkSink>,
-    header: &Header,
-    pax: &[(&'static str, Vec<u8>)],
-    data: &[u8],
-) -> io::Result<()> {
-    if !pax.is_empty() {
-        b.append_pax_extensions(pax.iter().map(|(k, v)| (*k, v.as_slice())))?;
+    if let Some(ns) = mtime_rec {
+        let mut t = [0u8; 32];
+        let n = fmt_pax_time(&mut t, ns);
+        pax_record(records, "mtime", &t[..n]);
     }
-    let out = b.get_mut();
-    out.write_all(header.as_bytes())?;
-    out.write_all(data)?;
-    let pad = (512 - (data.len() % 512)) % 512;
-    out.write_all(&[0u8; 512][..pad])
+    if tar_name.len() > 100 || !tar_name.is_ascii() {
+        pax_record(records, "path", tar_name.as_bytes());
+    }
+    if size > USTAR_MAX_OCTAL {
+        pax_record(records, "size", fmt_u64(&mut num, size));
+    }
+    if let Some(u) = uid_rec {
+        pax_record(records, "uid", fmt_u64(&mut num, u64::from(u)));
+    }
+    h.set_cksum();
+    Ok(h)
 }
 
-type Loaded = io::Result<Vec<u8>>;
-
-enum Slot {
-    Ready(Receiver<Loaded>),
-    Inline,
+fn fmt_u64(buf: &mut [u8; 24], mut v: u64) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    &buf[i..]
 }
+
+/// `[-]secs.nnnnnnnnn` into `out`; returns its length.
+fn fmt_pax_time(out: &mut [u8; 32], ns: i64) -> usize {
+    let abs = ns.unsigned_abs();
+    let mut num = [0u8; 24];
+    let secs = fmt_u64(&mut num, abs / 1_000_000_000);
+    let mut n = 0;
+    if ns < 0 {
+        out[0] = b'-';
+        n = 1;
+    }
+    out[n..n + secs.len()].copy_from_slice(secs);
+    n += secs.len();
+    out[n] = b'.';
+    n += 1;
+    let mut frac = abs % 1_000_000_000;
+    for i in (0..9).rev() {
+        out[n + i] = b'0' + (frac % 10) as u8;
+        frac /= 10;
+    }
+    n + 9
+}
+
+/// The PAX extended header preceding a member with `records` (empty: none).
+fn pax_header(records: &[u8]) -> Header {
+    let mut h = Header::new_ustar();
+    h.set_size(records.len() as u64);
+    h.set_entry_type(EntryType::XHeader);
+    h.set_cksum();
+    h
+}
+
+/// A pooled buffer being filled with framed members.
+struct Frame {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl Frame {
+    fn put(&mut self, data: &[u8]) {
+        self.buf[self.len..self.len + data.len()].copy_from_slice(data);
+        self.len += data.len();
+    }
+
+    fn pad(&mut self, body: usize) {
+        let pad = (512 - body % 512) % 512;
+        self.buf[self.len..self.len + pad].fill(0);
+        self.len += pad;
+    }
+
+    /// PAX member (if any) and the header.
+    fn put_header(&mut self, h: &Header, records: &[u8]) {
+        if !records.is_empty() {
+            self.put(pax_header(records).as_bytes());
+            self.put(records);
+            self.pad(records.len());
+        }
+        self.put(h.as_bytes());
+    }
+}
+
+/// Counts of what a run of members added.
+#[derive(Default)]
+struct Counts {
+    entries: u64,
+    files: u64,
+    bytes: u64,
+}
+
+impl Counts {
+    fn add_to(&self, result: &mut PackResult, progress: &PackProgress) {
+        result.entries += self.entries;
+        result.files += self.files;
+        result.file_bytes += self.bytes;
+        progress.entries.fetch_add(self.entries, Ordering::Relaxed);
+        progress.files.fetch_add(self.files, Ordering::Relaxed);
+        progress.bytes.fetch_add(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// The header of any member of `p` (`records` gets its PAX records), and the body size.
+fn member_header(p: &Plan<'_>, records: &mut Vec<u8>) -> io::Result<(Header, u64)> {
+    let e = match &p.item {
+        Item::Entry(e) => *e,
+        Item::Whiteout(_) | Item::Opaque(_) => {
+            return Ok((
+                header_for(None, &p.name, EntryType::Regular, 0, None, records)?,
+                0,
+            ))
+        }
+    };
+    if let Some(first) = &p.link_to {
+        return Ok((
+            header_for(Some(e), &p.name, EntryType::Link, 0, Some(first), records)?,
+            0,
+        ));
+    }
+    let (t, size, link) = match e.kind {
+        Kind::File => (EntryType::Regular, e.size, None),
+        Kind::Dir => (EntryType::Directory, 0, None),
+        Kind::Symlink => (
+            EntryType::Symlink,
+            0,
+            Some(e.link.as_deref().unwrap_or_default()),
+        ),
+        Kind::Fifo => (EntryType::Fifo, 0, None),
+        Kind::Char => (EntryType::Char, 0, None),
+        Kind::Block => (EntryType::Block, 0, None),
+    };
+    Ok((header_for(Some(e), &p.name, t, size, link, records)?, size))
+}
+
+fn count(p: &Plan<'_>, c: &mut Counts) {
+    c.entries += 1;
+    if let Item::Entry(e) = &p.item {
+        if e.kind == Kind::File {
+            // another name of a packed file counts as a file (as in the index), adds no bytes
+            c.files += 1;
+            if p.link_to.is_none() {
+                c.bytes += e.size;
+            }
+        }
+    }
+}
+
+fn member_path(root: &Path, p: &Plan<'_>) -> String {
+    root.join(p.name.as_ref()).display().to_string()
+}
+
+/// Frame the members `plans` (all small) into `frame`, reading file bodies.
+fn frame_batch(
+    root: &Path,
+    plans: &[Plan<'_>],
+    frame: &mut Frame,
+    dirs: &mut DirCache<'_>,
+    records: &mut Vec<u8>,
+) -> Result<Counts, PackError> {
+    let mut c = Counts::default();
+    for p in plans {
+        let (h, size) =
+            member_header(p, records).map_err(|e| PackError(member_path(root, p), e))?;
+        frame.put_header(&h, records);
+        if let Some(e) = p.reads() {
+            let size = size as usize;
+            let mut f =
+                open_checked(dirs, e).map_err(|err| PackError(member_path(root, p), err))?;
+            read_body(&mut f, &mut frame.buf[frame.len..], size)
+                .map_err(|err| PackError(member_path(root, p), err))?;
+            frame.len += size;
+            frame.pad(size);
+        }
+        count(p, &mut c);
+    }
+    Ok(c)
+}
+
+/// Chunk size of the tar stream handed to the diff_id hasher and the compressor, and the
+/// largest batch of small members.
+const TAR_BUFFER: usize = 1 << 20;
 
 /// The tar stream's sink: cuts it into `TAR_BUFFER` chunks shared with the diff_id hasher thread
 /// and the compressor thread, so framing, hashing and compression run side by side.
@@ -403,6 +644,12 @@ struct ChunkSink {
 }
 
 impl ChunkSink {
+    fn send_shared(&self, chunk: Shared) -> io::Result<()> {
+        let gone = || io::Error::new(io::ErrorKind::BrokenPipe, "compressor stopped");
+        self.to_hash.send(chunk.clone()).map_err(|_| gone())?;
+        self.to_compress.send(chunk).map_err(|_| gone())
+    }
+
     fn send(&mut self) -> io::Result<()> {
         if self.used == 0 {
             return Ok(());
@@ -410,9 +657,17 @@ impl ChunkSink {
         let next = self.pool.take();
         let full = std::mem::replace(&mut self.buf, next);
         let chunk = self.pool.share(full, std::mem::take(&mut self.used));
-        let gone = || io::Error::new(io::ErrorKind::BrokenPipe, "compressor stopped");
-        self.to_hash.send(chunk.clone()).map_err(|_| gone())?;
-        self.to_compress.send(chunk).map_err(|_| gone())
+        self.send_shared(chunk)
+    }
+
+    /// Pass a framed batch on as it is (after what is pending, to keep the order).
+    fn send_batch(&mut self, frame: Frame) -> io::Result<()> {
+        self.send()?;
+        if frame.len == 0 {
+            return Ok(());
+        }
+        let chunk = self.pool.share(frame.buf, frame.len);
+        self.send_shared(chunk)
     }
 
     /// One `read` of `r` straight into the chunk being filled; 0 at the end of `r`.
@@ -450,12 +705,46 @@ impl Write for ChunkSink {
 /// Chunks in flight between the tar writer and each of the hasher and compressor.
 const PIPE_CHUNKS: usize = 8;
 
+/// A run of plans: a batch of small members framed by a reader, or one member framed here.
+enum Group {
+    Batch(std::ops::Range<usize>),
+    Single(usize),
+}
+
+fn groups(plans: &[Plan<'_>], batch_bytes: u64) -> Vec<Group> {
+    let mut out = Vec::new();
+    let mut start = 0usize;
+    let mut acc = 0u64;
+    for (i, p) in plans.iter().enumerate() {
+        if p.framed > PRELOAD_MAX || p.framed + 1 > batch_bytes {
+            if start < i {
+                out.push(Group::Batch(start..i));
+            }
+            out.push(Group::Single(i));
+            start = i + 1;
+            acc = 0;
+            continue;
+        }
+        // +1: room for the byte that tells a file grew
+        if acc + p.framed + 1 > batch_bytes {
+            out.push(Group::Batch(start..i));
+            start = i;
+            acc = 0;
+        }
+        acc += p.framed;
+    }
+    if start < plans.len() {
+        out.push(Group::Batch(start..plans.len()));
+    }
+    out
+}
+
 /// Pack `entries` (sorted, as from `scan`; a subset for deltas) with `whiteouts` and `opaque`
 /// directories, from the tree at `root`, into `out`. Returns the result and the sink.
 ///
-/// Threads: `readers` file readers (read-ahead of small files), the tar writer (this thread),
-/// a diff_id hasher, a compressor feeding `threads` zstd workers and hashing their output.
-/// Memory: READ_WINDOW x PRELOAD_MAX + 2 x PIPE_CHUNKS x TAR_BUFFER + zstd's buffers.
+/// Threads: `readers` batch framers, the tar writer (this thread), a diff_id hasher, a
+/// compressor feeding `threads` zstd workers and hashing their output.
+/// Memory: about (READ_WINDOW + 2 x PIPE_CHUNKS) x TAR_BUFFER + zstd's buffers.
 pub fn pack<W: Write + Send>(
     root: &Path,
     entries: &[&Entry],
@@ -465,7 +754,44 @@ pub fn pack<W: Write + Send>(
     opts: &PackOptions,
     progress: &PackProgress,
 ) -> Result<(PackResult, W), PackError> {
+    pack_batched(
+        root,
+        entries,
+        whiteouts,
+        opaque,
+        out,
+        opts,
+        progress,
+        TAR_BUFFER as u64,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pack_batched<W: Write + Send>(
+    root: &Path,
+    entries: &[&Entry],
+    whiteouts: &[String],
+    opaque: &[String],
+    out: W,
+    opts: &PackOptions,
+    progress: &PackProgress,
+    batch_bytes: u64,
+) -> Result<(PackResult, W), PackError> {
+    let root_dir = Dir::open(root).map_err(ctx(root.display()))?;
+    if let Some(e) = entries.iter().find(|e| e.path == ROOT) {
+        let st = root_dir.stat().map_err(ctx(root.display()))?;
+        if st.st_dev != e.dev || st.st_ino != e.ino {
+            return Err(PackError(
+                root.display().to_string(),
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "directory changed while packing (another inode than the scanned one)",
+                ),
+            ));
+        }
+    }
     let plans = plan(entries, whiteouts, opaque);
+    let groups = groups(&plans, batch_bytes.min(TAR_BUFFER as u64));
     let enc = LayerEncoder::new(
         HashingWriter::new(out, opts.algorithm),
         opts.level,
@@ -477,7 +803,7 @@ pub fn pack<W: Write + Send>(
     let (diff, compressed) = std::thread::scope(|s| {
         let (hash_tx, hash_rx) = bounded::<Shared>(PIPE_CHUNKS);
         let (comp_tx, comp_rx) = bounded::<Shared>(PIPE_CHUNKS);
-        let pool = Pool::new(TAR_BUFFER, 2 * PIPE_CHUNKS + 2);
+        let pool = Pool::new(TAR_BUFFER, 2 * PIPE_CHUNKS + READ_WINDOW + 4);
         let hasher = s.spawn(move || {
             let mut h = StreamHasher::new(Algorithm::Sha256);
             let mut n = 0u64;
@@ -494,20 +820,31 @@ pub fn pack<W: Write + Send>(
             }
             enc.finish()
         });
-        let sink = ChunkSink {
+        let mut sink = ChunkSink {
             buf: pool.take(),
             used: 0,
-            pool,
+            pool: pool.clone(),
             to_hash: hash_tx,
             to_compress: comp_tx,
         };
-        let mut builder = tar::Builder::new(sink);
-        let written = write_all_entries(s, root, &plans, opts, &mut builder, &mut result, progress)
-            .and_then(|()| {
-                let mut sink = builder.into_inner().map_err(ctx("tar"))?;
-                sink.flush().map_err(ctx("tar"))
-            });
-        // (the builder and its senders are dropped here, ending both threads' loops)
+        let written = write_groups(
+            s,
+            root,
+            &root_dir,
+            &plans,
+            &groups,
+            opts,
+            &pool,
+            &mut sink,
+            &mut result,
+            progress,
+        )
+        .and_then(|()| {
+            // the end of the archive: two zero blocks
+            sink.write_all(&[0u8; 1024]).map_err(ctx("tar"))?;
+            sink.flush().map_err(ctx("tar"))
+        });
+        drop(sink); // ends both threads' loops
         let diff = hasher.join();
         let compressed = compressor.join();
         let compressed = match compressed {
@@ -518,7 +855,8 @@ pub fn pack<W: Write + Send>(
                 io::Error::other("compressor panicked"),
             )),
         };
-        // an output error explains a broken pipe on the writer side: report it first
+        // a packing error explains a stopped compressor only if the compressor itself failed
+        // first; an output error explains a broken pipe on the writer side: report it first
         let compressed = compressed?;
         written?;
         let diff =
@@ -539,37 +877,58 @@ pub fn pack<W: Write + Send>(
     Ok((result, inner))
 }
 
-fn write_all_entries<'scope, 'env>(
+type Framed = Result<(Frame, Counts), PackError>;
+
+enum Slot {
+    Batch(Receiver<Framed>),
+    Single(usize),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_groups<'scope, 'env>(
     s: &'scope std::thread::Scope<'scope, 'env>,
     root: &'env Path,
+    root_dir: &'env Dir,
     plans: &'env [Plan<'env>],
+    groups: &'env [Group],
     opts: &PackOptions,
-    builder: &mut tar::Builder<ChunkSink>,
+    pool: &Pool,
+    sink: &mut ChunkSink,
     result: &mut PackResult,
     progress: &PackProgress,
 ) -> Result<(), PackError> {
-    let (job_tx, job_rx) = bounded::<(PathBuf, u64, Sender<Loaded>)>(READ_WINDOW);
+    type Job = (std::ops::Range<usize>, Sender<Framed>);
+    let (job_tx, job_rx) = bounded::<Job>(READ_WINDOW);
     let (slot_tx, slot_rx) = bounded::<Slot>(READ_WINDOW);
     for _ in 0..opts.readers.max(1) {
         let job_rx = job_rx.clone();
+        let pool = pool.clone();
         s.spawn(move || {
-            for (path, size, reply) in job_rx.iter() {
-                let _ = reply.send(read_exact_file(&path, size));
+            let mut dirs = DirCache::new(root_dir);
+            let mut records = Vec::new();
+            for (range, reply) in job_rx.iter() {
+                let mut frame = Frame {
+                    buf: pool.take(),
+                    len: 0,
+                };
+                let r = frame_batch(root, &plans[range], &mut frame, &mut dirs, &mut records)
+                    .map(|c| (frame, c));
+                let _ = reply.send(r);
             }
         });
     }
     drop(job_rx);
     s.spawn(move || {
-        for p in plans {
-            let slot = match (&p.item, p.preload) {
-                (Item::Entry(e), true) => {
+        for g in groups {
+            let slot = match g {
+                Group::Batch(range) => {
                     let (tx, rx) = bounded(1);
-                    if job_tx.send((root.join(&e.path), e.size, tx)).is_err() {
+                    if job_tx.send((range.clone(), tx)).is_err() {
                         return;
                     }
-                    Slot::Ready(rx)
+                    Slot::Batch(rx)
                 }
-                _ => Slot::Inline,
+                Group::Single(i) => Slot::Single(*i),
             };
             if slot_tx.send(slot).is_err() {
                 return; // the writer stopped (error): stop reading ahead
@@ -577,97 +936,73 @@ fn write_all_entries<'scope, 'env>(
         }
     });
     // Consumes slots in plan order; returning drops `slot_rx`, which stops the read-ahead.
-    for p in plans {
+    let mut dirs = DirCache::new(root_dir);
+    let mut records = Vec::new();
+    for _ in groups {
         let slot = slot_rx
             .recv()
             .map_err(|_| PackError("reader".into(), io::Error::other("reader thread ended")))?;
-        write_one(root, p, slot, builder, result, progress)?;
+        match slot {
+            Slot::Batch(rx) => {
+                let (frame, c) = rx.recv().map_err(|_| {
+                    PackError("reader".into(), io::Error::other("reader thread ended"))
+                })??;
+                sink.send_batch(frame).map_err(ctx("tar"))?;
+                c.add_to(result, progress);
+            }
+            Slot::Single(i) => {
+                let p = &plans[i];
+                let c = write_single(root, p, &mut dirs, &mut records, sink)?;
+                c.add_to(result, progress);
+            }
+        }
     }
     Ok(())
 }
 
-fn write_one(
+/// Frame one (large) member through the sink, streaming a file body from disk.
+fn write_single(
     root: &Path,
     p: &Plan<'_>,
-    slot: Slot,
-    b: &mut tar::Builder<ChunkSink>,
-    result: &mut PackResult,
-    progress: &PackProgress,
-) -> Result<(), PackError> {
-    let e = match &p.item {
-        Item::Entry(e) => *e,
-        Item::Whiteout(_) | Item::Opaque(_) => {
-            let (h, pax) =
-                header_for(None, &p.name, EntryType::Regular, 0, None).map_err(ctx(&p.name))?;
-            append(b, &h, &pax, io::empty()).map_err(ctx(&p.name))?;
-            result.entries += 1;
-            return Ok(());
-        }
+    dirs: &mut DirCache<'_>,
+    records: &mut Vec<u8>,
+    sink: &mut ChunkSink,
+) -> Result<Counts, PackError> {
+    let what = || member_path(root, p);
+    let (h, size) = member_header(p, records).map_err(|e| PackError(what(), e))?;
+    // open (and check) before writing anything of the member
+    let file = match p.reads() {
+        Some(e) => Some(open_checked(dirs, e).map_err(|err| PackError(what(), err))?),
+        None => None,
     };
-    let full = root.join(&e.path);
-    let what = || full.display().to_string();
-    if let Some(first) = &p.link_to {
-        let (h, pax) =
-            header_for(Some(e), &p.name, EntryType::Link, 0, Some(first)).map_err(ctx(what()))?;
-        append(b, &h, &pax, io::empty()).map_err(ctx(what()))?;
-        // another name of a packed file: counts as a file (as in the index), adds no bytes
-        result.files += 1;
-        progress.files.fetch_add(1, Ordering::Relaxed);
-    } else {
-        match e.kind {
-            Kind::File => {
-                let (h, pax) = header_for(Some(e), &p.name, EntryType::Regular, e.size, None)
-                    .map_err(ctx(what()))?;
-                match slot {
-                    Slot::Ready(rx) => {
-                        let data = rx
-                            .recv()
-                            .map_err(|_| {
-                                PackError(what(), io::Error::other("reader thread ended"))
-                            })?
-                            .map_err(ctx(what()))?;
-                        append_bytes(b, &h, &pax, &data).map_err(ctx(what()))?;
-                    }
-                    Slot::Inline => {
-                        let file = File::open(&full).map_err(ctx(what()))?;
-                        let reader = ExactFile {
-                            file,
-                            left: e.size,
-                            size: e.size,
-                        };
-                        append(b, &h, &pax, reader).map_err(ctx(what()))?;
-                    }
-                }
-                result.files += 1;
-                result.file_bytes += e.size;
-                progress.files.fetch_add(1, Ordering::Relaxed);
-                progress.bytes.fetch_add(e.size, Ordering::Relaxed);
-            }
-            Kind::Dir => {
-                let (h, pax) = header_for(Some(e), &p.name, EntryType::Directory, 0, None)
-                    .map_err(ctx(what()))?;
-                append(b, &h, &pax, io::empty()).map_err(ctx(what()))?;
-            }
-            Kind::Symlink => {
-                let target = e.link.as_deref().unwrap_or_default();
-                let (h, pax) = header_for(Some(e), &p.name, EntryType::Symlink, 0, Some(target))
-                    .map_err(ctx(what()))?;
-                append(b, &h, &pax, io::empty()).map_err(ctx(what()))?;
-            }
-            Kind::Fifo | Kind::Char | Kind::Block => {
-                let t = match e.kind {
-                    Kind::Fifo => EntryType::Fifo,
-                    Kind::Char => EntryType::Char,
-                    _ => EntryType::Block,
-                };
-                let (h, pax) = header_for(Some(e), &p.name, t, 0, None).map_err(ctx(what()))?;
-                append(b, &h, &pax, io::empty()).map_err(ctx(what()))?;
+    let io_ctx = |e: io::Error| PackError(what(), e);
+    if !records.is_empty() {
+        sink.write_all(pax_header(records).as_bytes())
+            .map_err(io_ctx)?;
+        sink.write_all(records).map_err(io_ctx)?;
+        let pad = (512 - records.len() % 512) % 512;
+        sink.write_all(&[0u8; 512][..pad]).map_err(io_ctx)?;
+    }
+    sink.write_all(h.as_bytes()).map_err(io_ctx)?;
+    if let Some(file) = file {
+        let mut reader = ExactFile {
+            file,
+            left: size,
+            size,
+        };
+        let mut len = 0u64;
+        loop {
+            match sink.read_from(&mut reader).map_err(io_ctx)? {
+                0 => break,
+                n => len += n as u64,
             }
         }
+        let pad = ((512 - (len % 512)) % 512) as usize;
+        sink.write_all(&[0u8; 512][..pad]).map_err(io_ctx)?;
     }
-    result.entries += 1;
-    progress.entries.fetch_add(1, Ordering::Relaxed);
-    Ok(())
+    let mut c = Counts::default();
+    count(p, &mut c);
+    Ok(c)
 }
 
 #[cfg(test)]
@@ -764,6 +1099,100 @@ mod tests {
             &PackProgress::default(),
         )
         .expect_err("must fail");
+        assert!(err.to_string().contains("changed while packing"), "{err}");
+    }
+
+    #[test]
+    fn batching_does_not_change_the_layer() {
+        let t = tree();
+        let entries = scan(t.path(), None).expect("scan");
+        let refs: Vec<&Entry> = entries.iter().collect();
+        let run = |batch: u64, readers: usize| {
+            let opts = PackOptions {
+                readers,
+                ..PackOptions::default()
+            };
+            pack_batched(
+                t.path(),
+                &refs,
+                &[],
+                &[],
+                Vec::new(),
+                &opts,
+                &PackProgress::default(),
+                batch,
+            )
+            .expect("pack")
+        };
+        let (a, bytes_a) = run(TAR_BUFFER as u64, 4);
+        let (b, bytes_b) = run(4096, 1);
+        let (c, _) = run(600, 3);
+        assert_eq!(a, b);
+        assert_eq!(a, c);
+        assert_eq!(bytes_a, bytes_b);
+    }
+
+    #[test]
+    fn pax_records_match_the_tar_crate() {
+        // the records we format by hand are byte for byte what tar's builder writes
+        let mut ours = Vec::new();
+        pax_record(&mut ours, "mtime", b"1234567890.000000005");
+        pax_record(&mut ours, "path", "é".repeat(60).as_bytes());
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([
+            ("mtime", b"1234567890.000000005".as_slice()),
+            ("path", "é".repeat(60).as_bytes()),
+        ])
+        .expect("pax");
+        let theirs = b.into_inner().expect("tar");
+        assert_eq!(&theirs[..512], pax_header(&ours).as_bytes());
+        assert_eq!(&theirs[512..512 + ours.len()], ours.as_slice());
+        let mut t = [0u8; 32];
+        let n = fmt_pax_time(&mut t, -1_500_000_000);
+        assert_eq!(&t[..n], b"-1.500000000");
+    }
+
+    #[test]
+    fn file_swapped_for_a_symlink_after_the_scan_is_never_read() {
+        let outside = tempfile::tempdir().expect("tempdir");
+        let secret = outside.path().join("secret");
+        fs::write(&secret, b"TOP-SECRET-BYTES").expect("write");
+        let t = tempfile::tempdir().expect("tempdir");
+        fs::write(t.path().join("x"), b"harmless-bytes!!").expect("write");
+        fs::create_dir(t.path().join("d")).expect("mkdir");
+        fs::write(t.path().join("d/y"), b"harmless-bytes!!").expect("write");
+        let entries = scan(t.path(), None).expect("scan");
+        // same size, now a symlink to a file outside; and a directory swapped for a symlink
+        fs::remove_file(t.path().join("x")).expect("rm");
+        std::os::unix::fs::symlink(&secret, t.path().join("x")).expect("symlink");
+        let refs: Vec<&Entry> = entries.iter().filter(|e| e.path != "d/y").collect();
+        let err = pack(
+            t.path(),
+            &refs,
+            &[],
+            &[],
+            Vec::new(),
+            &PackOptions::default(),
+            &PackProgress::default(),
+        )
+        .expect_err("must refuse");
+        assert!(err.to_string().contains("changed while packing"), "{err}");
+        fs::remove_file(t.path().join("x")).expect("rm");
+        fs::write(t.path().join("x"), b"harmless-bytes!!").expect("write");
+        fs::rename(t.path().join("d"), t.path().join("d-moved")).expect("mv");
+        std::os::unix::fs::symlink(outside.path(), t.path().join("d")).expect("symlink");
+        fs::write(outside.path().join("y"), b"TOP-SECRET-BYTES").expect("write");
+        let only_y: Vec<&Entry> = entries.iter().filter(|e| e.path == "d/y").collect();
+        let err = pack(
+            t.path(),
+            &only_y,
+            &[],
+            &[],
+            Vec::new(),
+            &PackOptions::default(),
+            &PackProgress::default(),
+        )
+        .expect_err("must refuse");
         assert!(err.to_string().contains("changed while packing"), "{err}");
     }
 

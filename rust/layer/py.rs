@@ -78,13 +78,21 @@ impl PyScan {
             .sum()
     }
 
-    /// The serialised index (zstd-compressed JSON).
+    /// The serialised index (zstd-compressed binary records, version 2).
     fn encode<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         let entries = self.entries.clone();
         let data = py
             .allow_threads(move || index::encode(&entries))
             .map_err(|e| io_err("encode index", e))?;
         Ok(PyBytes::new(py, &data))
+    }
+
+    /// A digest of the paths and the metadata `diff` compares (and content digests with
+    /// `content`): equal fingerprints mean an empty diff.
+    #[pyo3(signature = (content = false))]
+    fn fingerprint(&self, py: Python<'_>, content: bool) -> String {
+        let entries = self.entries.clone();
+        py.allow_threads(move || index::fingerprint(&entries, content))
     }
 
     /// (path, kind, size, mode, mtime_ns, link target, content digest) for every entry.
