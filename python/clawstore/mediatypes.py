@@ -21,6 +21,10 @@ VOLUME_INDEX: Final = "application/vnd.elasticclaw.volume.index.v1+json"
 #: The file index of a volume snapshot as volumes.py stores it: VOLUME_INDEX JSON, zstd-compressed.
 VOLUME_INDEX_ZSTD: Final = "application/vnd.elasticclaw.volume.index.v1+json+zstd"
 CHECKPOINT_FILE: Final = "application/vnd.elasticclaw.checkpoint.file.v1"
+#: A checkpoint's config: session metadata, pack table and file index, zstd-compressed JSON.
+CHECKPOINT_CONFIG_ZSTD: Final = "application/vnd.elasticclaw.checkpoint.config.v1+json+zstd"
+#: A checkpoint pack: tar+zstd cut into independent zstd frames (see checkpoints.py).
+CHECKPOINT_PACK: Final = "application/vnd.elasticclaw.checkpoint.pack.v1.tar+zstd"
 
 #: The empty JSON object `{}` used as config when a kind has none (OCI 1.1).
 EMPTY_JSON: Final = b"{}"
