@@ -270,7 +270,7 @@ def _validate(
         if parent and seen.get(parent) != "dir":
             # Also refuses anything below a symlink or a file, and implied directories.
             raise _bad(digest, f"{path!r}: parent {parent!r} is not a directory listed before it")
-        mode, mtime = e.get("m", 0o644), e.get("mt", 0)
+        mode, mtime = e.get("m"), e.get("mt")
         if not _is_int(mode) or not 0 <= mode <= 0o7777:
             raise _bad(digest, f"{path!r}: bad mode {mode!r}")
         if not _is_int(mtime) or abs(mtime) >= 1 << 62:
@@ -849,7 +849,11 @@ def restore(
             if progress is not None:
                 progress(e["s"])
         if links:
-            apply([(e["p"], "symlink", 0o777, e["mt"], 0, None, e["l"], None) for e in links], [])
+            apply(
+                _core.checkpoint_layer(
+                    [(e["p"], "symlink", 0o777, e["mt"], 0, None, e["l"], None) for e in links], []
+                )
+            )
         unpacker.finish()
         _swap_into_place(tmp, target)
     except BaseException:
