@@ -454,27 +454,34 @@ def create(
     with ThreadPoolExecutor(workers) as pool:
         uploads: list[Future[Any]] = []
 
-        # Large files: hash in parallel (the core releases the GIL), upload what the store lacks.
+        # Large files: hashed in parallel (the core releases the GIL) while small files pack;
+        # then leased in one go (a hub session: one transaction) and uploaded if the store lacks them.
+        def hash_large(e: dict[str, Any], ino: int) -> None:
+            full = root / e["p"]
+            try:
+                d = digest_file(full)
+                st = os.lstat(full)
+            except FileNotFoundError:
+                gone.add(id(e))
+                return
+            if not stat.S_ISREG(st.st_mode) or st.st_ino != ino:
+                gone.add(id(e))  # swapped for something else since the scan
+                return
+            e["h"] = str(d)
+            e["s"] = st.st_size
+
         def put_large(e: dict[str, Any], ino: int) -> None:
             full = root / e["p"]
-            for _attempt in range(2):
-                try:
-                    d = digest_file(full)
-                    st = os.lstat(full)
-                except FileNotFoundError:
-                    gone.add(id(e))
+            for _attempt in range(3):
+                if id(e) in gone:
                     return
-                if not stat.S_ISREG(st.st_mode) or st.st_ino != ino:
-                    gone.add(id(e))  # swapped for something else since the scan
-                    return
-                e["h"] = str(d)
-                e["s"] = st.st_size
-                if store.has_blob(d):
+                if store.has_blob(e["h"]):
                     return
                 try:
-                    store.put_blob(full, expected=d, media_type=FILE_TYPE)
+                    store.put_blob(full, expected=e["h"], media_type=FILE_TYPE)
                 except DigestMismatchError:
-                    continue  # changed while uploading: hash again
+                    hash_large(e, ino)  # changed since it was hashed: hash again
+                    continue
                 result.uploaded_blobs += 1
                 result.uploaded_bytes += e["s"]
                 if progress is not None:
@@ -482,8 +489,8 @@ def create(
                 return
             raise ClawstoreError(f"{full} keeps changing while it is checkpointed; try again")
 
-        for e, ino in large:
-            uploads.append(pool.submit(put_large, e, ino))
+        hashing = [pool.submit(hash_large, e, ino) for e, ino in large]
+        for e, _ino in large:
             result.hashed_files += 1
             result.hashed_bytes += e["s"]
 
@@ -523,6 +530,10 @@ def create(
             result.uploaded_blobs += 1
             result.uploaded_bytes += len(data)
             uploads.append(pool.submit(put_pack, data, digest))
+        for fut in hashing:
+            fut.result()
+        _hold(store, [e["h"] for e, _ino in large if id(e) not in gone])
+        uploads.extend(pool.submit(put_large, e, ino) for e, ino in large)
         for fut in uploads:
             fut.result()
 
@@ -602,6 +613,14 @@ def create(
     result.descriptor = desc
     result.config = config
     return result
+
+
+def _hold(store: ArtifactStore, digests: list[str]) -> None:
+    """Lease `digests` in one go when the store is a hub session (one catalog transaction instead
+    of one per blob); plain stores need nothing."""
+    hold = getattr(store, "hold", None)
+    if hold is not None and digests:
+        hold(*digests)
 
 
 # -- reading files -------------------------------------------------------------------------------
