@@ -560,6 +560,15 @@ def _apply(root: Path, op: str, name: str, n: int, seed: int) -> None:
 
 
 def _property(store: clawstore.ArtifactStore, base: Path, edits: list[tuple[str, str, int, int]]) -> None:
+    inline_max = cp.INLINE_MAX
+    cp.INLINE_MAX = 3  # exercise index blobs and delta configs on small trees
+    try:
+        _property_run(store, base, edits)
+    finally:
+        cp.INLINE_MAX = inline_max
+
+
+def _property_run(store: clawstore.ArtifactStore, base: Path, edits: list[tuple[str, str, int, int]]) -> None:
     work = Path(tempfile.mkdtemp(dir=base))
     root = work / "root"
     root.mkdir()

@@ -92,6 +92,7 @@ from clawstore.store import ArtifactStore
 ARTIFACT_TYPE: Final = mt.CHECKPOINT
 CONFIG_TYPE: Final = mt.CHECKPOINT_CONFIG_ZSTD
 PACK_TYPE: Final = mt.CHECKPOINT_PACK
+INDEX_TYPE: Final = mt.CHECKPOINT_INDEX_ZSTD
 FILE_TYPE: Final = mt.CHECKPOINT_FILE
 FORMAT_VERSION: Final = 2
 
@@ -122,6 +123,9 @@ COALESCE_GAP: Final = 1 << 20
 MAX_RANGE: Final = 16 << 20
 #: File bytes per layer handed to the unpacker (layers are built while the previous one unpacks).
 LAYER_BATCH: Final = 4 << 20
+#: Indexes up to this many records live in the config; larger ones in an index blob shared by
+#: the checkpoints after it, whose configs hold only the records that differ from it.
+INLINE_MAX: Final = 256
 #: Largest decompressed checkpoint config we accept.
 MAX_CONFIG_BYTES: Final = 1 << 30
 _SPECIAL_BITS: Final = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
@@ -193,6 +197,8 @@ class Checkpoint:
     config: dict[str, Any]
     packs: tuple[Descriptor, ...]
     entries: tuple[dict[str, Any], ...]
+    #: the shared index blob's records (pack numbers of this config), when the config is a delta
+    base: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def parent(self) -> str | None:
@@ -237,17 +243,14 @@ def _check_path(digest: Digest, p: object) -> str:
 
 
 def _validate(
-    digest: Digest, manifest: ImageManifest, config: Any
+    digest: Digest, manifest: ImageManifest, config: dict[str, Any], raw_entries: list[Any]
 ) -> tuple[tuple[Descriptor, ...], tuple[dict[str, Any], ...]]:
     """Check every record of a checkpoint's index; UnsafeArchiveError on anything a restore could
     be tricked by. Returns the pack descriptors and the entries."""
-    if not isinstance(config, dict) or config.get("version") != FORMAT_VERSION:
-        raise InvalidManifestError(f"checkpoint {digest}: unsupported config (format version 2 expected)")
     layer_sizes = {str(d.digest): d.size for d in manifest.layers}
     raw_packs = config.get("packs")
-    raw_entries = config.get("entries")
-    if not isinstance(raw_packs, list) or not isinstance(raw_entries, list):
-        raise _bad(digest, "config has no pack table or index")
+    if not isinstance(raw_packs, list):
+        raise _bad(digest, "config has no pack table")
     packs: list[Descriptor] = []
     for p in raw_packs:
         if not isinstance(p, dict) or not isinstance(p.get("digest"), str) or not _is_int(p.get("size")):
@@ -318,8 +321,80 @@ def load(store: ArtifactStore, ref: str | Digest) -> Checkpoint:
         config = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidManifestError(f"checkpoint {digest}: config does not decode: {e}") from None
-    packs, entries = _validate(digest, m, config)
-    return Checkpoint(digest, m, config, packs, entries)
+    if not isinstance(config, dict) or config.get("version") != FORMAT_VERSION:
+        raise InvalidManifestError(f"checkpoint {digest}: unsupported config (format version 2 expected)")
+    base = _read_base(store, digest, m, config)
+    packs, entries = _validate(digest, m, config, _merge(digest, config, base))
+    return Checkpoint(digest, m, config, packs, entries, base)
+
+
+def _read_base(
+    store: ArtifactStore, digest: Digest, manifest: ImageManifest, config: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """The records of the shared index blob a delta config builds on, their pack numbers turned
+    into this config's (by pack digest); {} when the config holds the whole index."""
+    idx = config.get("index")
+    if idx is None:
+        return {}
+    if not isinstance(idx, dict) or not isinstance(idx.get("digest"), str) or not _is_int(idx.get("size")):
+        raise _bad(digest, f"bad index descriptor {str(idx)[:80]!r}")
+    d = Digest.parse(idx["digest"])
+    if {str(x.digest): x.size for x in manifest.layers}.get(str(d)) != idx["size"]:
+        raise _bad(digest, f"index blob {d} is not a layer of the manifest")
+    try:
+        base = json.loads(_core.zstd_decompress(store.read_blob(d), MAX_CONFIG_BYTES))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidManifestError(f"checkpoint {digest}: index blob does not decode: {e}") from None
+    if (
+        not isinstance(base, dict)
+        or not isinstance(base.get("packs"), list)
+        or not isinstance(base.get("entries"), list)
+    ):
+        raise _bad(digest, "index blob has no pack list or records")
+    packs = config.get("packs")
+    pos = (
+        {p.get("digest"): i for i, p in enumerate(packs) if isinstance(p, dict)}
+        if isinstance(packs, list)
+        else {}
+    )
+    out: dict[str, dict[str, Any]] = {}
+    for e in base["entries"]:
+        if not isinstance(e, dict) or not isinstance(e.get("p"), str):
+            raise _bad(digest, f"index record is not an object with a path: {str(e)[:80]!r}")
+        if e["p"] in out:
+            raise _bad(digest, f"duplicate path in index: {e['p']!r}")
+        if "k" in e:
+            k = e["k"]
+            if not _is_int(k) or not 0 <= k < len(base["packs"]):
+                raise _bad(digest, f"{e['p']!r}: pack {k!r} is not in the index blob's pack list")
+            # -1: a pack this checkpoint no longer lists; fine if the config replaces the record
+            # (validation refuses it otherwise)
+            e = {**e, "k": pos.get(base["packs"][k], -1)}
+        out[e["p"]] = e
+    return out
+
+
+def _merge(digest: Digest, config: dict[str, Any], base: dict[str, dict[str, Any]]) -> list[Any]:
+    """The full index: the config's records, over the base's minus `removed`, in path order."""
+    delta = config.get("entries")
+    removed = config.get("removed", [])
+    if not isinstance(delta, list) or not isinstance(removed, list):
+        raise _bad(digest, "config has no index records")
+    if config.get("index") is None:
+        return delta
+    merged = dict(base)
+    for p in removed:
+        if not isinstance(p, str) or merged.pop(p, None) is None:
+            raise _bad(digest, f"removed path {p!r} is not in the index blob")
+    seen: set[str] = set()
+    for e in delta:
+        if not isinstance(e, dict) or not isinstance(e.get("p"), str):
+            raise _bad(digest, f"index record is not an object with a path: {str(e)[:80]!r}")
+        if e["p"] in seen:
+            raise _bad(digest, f"duplicate path in index: {e['p']!r}")
+        seen.add(e["p"])
+        merged[e["p"]] = e
+    return sorted(merged.values(), key=lambda e: e["p"])
 
 
 def read_checkpoint(store: ArtifactStore, ref: str | Digest) -> tuple[Digest, ImageManifest, dict[str, Any]]:
@@ -575,8 +650,13 @@ def create(
         "threshold": threshold,
         "root": {"m": stat.S_IMODE(root_st.st_mode), "mt": root_st.st_mtime_ns},
         "packs": pack_table,
+        "index": None,
         "entries": entries,
+        "removed": [],
     }
+    index_layer: Descriptor | None = None
+    if len(entries) > INLINE_MAX:
+        index_layer = _write_index(store, prev if not result.compacted else None, config, level, result)
     config_bytes = _core.zstd_compress(json.dumps(config, separators=(",", ":")).encode(), level)
     cfg_digest = "sha256:" + _core.digest_bytes(config_bytes)
     cfg = store.put_blob(config_bytes, expected=cfg_digest, media_type=CONFIG_TYPE)
@@ -586,6 +666,7 @@ def create(
     layers = (
         *(Descriptor(Digest.parse(p["digest"]), p["size"], PACK_TYPE) for p in pack_table),
         *(Descriptor(Digest.parse(h), s, FILE_TYPE) for h, s in blobs),
+        *((index_layer,) if index_layer is not None else ()),
     )
     annotations = {
         CREATED_ANNOTATION: created,
@@ -613,6 +694,42 @@ def create(
     result.descriptor = desc
     result.config = config
     return result
+
+
+def _write_index(
+    store: ArtifactStore,
+    prev: Checkpoint | None,
+    config: dict[str, Any],
+    level: int,
+    result: CheckpointResult,
+) -> Descriptor:
+    """Put a large index out of the config: keep using the parent's index blob with only what
+    differs from it in the config (a few records per checkpoint instead of every digest), or, once
+    the differences pass 1/8 of the index, write a new index blob. Changes `config` in place and
+    returns the index blob's descriptor (a layer of the manifest)."""
+    entries: list[dict[str, Any]] = config["entries"]
+    if prev is not None and isinstance(prev.config.get("index"), dict):
+        pos = {p["digest"]: i for i, p in enumerate(config["packs"])}
+        base: dict[str, dict[str, Any] | None] = {}
+        for path, e in prev.base.items():
+            if "k" in e:
+                k = pos.get(prev.config["packs"][e["k"]]["digest"]) if e["k"] >= 0 else None
+                base[path] = None if k is None else {**e, "k": k}
+            else:
+                base[path] = e
+        delta = [e for e in entries if base.get(e["p"]) != e]
+        removed = sorted(set(base) - {e["p"] for e in entries})
+        if len(delta) + len(removed) <= max(INLINE_MAX, len(entries) // 8):
+            idx = prev.config["index"]
+            config.update(index=idx, entries=delta, removed=removed)
+            return Descriptor(Digest.parse(idx["digest"]), idx["size"], INDEX_TYPE)
+    blob = {"version": FORMAT_VERSION, "packs": [p["digest"] for p in config["packs"]], "entries": entries}
+    data = _core.zstd_compress(json.dumps(blob, separators=(",", ":")).encode(), level)
+    d = store.put_blob(data, expected="sha256:" + _core.digest_bytes(data), media_type=INDEX_TYPE)
+    result.uploaded_blobs += 1
+    result.uploaded_bytes += len(data)
+    config.update(index={"digest": str(d.digest), "size": d.size}, entries=[], removed=[])
+    return Descriptor(d.digest, d.size, INDEX_TYPE)
 
 
 def _hold(store: ArtifactStore, digests: list[str]) -> None:

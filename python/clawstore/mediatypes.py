@@ -23,6 +23,8 @@ VOLUME_INDEX_ZSTD: Final = "application/vnd.elasticclaw.volume.index.v1+json+zst
 CHECKPOINT_FILE: Final = "application/vnd.elasticclaw.checkpoint.file.v1"
 #: A checkpoint's config: session metadata, pack table and file index, zstd-compressed JSON.
 CHECKPOINT_CONFIG_ZSTD: Final = "application/vnd.elasticclaw.checkpoint.config.v1+json+zstd"
+#: A checkpoint's file index shared by later checkpoints (their configs hold what differs).
+CHECKPOINT_INDEX_ZSTD: Final = "application/vnd.elasticclaw.checkpoint.index.v1+json+zstd"
 #: A checkpoint pack: tar+zstd cut into independent zstd frames (see checkpoints.py).
 CHECKPOINT_PACK: Final = "application/vnd.elasticclaw.checkpoint.pack.v1.tar+zstd"
 

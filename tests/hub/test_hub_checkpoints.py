@@ -53,7 +53,7 @@ def test_session_writes_few_catalog_transactions_whatever_the_file_count(
     hub: Hub, tmp_path: Path, count_tx: list[int]
 ) -> None:
     counts = []
-    for n in (20, 400):
+    for n in (300, 900):  # both past INLINE_MAX: each writes an index blob
         src = tmp_path / f"src{n}"
         make_tree(src, n, large=3)
         before = count_tx[0]
@@ -64,14 +64,14 @@ def test_session_writes_few_catalog_transactions_whatever_the_file_count(
     assert counts[0] == counts[1], counts  # not one per file
     assert counts[1] <= 12, counts
     # after one change: fewer still
-    src = tmp_path / "src400"
+    src = tmp_path / "src900"
     (src / "d0" / "f0.txt").write_bytes(b"changed")
     before = count_tx[0]
-    with hub.session(ADMIN, "ck/n400", kind="checkpoint") as s:
-        r = cp.create(s, "ck/n400:latest", src, threshold=65536)
-    assert r.reused_files == 402 and r.packs == 1
+    with hub.session(ADMIN, "ck/n900", kind="checkpoint") as s:
+        r = cp.create(s, "ck/n900:latest", src, threshold=65536)
+    assert r.reused_files == 902 and r.packs == 1
     assert count_tx[0] - before <= counts[1]
-    cp.restore(hub.store, "ck/n400:latest", tmp_path / "out")
+    cp.restore(hub.store, "ck/n900:latest", tmp_path / "out")
     assert (tmp_path / "out" / "d0" / "f0.txt").read_bytes() == b"changed"
     assert (tmp_path / "out" / "big2.bin").read_bytes() == (src / "big2.bin").read_bytes()
     assert hub.fsck(ADMIN).ok
