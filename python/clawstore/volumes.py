@@ -41,7 +41,6 @@ from typing import Any, Final
 
 from clawstore import _core
 from clawstore import mediatypes as mt
-from clawstore.backends.base import MISSING
 from clawstore.digest import Digest
 from clawstore.errors import (
     ClawstoreError,
@@ -53,6 +52,7 @@ from clawstore.errors import (
 from clawstore.manifest import Descriptor, ImageManifest, canonical_json, parse_manifest
 from clawstore.names import Reference
 from clawstore.store import ArtifactStore
+from clawstore.types import MISSING
 
 CONFIG_VERSION: Final = 1
 ANNOTATION_DIFF_ID: Final = "io.elasticclaw.layer.diff_id"
