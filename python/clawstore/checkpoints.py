@@ -74,7 +74,6 @@ from typing import Any, Final
 
 from clawstore import _core
 from clawstore import mediatypes as mt
-from clawstore.backends.base import ANY, MISSING
 from clawstore.digest import Digest, digest_file
 from clawstore.errors import (
     ClawstoreError,
@@ -88,6 +87,7 @@ from clawstore.errors import (
 from clawstore.manifest import Descriptor, ImageManifest, parse_manifest
 from clawstore.names import Reference
 from clawstore.store import ArtifactStore
+from clawstore.types import ANY, MISSING
 
 ARTIFACT_TYPE: Final = mt.CHECKPOINT
 CONFIG_TYPE: Final = mt.CHECKPOINT_CONFIG_ZSTD
@@ -607,7 +607,7 @@ def create(
             uploads.append(pool.submit(put_pack, data, digest))
         for fut in hashing:
             fut.result()
-        _hold(store, [e["h"] for e, _ino in large if id(e) not in gone])
+        store.hold(*(e["h"] for e, _ino in large if id(e) not in gone))  # hub session: one lease tx
         uploads.extend(pool.submit(put_large, e, ino) for e, ino in large)
         for fut in uploads:
             fut.result()
@@ -730,14 +730,6 @@ def _write_index(
     result.uploaded_bytes += len(data)
     config.update(index={"digest": str(d.digest), "size": d.size}, entries=[], removed=[])
     return Descriptor(d.digest, d.size, INDEX_TYPE)
-
-
-def _hold(store: ArtifactStore, digests: list[str]) -> None:
-    """Lease `digests` in one go when the store is a hub session (one catalog transaction instead
-    of one per blob); plain stores need nothing."""
-    hold = getattr(store, "hold", None)
-    if hold is not None and digests:
-        hold(*digests)
 
 
 # -- reading files -------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 from clawstore import mediatypes as mt
-from clawstore.backends.base import Backend, BlobPaths, Downloads, Recording
+from clawstore.backends.base import Backend, BlobPaths, Downloads, RangedReads, Recording
 from clawstore.digest import DEFAULT_ALGORITHM, Digest, check_algorithm, digest_bytes
 from clawstore.errors import (
     BlobNotFoundError,
@@ -116,9 +116,8 @@ class ArtifactStore:
         d = Digest.parse(digest)
         if offset < 0 or length < 0:
             raise ValueError(f"bad range {offset}+{length}")
-        read_range = getattr(self.backend, "read_blob_range", None)
-        if read_range is not None:
-            return bytes(read_range(d, offset, length))
+        if isinstance(self.backend, RangedReads):
+            return bytes(self.backend.read_blob_range(d, offset, length))
         raw, _size = self.backend.open_blob(d)  # a backend without ranged reads: skip ahead
         with raw:
             while offset > 0:
@@ -131,7 +130,14 @@ class ArtifactStore:
     @property
     def read_concurrency(self) -> int:
         """How many reads (ranged or whole) the backend serves well at once."""
-        return int(getattr(self.backend, "read_concurrency", 4))
+        return self.backend.read_concurrency if isinstance(self.backend, RangedReads) else 4
+
+    def hold(self, *digests: Digest | str) -> None:
+        """Say that the caller is about to rely on these digests (reuse them in a manifest): a
+        recording backend (a hub session) leases them all in one transaction; a plain store has
+        nothing to do."""
+        if isinstance(self.backend, Recording) and digests:
+            self.backend.hold([Digest.parse(d) for d in digests])
 
     def read_blob(self, digest: Digest | str) -> bytes:
         """Whole blob in memory, verified. For small blobs (configs, indexes)."""
