@@ -286,7 +286,7 @@ PARTS = {"small": part_small, "requests": part_requests, "10k": part_10k, "1g": 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("parts", nargs="*", default=list(PARTS), choices=list(PARTS))
+    ap.add_argument("parts", nargs="*", choices=[*PARTS, []], help="default: all")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--data", type=Path, default=Path("/work/wt/data"))
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()))
@@ -298,7 +298,7 @@ def main() -> None:
     set_fake_credentials()
     server = MotoProcess()
     try:
-        for name in args.parts:
+        for name in args.parts or list(PARTS):
             PARTS[name](args, server)
     finally:
         server.stop()
