@@ -202,9 +202,14 @@ def test_racy_rewrite_is_reread(
     (src / "f").write_bytes(b"AAAA")
     first = cp.create(store, "ck/r:t", src)
     second = cp.create(store, "ck/r:t", src)
-    # the file's ctime is within the racy window of the parent's creation: re-read
-    assert second.reused_files == 0 and second.hashed_files == 1
-    assert first.config["entries"][0]["h"] == second.config["entries"][0]["h"]
+    # the file's ctime is within the racy window of the parent's creation: re-read (hashed), and
+    # as its content is the parent's, its record is kept (no new pack)
+    assert second.hashed_files == 1 and second.reused_files == 1 and second.packs == 0
+    assert first.config["entries"][0] == second.config["entries"][0]
+    (src / "f").write_bytes(b"BBBB")  # a same-size rewrite in the racy window: caught
+    third = cp.create(store, "ck/r:t", src)
+    assert third.reused_files == 0 and third.packs == 1
+    assert cp.cat(store, "ck/r:t", "f") == b"BBBB"
 
 
 def test_cat_is_one_ranged_read_verified(

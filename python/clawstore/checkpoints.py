@@ -468,6 +468,7 @@ def create(
     small: list[tuple[dict[str, Any], int, int]] = []  # (entry, dev, ino) to pack
     large: list[tuple[dict[str, Any], int]] = []  # (entry, ino) to store as blobs
     reused_in_pack: dict[int, int] = {}  # parent pack number -> live file bytes
+    racy: list[tuple[int, dict[str, Any]]] = []  # (entry number, parent record)
     for path, kind, size, mode, mtime, ctime, ino, dev, link in scanned:
         if kind == "dir":
             entries.append({"p": path, "t": "dir", "m": mode, "mt": mtime})
@@ -484,21 +485,49 @@ def create(
             and p.get("mt") == mtime
             and p.get("ct") == ctime
             and p.get("i") == ino
-            and max(mtime, ctime) < racy_before - (RACY_COARSE_NS if (mtime | ctime) % 10**9 == 0 else 0)
         ):
-            e = dict(p)
-            e["m"] = mode
-            entries.append(e)
-            result.reused_files += 1
-            if "k" in e:
-                reused_in_pack[e["k"]] = reused_in_pack.get(e["k"], 0) + size
-            continue
+            if max(mtime, ctime) < racy_before - (RACY_COARSE_NS if (mtime | ctime) % 10**9 == 0 else 0):
+                e = dict(p)
+                e["m"] = mode
+                entries.append(e)
+                result.reused_files += 1
+                if "k" in e:
+                    reused_in_pack[e["k"]] = reused_in_pack.get(e["k"], 0) + size
+                continue
+            racy.append((len(entries), p))  # re-hashed below; repacked only if it differs
         e = {"p": path, "t": "file", "m": mode, "mt": mtime, "ct": ctime, "i": ino, "s": size}
         entries.append(e)
         if size < threshold:
             small.append((e, dev, ino))
         else:
             large.append((e, ino))
+
+    if racy:
+        # Same metadata as the parent but too close to its creation to trust: hash the content;
+        # when it is the parent's, keep the parent's record (no repacking, no index churn).
+        def rehash(item: tuple[int, dict[str, Any]]) -> str | None:
+            try:
+                return str(digest_file(root / entries[item[0]]["p"]))
+            except OSError:
+                return None
+
+        with ThreadPoolExecutor(workers) as pool:
+            digests = list(pool.map(rehash, racy))
+        same: set[int] = set()
+        for (i, p), d in zip(racy, digests, strict=True):
+            if d is not None and d == p.get("h"):
+                e = entries[i]
+                mode = e["m"]
+                e.clear()
+                e.update(p, m=mode)
+                same.add(id(e))
+                result.reused_files += 1
+                result.hashed_files += 1
+                result.hashed_bytes += e["s"]
+                if "k" in e:
+                    reused_in_pack[e["k"]] = reused_in_pack.get(e["k"], 0) + e["s"]
+        small = [t for t in small if id(t[0]) not in same]
+        large = [t for t in large if id(t[0]) not in same]
 
     # Old packs: carried over (renumbered) while enough of them is live; otherwise compact.
     pack_table: list[dict[str, Any]] = []
