@@ -2,11 +2,13 @@
 //!
 //! Modules: `errors` (the Python exception hierarchy), `digest` (streaming sha256/sha512/blake3),
 //! `stage` (multipart part staging for the S3 backend),
-//! `layer` (volume layers: scan/index, tar+zstd pack, safe unpack).
+//! `layer` (volume layers: scan/index, tar+zstd pack, safe unpack),
+//! `checkpoint` (framed checkpoint packs read one file at a time).
 //! Each module has a pure-Rust API tested by `cargo test` and a `register` that exposes it.
 
 use pyo3::prelude::*;
 
+pub mod checkpoint;
 pub mod digest;
 pub mod errors;
 pub mod layer;
@@ -18,6 +20,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     digest::register(m)?;
     stage::register(m)?;
     layer::register(m)?;
+    checkpoint::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -227,3 +227,46 @@ class Unpacker:
         "diff_id" is None otherwise)."""
     def finish(self) -> dict[str, int]:
         """Wait for all writes, set directory metadata; totals."""
+
+# -- checkpoint (rust/checkpoint.rs): framed packs read one file at a time ---------------------
+
+CheckpointScanEntry = tuple[str, Literal["file", "dir", "symlink"], int, int, int, int, int, int, str | None]
+
+def checkpoint_scan(root: str | PathLike[str]) -> list[CheckpointScanEntry]:
+    """Sorted (path, kind, size, mode, mtime_ns, ctime_ns, ino, dev, link target) of every file,
+    directory and symlink below `root` (symlinks never followed; other types skipped).
+    ValueError for a name that is not UTF-8."""
+
+def checkpoint_pack(
+    root: str | PathLike[str],
+    files: list[tuple[str, int, int]],
+    group_bytes: int = 262144,
+    level: int = 3,
+) -> tuple[bytes, list[tuple[str, int, int, int, int, int, int, int, int] | None]]:
+    """Pack (path, dev, ino) files into a tar+zstd pack cut into independent frames: the pack and,
+    per file, (digest, size, mode, mtime_ns, ctime_ns, ino, frame_off, frame_len, data_off), or
+    None when it vanished or is no longer the scanned inode (opened with O_NOFOLLOW)."""
+
+def checkpoint_extract(
+    frame: Buffer, data_off: int, size: int, digest: str, path: str, max_frame: int = ...
+) -> bytes:
+    """One file's body out of its zstd frame, verified against `digest` (DigestMismatchError);
+    UnsafeArchiveError when the location lies outside the frame."""
+
+def checkpoint_layer(
+    items: list[tuple[str, str, int, int, int, str | None, str | None, tuple[int, int, int, int] | None]],
+    ranges: list[bytes],
+    max_frame: int = ...,
+) -> bytes:
+    """A tar (one zstd frame of raw blocks) of `items` (path, kind, mode, mtime_ns, size, digest,
+    link target, (range, frame offset, frame length, body offset)), bodies taken from the
+    fetched `ranges` and verified against their digests: what restore feeds the Unpacker."""
+
+def checkpoint_member_header(
+    path: str, kind: str, mode: int, mtime_ns: int, size: int, link: str | None = None
+) -> bytes:
+    """The tar header block(s) (PAX where ustar does not fit) of one member, owner 0:0."""
+
+def zstd_compress(data: Buffer, level: int = 3) -> bytes: ...
+def zstd_decompress(data: Buffer, limit: int) -> bytes:
+    """ValueError when the data is not zstd or decompresses past `limit` bytes."""

@@ -32,6 +32,12 @@ LOG_SEGMENT: Final = "application/vnd.elasticclaw.log.segment.v1+zstd"
 CACHE: Final = "application/vnd.elasticclaw.cache.v1+json"
 CACHE_LAYER: Final = "application/vnd.elasticclaw.cache.layer.v1.tar+zstd"
 CACHE_INDEX_ZSTD: Final = "application/vnd.elasticclaw.cache.index.v1+json+zstd"
+#: A checkpoint's config: session metadata, pack table and file index, zstd-compressed JSON.
+CHECKPOINT_CONFIG_ZSTD: Final = "application/vnd.elasticclaw.checkpoint.config.v1+json+zstd"
+#: A checkpoint's file index shared by later checkpoints (their configs hold what differs).
+CHECKPOINT_INDEX_ZSTD: Final = "application/vnd.elasticclaw.checkpoint.index.v1+json+zstd"
+#: A checkpoint pack: tar+zstd cut into independent zstd frames (see checkpoints.py).
+CHECKPOINT_PACK: Final = "application/vnd.elasticclaw.checkpoint.pack.v1.tar+zstd"
 
 #: The empty JSON object `{}` used as config when a kind has none (OCI 1.1).
 EMPTY_JSON: Final = b"{}"

@@ -590,13 +590,15 @@ struct PyReader {
 impl Read for PyReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         Python::with_gil(|py| {
+            // bytes via the buffer (PyBackedBytes): extracting Vec<u8> would convert element by
+            // element (~25 ns a byte, the bottleneck of every restore from a Python reader).
             let r = self
                 .obj
                 .bind(py)
                 .call_method1("read", (buf.len(),))
-                .and_then(|b| b.extract::<Vec<u8>>().map(|v| (v, ())));
+                .and_then(|b| b.extract::<pyo3::pybacked::PyBackedBytes>());
             match r {
-                Ok((data, ())) => {
+                Ok(data) => {
                     if data.len() > buf.len() {
                         return Err(io::Error::other("reader returned more than asked"));
                     }

@@ -144,6 +144,7 @@ SURFACE: dict[str, Check] = {
     "read_blob": leased_read(lambda s, d: s.read_blob(d)),
     "get_blob_to_path": leased_read(lambda s, d: s.get_blob_to_path(d, Path(s.url[7:]).parent / "out")),
     "blob_local_path": leased_read(lambda s, d: s.blob_local_path(d)),
+    "get_blob_range": leased_read(lambda s, d: s.get_blob_range(d, 1, 3)),
     "stat_blob": leased_read(lambda s, d: s.stat_blob(d)),
     "has_blob": leased_read(lambda s, d: s.has_blob(d)),
     "get_manifest": leased_read(lambda s, d: s.get_manifest(d), "manifest"),
@@ -174,6 +175,7 @@ SURFACE: dict[str, Check] = {
     "principal": plain(lambda s: s.principal == ADMIN),
     "repo": plain(lambda s: s.repo == REPO),
     "lease": plain(lambda s: bool(s.lease.id)),
+    "read_concurrency": plain(lambda s: s.read_concurrency >= 1),
 }
 
 

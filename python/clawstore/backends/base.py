@@ -82,6 +82,18 @@ class BlobPaths(Protocol):
 
 
 @runtime_checkable
+class RangedReads(Protocol):
+    """Reads part of a blob in one request (local: pread; S3: a Range GET), unverified: callers
+    check what they read against digests of their own (checkpoint packs: per-file digests)."""
+
+    def read_blob_range(self, digest: Digest, offset: int, length: int) -> bytes: ...
+
+    #: How many reads the backend serves well at once.
+    @property
+    def read_concurrency(self) -> int: ...
+
+
+@runtime_checkable
 class TempFiles(Protocol):
     """Lists the backend's temp files (fsck reports them, gc removes the stale ones)."""
 

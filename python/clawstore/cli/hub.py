@@ -133,9 +133,23 @@ def checkpoint() -> None:
 )
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Session metadata (repeatable).")
 @click.option("--volume", default=None, metavar="REF", help="Volume snapshot this checkpoint goes with.")
+@click.option(
+    "--threshold",
+    type=int,
+    default=None,
+    metavar="BYTES",
+    help="Files smaller than this go into packs, larger ones are blobs of their own [default 1 MiB].",
+)
 @with_hub
 def checkpoint_create(
-    hub: Any, principal: Any, directory: str, ref: str, parent: str, meta: tuple[str, ...], volume: str | None
+    hub: Any,
+    principal: Any,
+    directory: str,
+    ref: str,
+    parent: str,
+    meta: tuple[str, ...],
+    volume: str | None,
+    threshold: int | None,
 ) -> None:
     """Checkpoint DIRECTORY as REF (REPO:TAG); prints the manifest digest."""
     from clawstore import checkpoints
@@ -147,6 +161,8 @@ def checkpoint_create(
         if not sep:
             raise click.BadParameter(f"--meta {kv!r}: expected KEY=VALUE")
         session[k] = v
+    if threshold is not None and threshold < 0:
+        raise click.BadParameter("--threshold must be >= 0")
     r = Reference.parse(ref)
     with hub.session(principal, r.repository, kind="checkpoint") as s, progress("checkpoint", None) as bar:
         res = checkpoints.create(
@@ -156,33 +172,74 @@ def checkpoint_create(
             session=session,
             parent=None if parent == "none" else parent,
             volume=volume,
+            threshold=checkpoints.DEFAULT_THRESHOLD if threshold is None else threshold,
             progress=bar.advance,
         )
     click.echo(res.digest)
+    note = ", repacked" if res.compacted else ""
     click.echo(
-        f"{res.files} files ({_human(res.bytes)}): {res.reused_files} unchanged, {res.hashed_files} hashed, "
-        f"{res.uploaded_blobs} blobs uploaded ({_human(res.uploaded_bytes)})",
+        f"{res.files} files ({_human(res.bytes)}): {res.reused_files} unchanged, {res.hashed_files} read, "
+        f"{res.uploaded_blobs} blobs uploaded ({_human(res.uploaded_bytes)}){note}",
         err=True,
     )
+    if res.skipped:
+        click.echo(f"skipped {len(res.skipped)} files that changed type or vanished while read", err=True)
 
 
 @existing_store
 @checkpoint.command("restore")
 @click.argument("ref")
 @click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--path", "prefix", default=None, metavar="PATH", help="Restore only PATH (and below).")
+@click.option("--force", is_flag=True, help="Replace DIRECTORY if it is not empty.")
+@click.option("--special-bits", is_flag=True, help="Keep setuid/setgid/sticky bits (dropped by default).")
 @with_hub
-def checkpoint_restore(hub: Any, principal: Any, ref: str, directory: str) -> None:
-    """Restore checkpoint REF into DIRECTORY (absent or empty)."""
+def checkpoint_restore(
+    hub: Any, principal: Any, ref: str, directory: str, prefix: str | None, force: bool, special_bits: bool
+) -> None:
+    """Restore checkpoint REF into DIRECTORY (absent or empty, unless --force)."""
     from clawstore import checkpoints
     from clawstore.names import Reference
 
     repo = Reference.parse(ref).repository
     hub.permissions.check(principal, "pull", repo)
-    with hub.lease(principal, repo, "restore") as lease:
+    with hub.lease(principal, repo, "restore") as lease, progress("restore", None) as bar:
         digest = checkpoints.resolve_ref(hub.store, ref)
         lease.add([digest])
-        n = checkpoints.restore(hub.store, digest, directory)
-    click.echo(f"restored {n} files from {digest}", err=True)
+        r = checkpoints.restore(
+            hub.store,
+            digest,
+            directory,
+            path=prefix,
+            force=force,
+            special_bits=special_bits,
+            progress=bar.advance,
+        )
+    click.echo(f"restored {r.files} files ({_human(r.bytes)}) from {digest}", err=True)
+
+
+@existing_store
+@checkpoint.command("cat")
+@click.argument("ref")
+@click.argument("path")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write to FILE.")
+@with_hub
+def checkpoint_cat(hub: Any, principal: Any, ref: str, path: str, output: str | None) -> None:
+    """Print one file of checkpoint REF (one ranged read, verified by its digest)."""
+    import shutil
+    import sys
+
+    from clawstore import checkpoints
+    from clawstore.names import Reference
+
+    hub.permissions.check(principal, "pull", Reference.parse(ref).repository)
+    with checkpoints.open_file(hub.store, ref, path) as src:
+        if output is None:
+            shutil.copyfileobj(src, sys.stdout.buffer, 1 << 20)
+            sys.stdout.buffer.flush()
+        else:
+            with open(output, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
 
 
 @existing_store
@@ -200,6 +257,20 @@ def checkpoint_ls(hub: Any, principal: Any, repo: str) -> None:
 
 
 @existing_store
+@checkpoint.command("files")
+@click.argument("ref")
+@with_hub
+def checkpoint_files(hub: Any, principal: Any, ref: str) -> None:
+    """List the entries of checkpoint REF: type, mode, size, path."""
+    from clawstore import checkpoints
+    from clawstore.names import Reference
+
+    hub.permissions.check(principal, "pull", Reference.parse(ref).repository)
+    for e in checkpoints.load(hub.store, ref).entries:
+        extra = f" -> {e['l']}" if e["t"] == "symlink" else ""
+        click.echo(f"{e['t'][0]}\t{e.get('m', 0):04o}\t{e.get('s', 0)}\t{e['p']}{extra}")
+
+
 @checkpoint.command("diff")
 @click.argument("a")
 @click.argument("b")

@@ -156,6 +156,14 @@ class SessionBackend:
             return self.inner.download_to(digest, path)
         return self._store.get_blob_to_path(digest, path)
 
+    def read_blob_range(self, digest: Digest, offset: int, length: int) -> bytes:
+        self.hold([digest])
+        return self._store.get_blob_range(digest, offset, length)
+
+    @property
+    def read_concurrency(self) -> int:
+        return self._store.read_concurrency
+
     def blob_path(self, digest: Digest) -> Path | None:
         if not isinstance(self.inner, BlobPaths):
             return None
