@@ -12,9 +12,9 @@ from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
 from clawstore import _core
-from clawstore.types import ANY, MISSING, BlobSource, CleanupReport, Expectation
 from clawstore.digest import Digest
 from clawstore.errors import BlobNotFoundError, ClawstoreError, ManifestNotFoundError, TagConflictError
+from clawstore.types import ANY, MISSING, BlobSource, CleanupReport, Expectation
 
 from .download import Downloader, ResumingBody
 from .layout import S3Layout

@@ -28,9 +28,9 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from clawstore import _core
-from clawstore.types import BlobSource
 from clawstore.digest import Digest
 from clawstore.errors import DigestMismatchError
+from clawstore.types import BlobSource
 
 from .layout import S3Layout
 from .options import MAX_PARTS, MAX_SINGLE_COPY, MIN_PART_SIZE, MiB
