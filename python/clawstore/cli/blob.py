@@ -8,7 +8,7 @@ import secrets
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import click
 
@@ -57,11 +57,25 @@ def blob_group() -> None:
     default=None,
     help="Digest algorithm [default: sha256, or that of --expected].",
 )
+@click.option(
+    "--trust-size",
+    is_flag=True,
+    help="With --expected: if a blob of that digest and FILE's size is stored, do not read FILE.",
+)
 @pass_cli
-def blob_put(ctx: CliContext, source: str, expected: str | None, algorithm: str | None) -> None:
-    """Store FILE (or standard input with -) as a blob and print its digest."""
+def blob_put(
+    ctx: CliContext, source: str, expected: str | None, algorithm: str | None, trust_size: bool
+) -> None:
+    """Store FILE (or standard input with -) as a blob and print its digest.
+
+    With --expected the content is hashed and nothing is stored unless it matches (even when a
+    blob of that digest is already stored, unless --trust-size)."""
     exp = Digest.parse(expected) if expected is not None else None  # validate before any I/O
-    kw = {"algorithm": algorithm} if algorithm else {}
+    if trust_size and exp is None:
+        raise ClawstoreError("--trust-size needs --expected")
+    kw: dict[str, Any] = {"algorithm": algorithm} if algorithm else {}
+    if trust_size:
+        kw["trust_size"] = True
     store = ctx.store
     if source == "-":
         with Progress("put stdin", None) as bar:
