@@ -537,8 +537,10 @@ def test_kill9_during_snapshot_and_restore(tmp_path: Path, delay: float) -> None
         assert_same_tree(src, dest)
     # a killed restore never leaves a target that looks complete
     dest2 = tmp_path / "dest2"
-    if not run_and_kill([url, "restore", REF, str(dest2)], delay):
-        assert not dest2.exists()
+    # (killed before the final rename: nothing there; killed after it but before exiting, which
+    # a loaded machine makes possible even at 0.05 s: the whole tree)
+    if not run_and_kill([url, "restore", REF, str(dest2)], delay) and not dest2.exists():
+        pass
     else:
         assert_same_tree(dest, dest2)
     # and a later restore to the same place works and removes what the killed one left

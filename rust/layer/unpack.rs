@@ -519,6 +519,13 @@ impl Unpacker {
         if let Some(v) = budget.violation() {
             return Err(UnpackError::Unsafe(v));
         }
+        // The decoder stops with "tar reader stopped" when the tar side failed first (a disk
+        // error such as ENOSPC, an unsafe entry): then the tar side's error is the story.
+        if let Err(UnpackError::Io(_, e)) = &decoded {
+            if e.kind() == io::ErrorKind::BrokenPipe && tar_result.is_err() {
+                return tar_result.map(|_| LayerStats::default());
+            }
+        }
         let (digest, uncompressed) = decoded?;
         tar_result?;
         let diff_id = diff

@@ -78,6 +78,8 @@ def blob_put(
         kw["trust_size"] = True
     store = ctx.store
     if source == "-":
+        if sys.stdin is None or sys.stdin.closed:
+            raise ClawstoreError("standard input is closed (blob put - reads the blob from it)")
         with Progress("put stdin", None) as bar:
             src: BinaryIO = _ProgressReader(sys.stdin.buffer, bar) if is_interactive() else sys.stdin.buffer  # type: ignore[assignment]
             desc = store.put_blob(src, exp, **kw)

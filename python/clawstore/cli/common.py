@@ -137,6 +137,26 @@ def progress(description: str, total: int | None, *, unit: str = "bytes") -> Ite
         yield p
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _unicode_message(e: UnicodeError) -> str:
+    """Which name was not valid UTF-8, escaped (never a surrogate or a raw byte on the terminal)."""
+    obj = getattr(e, "object", None)
+    start = getattr(e, "start", 0)
+    end = getattr(e, "end", 0)
+    if isinstance(obj, str):
+        lo = max(0, start - 40)
+        snippet = obj[lo : end + 8].encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+        return f"not valid UTF-8 (file names must be UTF-8): ...{snippet}..."
+    if isinstance(obj, bytes | bytearray):
+        snippet = bytes(obj[max(0, start - 40) : end + 8]).decode("utf-8", "backslashreplace")
+        return f"not valid UTF-8 (file names must be UTF-8): ...{snippet}..."
+    return f"not valid UTF-8: {e}"
+
+
 def run_main(group: click.Group, argv: list[str] | None = None) -> NoReturn:
     """Run the CLI: clawstore errors and OS errors become one `error:` line and exit 1."""
     try:
@@ -152,4 +172,17 @@ def run_main(group: click.Group, argv: list[str] | None = None) -> NoReturn:
         fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}")
     except KeyboardInterrupt:
         fail("interrupted", 130)
+    except UnicodeError as e:
+        fail(_unicode_message(e))
+    except (ValueError, ImportError) as e:
+        # Bad input as libraries report it (an endpoint that is not a URL, a file name that is
+        # not UTF-8, a driver that is not installed): one line, like our own errors.
+        fail(_first_line(e))
+    except Exception as e:
+        family = type(e).__module__.split(".")[0]
+        if family in ("botocore", "boto3", "s3transfer"):
+            fail(f"S3: {_first_line(e)}")
+        if family in ("sqlalchemy", "psycopg", "psycopg2", "alembic"):
+            fail(f"catalog: {_first_line(e)}")
+        raise
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -45,12 +45,14 @@ class Duration(click.ParamType):
 DURATION = Duration()
 
 
-def _hub(cli_ctx: CliContext, catalog: str | None) -> tuple[Any, Any]:
+def _hub(cli_ctx: CliContext, catalog: str | None, create_catalog: bool = False) -> tuple[Any, Any]:
     from clawstore.hub import Hub, Principal
 
     hub = getattr(cli_ctx, "_hub", None)
     if hub is None:
-        hub = Hub(cli_ctx.store, catalog or os.environ.get("CLAWSTORE_CATALOG"))
+        hub = Hub(
+            cli_ctx.store, catalog or os.environ.get("CLAWSTORE_CATALOG"), create_catalog=create_catalog
+        )
         cli_ctx._hub = hub  # type: ignore[attr-defined]
         click.get_current_context().call_on_close(hub.catalog.close)
     token = os.environ.get("CLAWSTORE_TOKEN")
@@ -66,10 +68,17 @@ def with_hub(f: F) -> F:
         default=None,
         help="Catalog database URL [env CLAWSTORE_CATALOG; default <store>/catalog.sqlite]",
     )
+    @click.option(
+        "--create-catalog",
+        is_flag=True,
+        help="Start a new catalog at --catalog even though the store already has content.",
+    )
     @pass_cli
     @wraps(f)
-    def wrapper(cli_ctx: CliContext, catalog_url: str | None, *args: Any, **kwargs: Any) -> Any:
-        hub, principal = _hub(cli_ctx, catalog_url)
+    def wrapper(
+        cli_ctx: CliContext, catalog_url: str | None, create_catalog: bool, *args: Any, **kwargs: Any
+    ) -> Any:
+        hub, principal = _hub(cli_ctx, catalog_url, create_catalog)
         return f(hub, principal, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

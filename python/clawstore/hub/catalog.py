@@ -41,6 +41,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from clawstore.errors import ClawstoreError
 
@@ -239,6 +240,13 @@ def now() -> float:
     return time.time()
 
 
+def _shown_url(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not even a URL: show it without anything after '@'
+        return url.rsplit("@", 1)[-1] if "@" in url else url
+
+
 def default_catalog_url(store_root: str | Path) -> str:
     return f"sqlite:///{Path(store_root).absolute() / 'catalog.sqlite'}"
 
@@ -247,6 +255,43 @@ class Catalog:
     """An engine plus schema migration and the transaction discipline described above."""
 
     def __init__(self, url: str, *, schema: str | None = None, migrate: bool = True) -> None:
+        try:
+            self._open(url, schema)
+        except ClawstoreError:
+            raise
+        except (ImportError, ValueError, SQLAlchemyError) as e:
+            # A mistyped URL, an unknown dialect, a driver that is not installed, a server that
+            # does not answer: one line, never a traceback (and never the password).
+            shown = _shown_url(url)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ClawstoreError(f"cannot open catalog {shown}: {first}") from None
+        if migrate:
+            self.migrate()
+
+    def exists(self) -> bool:
+        """Whether this catalog was ever created (SQLite: the file; PostgreSQL: the schema's
+        migration table). Opening with `migrate=False` and asking this creates nothing."""
+        if self.dialect == "sqlite":
+            db = self.engine.url.database
+            return not db or db == ":memory:" or Path(db).exists()
+        from sqlalchemy import inspect
+
+        with self.engine.connect() as c:
+            return inspect(c).has_table("alembic_version", schema=self.schema)
+
+    def migrate(self) -> None:
+        from clawstore.hub.migrations import upgrade
+
+        db = self.engine.url.database
+        if self.dialect == "sqlite" and db and db != ":memory:":
+            Path(db).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            upgrade(self)
+        except SQLAlchemyError as e:
+            first = str(e).strip().splitlines()[0]
+            raise ClawstoreError(f"cannot open catalog {self.url}: {first}") from None
+
+    def _open(self, url: str, schema: str | None) -> None:
         u = make_url(url)
         schema = schema or u.query.get("schema")  # type: ignore[assignment]
         if "schema" in u.query:
@@ -257,8 +302,6 @@ class Catalog:
         self.schema = schema
         self.dialect = u.get_backend_name()
         if self.dialect == "sqlite":
-            if u.database and u.database != ":memory:":
-                Path(u.database).parent.mkdir(parents=True, exist_ok=True)
             self.engine: Engine = create_engine(u, connect_args={"timeout": 120, "check_same_thread": False})
             event.listen(self.engine, "connect", _sqlite_connect)
             event.listen(self.engine, "begin", _sqlite_begin)
@@ -282,10 +325,6 @@ class Catalog:
                     c.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         else:
             raise ClawstoreError(f"unsupported catalog database {self.dialect!r} (sqlite or postgresql)")
-        if migrate:
-            from clawstore.hub.migrations import upgrade
-
-            upgrade(self)
 
     @contextmanager
     def tx(self, *, exclusive: bool = False) -> Iterator[Connection]:

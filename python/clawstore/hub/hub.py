@@ -205,9 +205,19 @@ class Hub:
     """Store + catalog + permissions + leases + retention + GC. See the module docstring."""
 
     def __init__(
-        self, store: ArtifactStore, catalog: c.Catalog | str | None = None, *, schema: str | None = None
+        self,
+        store: ArtifactStore,
+        catalog: c.Catalog | str | None = None,
+        *,
+        schema: str | None = None,
+        create_catalog: bool = False,
     ) -> None:
+        """`catalog`: a Catalog, a URL, or None for `<local store>/catalog.sqlite`. A URL naming
+        a catalog that does not exist yet, beside a store that already has content, is refused
+        unless `create_catalog`: a mistyped URL must not silently start an empty catalog that
+        knows none of the store's pins, leases and grants (GC against it would not see them)."""
         self.store = store
+        explicit = catalog is not None
         if catalog is None:
             root = getattr(store.backend, "root", None)
             if root is None:
@@ -215,7 +225,22 @@ class Hub:
                     "a store without a local root needs a catalog URL (e.g. postgresql+psycopg://...)"
                 )
             catalog = c.default_catalog_url(root)
-        self.catalog = catalog if isinstance(catalog, c.Catalog) else c.Catalog(catalog, schema=schema)
+        if isinstance(catalog, c.Catalog):
+            self.catalog = catalog
+        else:
+            cat = c.Catalog(catalog, schema=schema, migrate=False)
+            try:
+                if explicit and not create_catalog and not cat.exists() and _has_content(store):
+                    raise ClawstoreError(
+                        f"no catalog at {cat.url}, but the store {store.url} has content: a new, "
+                        "empty catalog would know none of its pins, leases and grants. Check the "
+                        "catalog URL; to start a catalog for this store, use --create-catalog"
+                    )
+                cat.migrate()
+            except BaseException:
+                cat.close()
+                raise
+            self.catalog = cat
         self.permissions = Permissions(self.catalog)
         self.leases = Leases(self.catalog)
         self.retention_policies = Retention(self.catalog)
@@ -227,11 +252,15 @@ class Hub:
         catalog_url: str | None = None,
         *,
         schema: str | None = None,
+        create_catalog: bool = False,
     ) -> Hub:
         import clawstore
 
         return cls(
-            clawstore.open(store_url), catalog_url or os.environ.get("CLAWSTORE_CATALOG"), schema=schema
+            clawstore.open(store_url),
+            catalog_url or os.environ.get("CLAWSTORE_CATALOG"),
+            schema=schema,
+            create_catalog=create_catalog,
         )
 
     def close(self) -> None:
@@ -483,6 +512,13 @@ class Hub:
 
         with self.session(principal, repo, kind="import") as s:
             return import_oci(s, Path(directory), repo, tags=tags)
+
+
+def _has_content(store: ArtifactStore) -> bool:
+    """Any tag or blob at all (one listing call each, stopping at the first)."""
+    if store.list_repos():
+        return True
+    return next(iter(store.iter_blobs()), None) is not None
 
 
 __all__ = ["Hub", "HubSession"]
