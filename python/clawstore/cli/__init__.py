@@ -52,6 +52,8 @@ EXISTING_STORE_COMMANDS: tuple[str, ...] = (
     "retention apply",
     "export",
     "grant ls",
+    "lease ls",
+    "lease release",
     "catalog fsck",
     "catalog history",
 )

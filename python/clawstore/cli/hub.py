@@ -341,6 +341,40 @@ def token_revoke(hub: Any, principal: Any, token_id: str) -> None:
         raise ClawstoreError("no such live token")
 
 
+# -- leases --------------------------------------------------------------------------------------
+@click.group("lease")
+def lease() -> None:
+    """GC and volume leases held by work in progress (an admin sees all, others their own)."""
+
+
+@lease.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable list.")
+@with_hub
+def lease_ls(hub: Any, principal: Any, as_json: bool) -> None:
+    """List leases: id, kind, holder, expiry (s from now), digests held."""
+    import time
+
+    rows = hub.list_leases(principal)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    now = time.time()
+    for r in rows:
+        where = f"\t{r['volume']}" if r["type"] == "volume" else ""
+        left = float(r["expires_at"]) - now
+        state = f"{left:.0f}s" if left > 0 else "expired"
+        click.echo(f"{r['id']}\t{r['kind']}\t{r['holder'] or '-'}\t{state}\t{r['resources']}{where}")
+
+
+@lease.command("release")
+@click.argument("lease_id")
+@with_hub
+def lease_release(hub: Any, principal: Any, lease_id: str) -> None:
+    """Release LEASE_ID (e.g. one a killed process left); GC may then collect what it held."""
+    if not hub.release_lease(principal, lease_id):
+        raise ClawstoreError(f"no lease {lease_id}")
+
+
 @click.group("grant")
 def grant() -> None:
     """Grants of pull/push/delete/admin on repository patterns."""
@@ -418,7 +452,7 @@ def catalog_history(hub: Any, principal: Any, ref: str) -> None:
 
 
 def register(group: click.Group) -> None:
-    for cmd in (gc_cmd, checkpoint, retention, export_cmd, import_cmd, token, grant, catalog):
+    for cmd in (gc_cmd, checkpoint, retention, export_cmd, import_cmd, token, grant, lease, catalog):
         group.add_command(cmd)
 
 

@@ -69,7 +69,7 @@ class HubSession(ArtifactStore):
         new = {str(Digest.parse(d)) for d in digests} - self._held
         # Trust the cache only while the lease is far from expiry; otherwise add (a heartbeat,
         # which raises LeaseConflictError if the lease already lapsed).
-        if new or self.lease.expires_at - time.time() < DEFAULT_TTL / 2:
+        if new or self.lease.expires_at - time.time() < self.lease.ttl / 2:
             self.lease.add(new)
             self._held |= new
 
@@ -435,6 +435,40 @@ class Hub:
         """A GC lease for work in progress on `repo` (restores need pull, everything else push)."""
         self.permissions.check(principal, "pull" if kind == "restore" else "push", validate_repository(repo))
         return self.leases.create(kind, principal.name, ttl)
+
+    def list_leases(self, principal: Principal) -> list[dict[str, Any]]:
+        """GC and volume leases: all of them for an admin, else only the caller's own."""
+        holder = self._own_only(principal)
+        out: list[dict[str, Any]] = []
+        for r in self.leases.list(holder):
+            out.append({**r, "type": "gc"})
+        for r in self.leases.list_volume(holder):
+            out.append({**r, "type": "volume", "kind": f"volume-{r['mode']}", "resources": 1})
+        return sorted(out, key=lambda r: (r["created_at"], r["id"]))
+
+    def release_lease(self, principal: Principal, lease_id: str) -> bool:
+        """Release a GC or volume lease (an admin any, others only their own). False if none."""
+        own = self._own_only(principal)
+        found = self.leases.holder_of(lease_id)
+        if found is None:
+            return False
+        kind, holder = found
+        if own is not None and own != holder:
+            raise PermissionDeniedError(f"{principal.name} may not release lease {lease_id} (not theirs)")
+        if kind == "gc":
+            self.leases.release(lease_id)
+        else:
+            self.leases.release_volume(lease_id)
+        return True
+
+    def _own_only(self, principal: Principal) -> str | None:
+        """None for an admin (everything), else the principal's name (after a token check)."""
+        try:
+            self.permissions.check(principal, "admin")
+            return None
+        except PermissionDeniedError:
+            self.permissions.authenticated(principal)
+            return principal.name
 
     def acquire_volume(
         self,

@@ -1,0 +1,154 @@
+"""Issue 16 (security and integrity), hub items: GC against writers outside the hub, tokens
+that belong to someone else, lease TTLs and the lease commands. SQLite and PostgreSQL; local and
+S3 stores where the store matters."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import clawstore
+import pytest
+from clawstore import PermissionDeniedError
+from clawstore.fsck import fsck as store_fsck
+from clawstore.hub import GarbageCollector, Hub, Principal
+from clawstore.hub import catalog as c
+from hubutil import ADMIN, push_artifact
+from sqlalchemy import select
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_hub(request: pytest.FixtureRequest, catalog_url: str, tmp_path: Path) -> Iterator[Hub]:
+    if request.param == "local":
+        store = clawstore.open(tmp_path / "store")
+    else:
+        store = request.getfixturevalue("s3_store")
+    h = Hub(store, catalog_url)
+    yield h
+    h.catalog.close()
+
+
+# -- item 2: GC re-reads the store's tags inside its exclusive mark section ---------------------
+def test_gc_keeps_what_a_writer_outside_the_hub_tags_during_the_run(
+    any_hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`clawstore tag app:prod M` without a catalog, landing after GC read the tags (here: while
+    it adopts orphans) used to exit 0 and then lose M and its blobs to that same GC run."""
+    hub = any_hub
+    with hub.session(ADMIN, "app") as s:
+        old = push_artifact(s, "app", None, [b"old-layer"])
+    hub.gc(ADMIN, grace=3600)  # M is known, untagged, and (with grace 0 below) garbage
+
+    real_adopt = GarbageCollector.adopt_orphans
+
+    def adopt_then_tag(self: GarbageCollector, conn: object = None) -> int:
+        hub.store.tag("app", "prod", old.digest)  # a writer that knows no catalog
+        return real_adopt(self, conn)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(GarbageCollector, "adopt_orphans", adopt_then_tag)
+    report = hub.gc(ADMIN, grace=0)
+    assert report.rescued_by_store_tags >= 2  # the manifest and its layer came back
+    assert hub.store.has_manifest(old.digest)
+    assert hub.store.has_blob(clawstore.digest_bytes(b"old-layer"))
+    assert store_fsck(hub.store).ok
+    monkeypatch.setattr(GarbageCollector, "adopt_orphans", real_adopt)
+    # and the next run knows the tag as a root
+    hub.gc(ADMIN, grace=0)
+    assert hub.store.has_manifest(old.digest)
+    assert hub.fsck(ADMIN).ok
+
+
+# -- item 11: a token must belong to the principal it is presented with --------------------------
+def test_token_of_another_principal_is_refused(any_hub: Hub) -> None:
+    hub = any_hub
+    with hub.session(ADMIN, "secret/vault") as s:
+        push_artifact(s, "secret/vault", "v1", [b"bob's"])
+    bob_token = hub.issue_token(ADMIN, "bob")
+    hub.grant(ADMIN, "bob", "pull", "secret/**")
+    alice_token = hub.issue_token(ADMIN, "alice")
+    alice = hub.authenticate(alice_token)
+    forged = Principal("bob", alice.token_id)  # alice's token, bob's name
+    with pytest.raises(PermissionDeniedError, match="does not belong"):
+        hub.resolve(forged, "secret/vault", "v1")
+    bob = hub.authenticate(bob_token)
+    assert hub.resolve(bob, "secret/vault", "v1")
+
+
+# -- item 10: a session's TTL is what its heartbeat extends by ------------------------------------
+def test_session_ttl_is_the_heartbeat_ttl(any_hub: Hub) -> None:
+    hub = any_hub
+    before = time.time()
+    with hub.session(ADMIN, "r", ttl=60) as s:
+        s.put_blob(b"first write")
+        s.put_blob(b"second write", expected=clawstore.digest_bytes(b"second write"))
+        with hub.catalog.tx() as conn:
+            exp = conn.execute(select(c.leases.c.expires_at).where(c.leases.c.id == s.lease.id)).scalar()
+        # 60 s from some instant of this test, never the default 3600 s
+        assert exp is not None and exp < time.time() + 61 and exp >= before + 60
+        assert s.lease.ttl == 60
+
+
+# -- item 10: lease ls / release, permission-checked ----------------------------------------------
+def test_lease_ls_and_release_are_permission_checked(any_hub: Hub) -> None:
+    hub = any_hub
+    alice_tok = hub.issue_token(ADMIN, "alice")
+    bob_tok = hub.issue_token(ADMIN, "bob")
+    hub.grant(ADMIN, "alice", "push", "alice/**")
+    hub.grant(ADMIN, "bob", "push", "bob/**")
+    alice, bob = hub.authenticate(alice_tok), hub.authenticate(bob_tok)
+    la = hub.lease(alice, "alice/x", kind="upload")
+    lb = hub.lease(bob, "bob/x", kind="upload")
+    vol = hub.acquire_volume(bob, "bob/vol", "rw")
+    assert {r["id"] for r in hub.list_leases(alice)} == {la.id}
+    assert {r["id"] for r in hub.list_leases(bob)} == {lb.id, vol.id}
+    assert {la.id, lb.id, vol.id} <= {r["id"] for r in hub.list_leases(ADMIN)}
+    with pytest.raises(PermissionDeniedError):
+        hub.release_lease(alice, lb.id)
+    assert hub.release_lease(bob, vol.id)
+    assert hub.release_lease(ADMIN, la.id)
+    assert not hub.release_lease(ADMIN, la.id)
+    hub.revoke_token(ADMIN, bob_tok)
+    with pytest.raises(PermissionDeniedError):
+        hub.list_leases(bob)
+    with pytest.raises(PermissionDeniedError):
+        hub.release_lease(bob, lb.id)
+    assert {r["id"] for r in hub.list_leases(ADMIN)} >= {lb.id}
+
+
+def test_lease_cli(catalog_url: str, tmp_path: Path) -> None:
+    env = dict(os.environ)
+    env["CLAWSTORE_URL"] = str(tmp_path / "store")
+    env["CLAWSTORE_CATALOG"] = catalog_url
+    env.pop("CLAWSTORE_TOKEN", None)
+
+    def run(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+        e = dict(env)
+        if token:
+            e["CLAWSTORE_TOKEN"] = token
+        return subprocess.run(
+            [sys.executable, "-c", "from clawstore.cli import main; main()", *args],
+            capture_output=True,
+            text=True,
+            env=e,
+            timeout=120,
+        )
+
+    clawstore.open(tmp_path / "store").put_blob(b"x")
+    hub = Hub(clawstore.open(tmp_path / "store"), catalog_url, create_catalog=True)
+    tok = hub.issue_token(ADMIN, "carol")
+    hub.grant(ADMIN, "carol", "push", "carol/**")
+    lease = hub.lease(hub.authenticate(tok), "carol/x", kind="upload", ttl=3600)
+    other = hub.lease(ADMIN, "admin/x", kind="upload")
+    hub.catalog.close()
+    r = run("lease", "ls", token=tok)
+    assert r.returncode == 0, r.stderr
+    assert lease.id in r.stdout and other.id not in r.stdout
+    r = run("lease", "release", other.id, token=tok)
+    assert r.returncode != 0 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert run("lease", "release", lease.id, token=tok).returncode == 0
+    r = run("lease", "ls")
+    assert other.id in r.stdout and lease.id not in r.stdout
