@@ -7,7 +7,6 @@ with store.get_blob(d.digest) as r:
     data = r.read()
 """
 
-from clawstore.backends.base import ANY, MISSING
 from clawstore.digest import Digest, Hasher, digest_bytes, digest_file
 from clawstore.errors import (
     BlobNotFoundError,
@@ -28,6 +27,7 @@ from clawstore.manifest import Descriptor, ImageManifest, Index, canonical_json,
 from clawstore.names import Reference
 from clawstore.reader import VerifyingReader
 from clawstore.store import ArtifactStore, open
+from clawstore.types import ANY, MISSING
 
 __version__ = "0.1.0"
 

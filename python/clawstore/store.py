@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 from clawstore import _core
 from clawstore import mediatypes as mt
-from clawstore.backends.base import ANY, MISSING, Backend, BlobSource, CleanupReport, Expectation
+from clawstore.backends.base import Backend, BlobPaths, Downloads, Recording
 from clawstore.digest import DEFAULT_ALGORITHM, Digest, check_algorithm, digest_bytes
 from clawstore.errors import (
     BlobNotFoundError,
@@ -32,6 +32,7 @@ from clawstore.errors import (
 from clawstore.manifest import Descriptor, Manifest, parse_manifest, references
 from clawstore.names import validate_repository, validate_tag
 from clawstore.reader import VerifyingReader
+from clawstore.types import ANY, MISSING, BlobSource, CleanupReport, Expectation
 
 
 def _expectation(expect: Expectation | str) -> Expectation:
@@ -111,9 +112,8 @@ class ArtifactStore:
         content matches the digest. Backends with a faster way (S3: parallel ranged GETs) provide
         `download_to`; otherwise the verifying reader is copied. Returns the size."""
         d = Digest.parse(digest)
-        download_to = getattr(self.backend, "download_to", None)
-        if download_to is not None:
-            return int(download_to(d, path))
+        if isinstance(self.backend, Downloads):
+            return int(self.backend.download_to(d, path))
         dest = Path(path)
         tmp = dest.with_name(f".{dest.name}.clawstore-{os.getpid()}-{os.urandom(4).hex()}")
         try:
@@ -137,11 +137,10 @@ class ArtifactStore:
         themselves against the digest (layer unpacking); None if the backend is not local or the
         blob is absent. Never write to it."""
         d = Digest.parse(digest)
-        locate = getattr(self.backend, "blob_path", None)
-        if locate is None:
+        if not isinstance(self.backend, BlobPaths):
             return None
-        path = locate(d)
-        return path if isinstance(path, Path) and path.is_file() else None
+        path = self.backend.blob_path(d)
+        return path if path is not None and path.is_file() else None
 
     def stat_blob(self, digest: Digest | str) -> int:
         size = self.backend.blob_size(Digest.parse(digest))
@@ -174,26 +173,16 @@ class ArtifactStore:
         digest = digest_bytes(data, exp.algorithm if exp else DEFAULT_ALGORITHM)
         if exp is not None and digest != exp:
             raise DigestMismatchError(f"manifest hashes to {digest}, expected {exp}")
-        self._check_references(manifest)
+        refs = references(manifest)
+        recording = self.backend if isinstance(self.backend, Recording) else None
+        if recording is not None:  # hold it and what it references before checking they exist
+            recording.hold([digest, *(d.digest for d in refs.blobs), *(d.digest for d in refs.manifests)])
+        check_references(self.backend, manifest)
         if self.backend.manifest_size(digest) is None:
             self.backend.write_manifest(digest, data)
+        if recording is not None:
+            recording.manifest_stored(digest, manifest, len(data))
         return Descriptor(digest, len(data), manifest.media_type, artifact_type=manifest.artifact_type)
-
-    def _check_references(self, manifest: Manifest) -> None:
-        refs = references(manifest)
-        for d in refs.blobs:
-            size = self.backend.blob_size(d.digest)
-            if size is None:
-                raise InvalidManifestError(f"manifest references missing blob {d.digest}")
-            if size != d.size:
-                raise InvalidManifestError(f"blob {d.digest} is {size} bytes, descriptor says {d.size}")
-        for d in refs.manifests:
-            size = self.backend.manifest_size(d.digest)
-            if size is None:
-                raise InvalidManifestError(f"index references missing manifest {d.digest}")
-            if size != d.size:
-                raise InvalidManifestError(f"manifest {d.digest} is {size} bytes, descriptor says {d.size}")
-        # `subject` may dangle, as in the OCI distribution spec: referrers can be pushed first.
 
     def get_manifest(self, digest: Digest | str) -> bytes:
         """Manifest bytes, verified against their digest."""
@@ -274,6 +263,25 @@ class ArtifactStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_references(backend: Backend, manifest: Manifest) -> None:
+    """InvalidManifestError unless every blob and manifest `manifest` references is stored with
+    the size its descriptor says. `subject` may dangle, as in the OCI distribution spec:
+    referrers can be pushed first."""
+    refs = references(manifest)
+    for d in refs.blobs:
+        size = backend.blob_size(d.digest)
+        if size is None:
+            raise InvalidManifestError(f"manifest references missing blob {d.digest}")
+        if size != d.size:
+            raise InvalidManifestError(f"blob {d.digest} is {size} bytes, descriptor says {d.size}")
+    for d in refs.manifests:
+        size = backend.manifest_size(d.digest)
+        if size is None:
+            raise InvalidManifestError(f"index references missing manifest {d.digest}")
+        if size != d.size:
+            raise InvalidManifestError(f"manifest {d.digest} is {size} bytes, descriptor says {d.size}")
 
 
 def default_store_url() -> str:

@@ -37,7 +37,6 @@ from typing import Any, Final
 
 from clawstore import _core
 from clawstore import mediatypes as mt
-from clawstore.backends.base import MISSING
 from clawstore.digest import Digest
 from clawstore.errors import (
     ClawstoreError,
@@ -50,6 +49,7 @@ from clawstore.manifest import Descriptor, ImageManifest, canonical_json, parse_
 from clawstore.names import Reference
 from clawstore.restoredir import RestoreDir
 from clawstore.store import ArtifactStore
+from clawstore.types import MISSING
 
 CONFIG_VERSION: Final = 1
 ANNOTATION_DIFF_ID: Final = "io.elasticclaw.layer.diff_id"

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import threading
+import multiprocessing
 from pathlib import Path
+from typing import Any
 
 import clawstore
 import pytest
+from alembic.script import ScriptDirectory
 from clawstore.hub import Catalog, Hub
 from clawstore.hub import catalog as c
-from clawstore.hub.migrations import current
-from hubutil import ADMIN, push_artifact, push_index
+from clawstore.hub.migrations import alembic_config, current, upgrade
+from hubutil import ADMIN, make_catalog_url, push_artifact, push_index
 from sqlalchemy import select
 
 
@@ -23,23 +25,58 @@ def test_migrations_reach_head_and_are_idempotent(catalog_url: str) -> None:
     cat.close()
 
 
-def test_concurrent_opens_migrate_once(catalog_url: str) -> None:
-    errors: list[BaseException] = []
+_OPENERS = 12
+_ROUNDS = 10
+_barrier: Any = None
 
-    def open_one() -> None:
+
+def _init_opener(barrier: Any) -> None:
+    global _barrier
+    _barrier = barrier
+
+
+def _open_catalog(url: str) -> str | None:
+    """In a worker process: wait for every opener, then open (create + migrate) the catalog."""
+    try:
+        cat = Catalog(url, migrate=False)  # no connection yet: the race is in the first one
         try:
-            Catalog(catalog_url).close()
-        except BaseException as e:
-            errors.append(e)
+            _barrier.wait(120)  # as close together as processes get
+            upgrade(cat)  # what Catalog(url) does on open: connect (WAL switch), migrate
+        finally:
+            cat.close()
+        return None
+    except BaseException as e:  # reported to the test, which fails with it
+        return f"{type(e).__name__}: {e}"
 
-    threads = [threading.Thread(target=open_one) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors
-    cat = Catalog(catalog_url)
-    assert current(cat) == "0001"
+
+def test_concurrent_opens_migrate_once(catalog_kind: str, tmp_path: Path) -> None:
+    """Many PROCESSES opening one fresh catalog at the same instant (hub replicas starting
+    together, CLI commands racing) all succeed and migrate it exactly once, round after round.
+    On SQLite this caught 'database is locked' from the switch to WAL mode, which SQLite fails
+    without calling the busy handler when several connections try it at once (see
+    catalog._set_wal); processes, not threads, because that is how replicas race."""
+    ctx = multiprocessing.get_context("spawn")
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    with ctx.Pool(_OPENERS, initializer=_init_opener, initargs=(ctx.Barrier(_OPENERS),)) as pool:
+        for rnd in range(_ROUNDS):
+            url, schema = make_catalog_url(catalog_kind, tmp_path / f"r{rnd}")
+            if schema is not None:
+                url = f"{url}?schema={schema}"
+            else:
+                (tmp_path / f"r{rnd}").mkdir()
+            try:
+                errors = [e for e in pool.map(_open_catalog, [url] * _OPENERS, chunksize=1) if e]
+                assert not errors, f"round {rnd}: {len(errors)} of {_OPENERS} opens failed: {errors[0]}"
+                cat = Catalog(url, migrate=False)
+                try:
+                    assert current(cat) == head
+                    with cat.tx() as conn:  # the data migration ran once: one lock row
+                        assert conn.execute(select(c.catalog_lock.c.id)).scalars().all() == [1]
+                finally:
+                    cat.close()
+            finally:
+                if schema is not None:
+                    Catalog(url, migrate=False).drop_schema()
 
 
 def test_push_records_manifests_edges_tags_and_history(hub: Hub) -> None:

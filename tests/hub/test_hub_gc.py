@@ -146,19 +146,21 @@ def test_sweep_before_lease_makes_push_reupload(hub: Hub, monkeypatch: pytest.Mo
     with hub.session(ADMIN, "r") as s:
         push_artifact(s, "r", None, [b"content"])
     blob = clawstore.digest_bytes(b"content")
-    real_put_blob = clawstore.ArtifactStore.put_blob
+    backend_cls = type(hub.store.backend)
+    real_write_blob = backend_cls.write_blob
     swept: list[bool] = []
 
-    def put_then_sweep(self, src, expected=None, **kw):  # type: ignore[no-untyped-def]
-        d = real_put_blob(self, src, expected, **kw)
-        if d.digest == blob and not swept:
+    def write_then_sweep(self, src, algorithm, expected):  # type: ignore[no-untyped-def]
+        d, size = real_write_blob(self, src, algorithm, expected)
+        if d == blob and not swept:
             swept.append(True)
             assert hub.store.has_blob(blob)  # the write found it there and wrote nothing
             hub.gc(ADMIN, grace=0)  # a concurrent GC sweeps it before our lease commits
             assert not hub.store.has_blob(blob)
-        return d
+        return d, size
 
-    monkeypatch.setattr(clawstore.ArtifactStore, "put_blob", put_then_sweep)
+    # Under the session's wrapper: between the backend's write and the session's lease.
+    monkeypatch.setattr(backend_cls, "write_blob", write_then_sweep)
     with hub.session(ADMIN, "r") as s:
         d = s.put_blob(b"content")
     assert swept and d.digest == blob

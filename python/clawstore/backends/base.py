@@ -1,4 +1,4 @@
-"""The contract every data plane implements, and the blob sources it accepts.
+"""The contract every data plane implements (its vocabulary is in `clawstore.types`).
 
 Backends are below `clawstore.store`: they get names and digests already validated, and they
 own atomicity (nothing visible at a digest until its bytes are verified) and tag compare-and-swap.
@@ -7,43 +7,15 @@ own atomicity (nothing visible at a digest until its bytes are verified) and tag
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import BinaryIO, Protocol, runtime_checkable
+from collections.abc import Collection, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
 
 from clawstore.digest import Digest
+from clawstore.types import BlobSource, CleanupReport, Expectation
 
-
-class _Sentinel:
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return f"clawstore.{self.name}"
-
-    def __reduce__(self) -> str:
-        return self.name
-
-
-#: `expect=ANY`: set or remove the tag whatever it points at now.
-ANY = _Sentinel("ANY")
-#: `expect=MISSING`: only create the tag; TagConflictError if it exists.
-MISSING = _Sentinel("MISSING")
-
-Expectation = _Sentinel | Digest
-
-#: What put_blob accepts: bytes-like, a filesystem path, or a readable binary file object.
-BlobSource = bytes | bytearray | memoryview | str | os.PathLike[str] | BinaryIO
-
-
-@dataclass(frozen=True, slots=True)
-class CleanupReport:
-    """What a backend's cleanup removed: temp files, staging objects, stale multipart uploads."""
-
-    removed: int = 0
-    bytes: int = 0
+if TYPE_CHECKING:
+    from clawstore.manifest import Manifest
 
 
 @runtime_checkable
@@ -90,3 +62,44 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+# -- optional capabilities: a backend declares one by having its method; the store and the hub
+# -- test with isinstance(), never getattr, so a type checker and a new backend both see them.
+@runtime_checkable
+class Downloads(Protocol):
+    """Writes a blob to a file faster than a streamed copy (S3: parallel ranged GETs), verified,
+    the file appearing only whole (atomic rename). Returns the size."""
+
+    def download_to(self, digest: Digest, path: str | os.PathLike[str]) -> int: ...
+
+
+@runtime_checkable
+class BlobPaths(Protocol):
+    """Stored blobs are files: where one would be (it may be absent). Never written through."""
+
+    def blob_path(self, digest: Digest) -> Path | None: ...
+
+
+@runtime_checkable
+class TempFiles(Protocol):
+    """Lists the backend's temp files (fsck reports them, gc removes the stale ones)."""
+
+    def iter_temp_files(self) -> Iterator[Path]: ...
+
+
+@runtime_checkable
+class LocalRoot(Protocol):
+    """The store lives in a local directory (the hub puts its default SQLite catalog there)."""
+
+    root: Path
+
+
+@runtime_checkable
+class Recording(Protocol):
+    """A wrapper that keeps records beside the content (hub sessions): the store tells it what it
+    is about to rely on, before checking it exists, and what manifest it stored, already parsed
+    and digested, so the wrapper never parses or hashes anything a second time."""
+
+    def hold(self, digests: Collection[Digest]) -> None: ...
+    def manifest_stored(self, digest: Digest, manifest: Manifest, size: int) -> None: ...

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 from clawstore import _core
-from clawstore.backends.base import ANY, MISSING, BlobSource, CleanupReport, Expectation
 from clawstore.digest import ALGORITHMS, Digest, Hasher
 from clawstore.errors import (
     BlobNotFoundError,
@@ -43,6 +42,7 @@ from clawstore.errors import (
     TagConflictError,
 )
 from clawstore.manifest import MAX_MANIFEST_SIZE
+from clawstore.types import ANY, MISSING, BlobSource, CleanupReport, Expectation
 
 CHUNK = 1 << 20
 #: Streamed writes start writeback every this many bytes (when fsync is on).

@@ -68,7 +68,6 @@ from pathlib import Path
 from typing import Any, BinaryIO, NoReturn, TypeVar
 
 from clawstore import _core
-from clawstore.backends.base import ANY, MISSING, BlobSource, CleanupReport, Expectation
 from clawstore.digest import ALGORITHMS, Digest, Hasher
 from clawstore.errors import (
     BlobNotFoundError,
@@ -78,6 +77,7 @@ from clawstore.errors import (
     PermissionDeniedError,
     TagConflictError,
 )
+from clawstore.types import ANY, MISSING, BlobSource, CleanupReport, Expectation
 
 MiB = 1 << 20
 GiB = 1 << 30

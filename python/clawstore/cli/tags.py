@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from clawstore.backends.base import ANY, MISSING
 from clawstore.cli.common import CliContext, existing_store, pass_cli
 from clawstore.digest import Digest
 from clawstore.errors import InvalidNameError, ManifestNotFoundError
 from clawstore.names import Reference
+from clawstore.types import ANY, MISSING
 
 
 def _repo_tag(text: str) -> tuple[str, str]:

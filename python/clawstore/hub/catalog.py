@@ -18,6 +18,8 @@ Transactions (`Catalog.tx`) are serialisable in the way GC needs:
 
 from __future__ import annotations
 
+import fcntl
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -354,12 +356,40 @@ class Catalog:
 def _sqlite_connect(dbapi_conn: Any, _rec: Any) -> None:
     dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
+    # The busy timeout first, so every later statement on this connection waits for locks.
     cur.execute("PRAGMA busy_timeout=120000")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA cache_size=-32768")  # 32 MiB page cache: GC touches millions of rows
     cur.execute("PRAGMA temp_store=MEMORY")
+    _set_wal(cur)
     cur.close()
+
+
+def _set_wal(cur: Any) -> None:
+    """Switch the database to WAL (persistent in the file), one connection at a time.
+
+    Switching a rollback-journal database (every new catalog) to WAL reads the header under a
+    SHARED lock and then needs EXCLUSIVE. When several connections do that at once, one holds
+    PENDING while the others hold SHARED: SQLite sees a deadlock and fails the others with
+    SQLITE_BUSY ("database is locked") at once, WITHOUT calling the busy handler, so no busy
+    timeout helps. Hub replicas starting together or CLI commands racing on a fresh store hit
+    it. The switch therefore runs under an flock(2) on a lock file beside the database (never
+    the database file itself: closing any descriptor of it would drop SQLite's POSIX locks), so
+    it never races; once the file is in WAL mode the switch is a no-op that needs no write lock.
+    """
+    db = next((r[2] for r in cur.execute("PRAGMA database_list") if r[1] == "main"), "")
+    if not db:  # :memory: or a temporary database: nothing shared, WAL does not apply
+        return
+    fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        mode = cur.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    finally:
+        os.close(fd)  # releases the flock
+    if str(mode).lower() != "wal":
+        raise ClawstoreError(
+            f"catalog {db}: SQLite refused WAL mode (journal mode {mode}); use a local filesystem"
+        )
 
 
 def _sqlite_begin(conn: Connection) -> None:

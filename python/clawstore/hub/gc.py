@@ -43,6 +43,7 @@ from sqlalchemy import Connection, delete, select, text
 
 from clawstore.errors import ClawstoreError, NotFoundError, RefNotFoundError
 from clawstore.hub import catalog as c
+from clawstore.hub.records import ensure_recorded
 from clawstore.manifest import parse_manifest
 from clawstore.store import ArtifactStore
 
@@ -121,31 +122,11 @@ class GarbageCollector:
                     target = None
                 if target == current:
                     continue
-                if target is not None and not self._ensure_manifest(cx, target):
+                if target is not None and not ensure_recorded(cx, store, target):
                     continue  # dangling store tag: fsck reports it
                 c.set_tag(cx, repo, tag, target, actor="gc-reconcile")
                 changed += 1
         return changed
-
-    def _ensure_manifest(self, conn: Connection, digest: str) -> bool:
-        """Record a manifest (and rescue it and what it references from the trash) if the catalog
-        lacks it. False if the store lacks it too."""
-        from clawstore.hub.leases import rescue
-
-        store = self._need_store()
-        if conn.execute(select(c.manifests.c.digest).where(c.manifests.c.digest == digest)).first():
-            rescue(conn, [digest])
-            return True
-        try:
-            data = store.get_manifest(digest)
-        except NotFoundError:
-            return False
-        m = parse_manifest(data)
-        c.record_manifest(conn, digest, m, len(data))
-        rescue(conn, [digest, *(str(d.digest) for d in m.blobs())])
-        for child in getattr(m, "manifests", ()):
-            self._ensure_manifest(conn, str(child.digest))
-        return True
 
     # -- 2. orphans --------------------------------------------------------------------------
     def adopt_orphans(self, conn: Connection | None = None) -> int:
@@ -318,7 +299,7 @@ class GarbageCollector:
                 current = conn.execute(
                     select(c.tags.c.digest).where(c.tags.c.repository == repo, c.tags.c.tag == tag)
                 ).scalar()
-                if current != target and self._ensure_manifest(conn, target):
+                if current != target and ensure_recorded(conn, store, target):
                     c.set_tag(conn, repo, tag, target, actor="gc-reconcile")
         return rescued
 

@@ -9,29 +9,29 @@ for the protocol that makes pushes safe against a concurrent GC with grace 0):
     with hub.session(me, "checkpoints/alice") as store:         # an ArtifactStore that records
         clawstore.checkpoints.create(store, "checkpoints/alice:latest", workdir)
 
-A session is an `ArtifactStore` over the same backend that adds each digest to its lease before
-relying on it, records manifests/blobs/tags in the catalog after the store write, and checks
-tag operations against the principal's grants. Artifact kinds (checkpoints, volumes) take it
-like any store and never know about the catalog.
+A session (`clawstore.hub.session`) is a plain `ArtifactStore` over a recording, leasing wrapper
+of the hub's backend: the wrapper adds each digest to the session's lease before relying on it,
+records manifests/blobs/tags in the catalog after the store write, and asks this class's
+`_authorize` before every tag operation. Permission checks live here only. Artifact kinds
+(checkpoints, volumes) take a session like any store and never know about the catalog.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
 from clawstore import mediatypes as mt
-from clawstore.backends.base import ANY, BlobSource
-from clawstore.digest import DEFAULT_ALGORITHM, Digest, digest_bytes
+from clawstore.backends.base import LocalRoot
+from clawstore.digest import Digest
 from clawstore.errors import (
     ClawstoreError,
-    ManifestNotFoundError,
     PermissionDeniedError,
 )
 from clawstore.hub import catalog as c
@@ -40,165 +40,12 @@ from clawstore.hub.gc import GarbageCollector, GCReport
 from clawstore.hub.leases import DEFAULT_TTL, Lease, Leases, VolumeLease
 from clawstore.hub.permissions import Permissions, Principal
 from clawstore.hub.retention import Policy, Retention, RetentionReport
-from clawstore.manifest import Descriptor, parse_manifest, references
-from clawstore.names import Reference, validate_repository, validate_tag
+from clawstore.hub.session import HubSession, SessionBackend
+from clawstore.manifest import Descriptor
+from clawstore.names import Reference, validate_repository
 from clawstore.reader import VerifyingReader
 from clawstore.store import ArtifactStore
-
-
-class HubSession(ArtifactStore):
-    """An ArtifactStore bound to a principal, a repository and a GC lease (see module doc)."""
-
-    def __init__(self, hub: Hub, principal: Principal, repo: str, lease: Lease) -> None:
-        super().__init__(hub.store.backend)
-        self.hub = hub
-        self.principal = principal
-        self.repo = repo
-        self.lease = lease
-        self._held: set[str] = set()
-        self._pending: dict[str, int] = {}  # blobs written, catalog rows not yet
-        self._closed = False
-
-    def __repr__(self) -> str:
-        return f"HubSession({self.repo!r}, {self.principal!r})"
-
-    # -- leasing -----------------------------------------------------------------------------
-    def hold(self, *digests: str) -> None:
-        """Make `digests` GC roots for the life of this session (and rescue them from GC's trash).
-        Digests this session already holds cost nothing (one transaction for the rest)."""
-        new = {str(Digest.parse(d)) for d in digests} - self._held
-        # Trust the cache only while the lease is far from expiry; otherwise add (a heartbeat,
-        # which raises LeaseConflictError if the lease already lapsed).
-        if new or self.lease.expires_at - time.time() < self.lease.ttl / 2:
-            self.lease.add(new)
-            self._held |= new
-
-    # -- blobs -------------------------------------------------------------------------------
-    def put_blob(self, src: BlobSource, expected: Digest | str | None = None, **kw: Any) -> Descriptor:
-        if expected is not None:
-            self.hold(expected)
-            d = super().put_blob(src, expected, **kw)
-            # Held by the lease already; its catalog row is written with the next manifest (or
-            # when the session ends), one transaction for many blobs.
-            self._pending[str(d.digest)] = d.size
-            return d
-        for _attempt in range(3):
-            d = super().put_blob(src, None, **kw)
-            with self.hub.catalog.tx() as conn:
-                self.hub.leases.add_in(conn, self.lease, [str(d.digest)])
-                c.record_blob(conn, d.digest, d.size)
-            self._held.add(str(d.digest))
-            # GC may have deleted an identical object between our write and the lease.
-            if self.backend.blob_size(d.digest) == d.size:
-                return d
-            if isinstance(src, bytes | bytearray | memoryview | str | os.PathLike):
-                continue
-            if hasattr(src, "seek"):
-                src.seek(0)  # type: ignore[union-attr]
-                continue
-            break
-        raise ClawstoreError(f"blob {d.digest} was collected while uploading; retry the upload")
-
-    def has_blob(self, digest: Digest | str) -> bool:
-        self.hold(digest)
-        return super().has_blob(digest)
-
-    def stat_blob(self, digest: Digest | str) -> int:
-        self.hold(digest)
-        return super().stat_blob(digest)
-
-    def delete_blob(self, digest: Digest | str) -> None:
-        raise PermissionDeniedError("hub sessions do not delete blobs: untag and run gc")
-
-    def delete_manifest(self, digest: Digest | str) -> None:
-        raise PermissionDeniedError("hub sessions do not delete manifests: untag and run gc")
-
-    # -- manifests ---------------------------------------------------------------------------
-    def put_manifest(
-        self, data: bytes, media_type: str | None = None, *, expected: Digest | str | None = None
-    ) -> Descriptor:
-        data = bytes(data)
-        m = parse_manifest(data, media_type)
-        exp = Digest.parse(expected) if expected is not None else None
-        digest = digest_bytes(data, exp.algorithm if exp else DEFAULT_ALGORITHM)
-        refs = references(m)
-        self.hold(digest, *(d.digest for d in refs.blobs), *(d.digest for d in refs.manifests))
-        desc = super().put_manifest(data, media_type, expected=expected)
-        with self.hub.catalog.tx() as conn:
-            pending, self._pending = self._pending, {}
-            c.record_manifest(conn, desc.digest, m, len(data), repo=self.repo, extra_blobs=pending)
-        return desc
-
-    def _flush(self, conn: Any) -> None:
-        t = c.now()
-        rows = [
-            {"digest": d, "size": size, "created_at": t, "seen_at": t, "adopted": False}
-            for d, size in self._pending.items()
-        ]
-        c.upsert(conn, c.blobs, rows, ["digest"], ["seen_at", "adopted"])
-        self._pending.clear()
-
-    def has_manifest(self, digest: Digest | str) -> bool:
-        self.hold(digest)
-        return super().has_manifest(digest)
-
-    # -- tags --------------------------------------------------------------------------------
-    def resolve(self, repo: str, tag: str) -> Digest:
-        self.hub.permissions.check(self.principal, "pull", validate_repository(repo))
-        return super().resolve(repo, tag)
-
-    def tag(self, repo: str, tag: str, digest: Digest | str, expect: Any = ANY) -> Digest | None:
-        self.hub.permissions.check(self.principal, "push", validate_repository(repo))
-        validate_tag(tag)
-        d = Digest.parse(digest)
-        self.hold(d)
-        with self.hub.catalog.tx() as conn:
-            if not GarbageCollector(self.hub.catalog, self.hub.store)._ensure_manifest(conn, str(d)):
-                raise ManifestNotFoundError(f"cannot tag {repo}:{tag}: manifest {d} not found")
-            # Tagging is a push of the manifest into `repo`: it restarts its grace clock.
-            t = c.now()
-            c.ensure_repository(conn, repo, t)
-            conn.execute(c.manifests.update().where(c.manifests.c.digest == str(d)).values(seen_at=t))
-            c.upsert(
-                conn,
-                c.repo_manifests,
-                [{"repository": repo, "digest": str(d), "pushed_at": t}],
-                ["repository", "digest"],
-                ["pushed_at"],
-            )
-        # Held (and rescued) now: if GC deleted part of it before that, refuse to tag a torso.
-        self._check_references(parse_manifest(self.get_manifest(d)))
-        prev = super().tag(repo, tag, d, expect)
-        with self.hub.catalog.tx() as conn:
-            c.set_tag(conn, repo, tag, d, actor=self.principal.name)
-        return prev
-
-    def untag(self, repo: str, tag: str, expect: Any = ANY) -> Digest:
-        self.hub.permissions.check(self.principal, "delete", validate_repository(repo))
-        prev = super().untag(repo, tag, expect)
-        with self.hub.catalog.tx() as conn:
-            c.set_tag(conn, repo, tag, None, actor=self.principal.name)
-        return prev
-
-    def list_tags(self, repo: str) -> list[str]:
-        self.hub.permissions.check(self.principal, "pull", validate_repository(repo))
-        return super().list_tags(repo)
-
-    def list_repos(self) -> list[str]:
-        return self.hub.list_repos(self.principal)
-
-    def cleanup(self, older_than: float = 3600.0) -> Any:
-        raise PermissionDeniedError("cleanup belongs to gc")
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            try:
-                if self._pending:
-                    with self.hub.catalog.tx() as conn:
-                        self._flush(conn)
-            finally:
-                self.lease.release()
+from clawstore.types import ANY, BlobSource
 
 
 class Hub:
@@ -219,12 +66,11 @@ class Hub:
         self.store = store
         explicit = catalog is not None
         if catalog is None:
-            root = getattr(store.backend, "root", None)
-            if root is None:
+            if not isinstance(store.backend, LocalRoot):
                 raise ClawstoreError(
                     "a store without a local root needs a catalog URL (e.g. postgresql+psycopg://...)"
                 )
-            catalog = c.default_catalog_url(root)
+            catalog = c.default_catalog_url(store.backend.root)
         if isinstance(catalog, c.Catalog):
             self.catalog = catalog
         else:
@@ -298,14 +144,32 @@ class Hub:
         return self.permissions.revoke_grant(name, action, pattern)
 
     # -- content -----------------------------------------------------------------------------
+    def _authorize(self, principal: Principal, action: str, repo: str) -> None:
+        """The hub's one permission check for content: PermissionDeniedError unless allowed."""
+        self.permissions.check(principal, action, validate_repository(repo))
+
+    def _open_session(
+        self, principal: Principal, repo: str, kind: str, ttl: float = DEFAULT_TTL
+    ) -> HubSession:
+        lease = self.leases.create(kind, principal.name, ttl)
+        backend = SessionBackend(
+            self.store.backend,
+            self.catalog,
+            self.leases,
+            lease,
+            repo=repo,
+            actor=principal.name,
+            authorize=partial(self._authorize, principal),
+        )
+        return HubSession(backend, principal)
+
     @contextmanager
     def session(
         self, principal: Principal, repo: str, *, ttl: float = DEFAULT_TTL, kind: str = "upload"
     ) -> Iterator[HubSession]:
         """A recording, leased ArtifactStore for pushing to (and pulling from) `repo`."""
-        self.permissions.check(principal, "push", validate_repository(repo))
-        lease = self.leases.create(kind, principal.name, ttl)
-        s = HubSession(self, principal, repo, lease)
+        self._authorize(principal, "push", repo)
+        s = self._open_session(principal, repo, kind, ttl)
         try:
             yield s
         finally:
@@ -338,52 +202,45 @@ class Hub:
             return d
 
     def get_blob(self, principal: Principal, repo: str, digest: Digest | str) -> VerifyingReader:
-        self.permissions.check(principal, "pull", validate_repository(repo))
+        self._authorize(principal, "pull", repo)
         return self.store.get_blob(digest)
 
     def get_manifest(self, principal: Principal, repo: str, reference: str) -> bytes:
         """`reference` is a tag or a digest."""
-        self.permissions.check(principal, "pull", validate_repository(repo))
+        self._authorize(principal, "pull", repo)
         d = Digest.parse(reference) if ":" in reference else self.store.resolve(repo, reference)
         return self.store.get_manifest(d)
 
     def resolve(self, principal: Principal, repo: str, tag: str) -> Digest:
-        self.permissions.check(principal, "pull", validate_repository(repo))
+        self._authorize(principal, "pull", repo)
         return self.store.resolve(repo, tag)
 
     def tag(
         self, principal: Principal, repo: str, tag: str, digest: Digest | str, expect: Any = ANY
     ) -> Digest | None:
-        lease = self.leases.create("tag", principal.name, 600)
-        try:
-            self.permissions.check(principal, "push", validate_repository(repo))
-            return HubSession(self, principal, repo, lease).tag(repo, tag, digest, expect)
-        finally:
-            lease.release()
+        with closing(self._open_session(principal, repo, "tag", 600)) as s:
+            return s.tag(repo, tag, digest, expect)
 
     def untag(self, principal: Principal, repo: str, tag: str, expect: Any = ANY) -> Digest:
-        self.permissions.check(principal, "delete", validate_repository(repo))
-        prev = self.store.untag(repo, tag, expect)
-        with self.catalog.tx() as conn:
-            c.set_tag(conn, repo, tag, None, actor=principal.name)
-        return prev
+        with closing(self._open_session(principal, repo, "tag", 600)) as s:
+            return s.untag(repo, tag, expect)
 
     def list_tags(self, principal: Principal, repo: str) -> list[str]:
-        self.permissions.check(principal, "pull", validate_repository(repo))
+        self._authorize(principal, "pull", repo)
         return self.store.list_tags(repo)
 
     def list_repos(self, principal: Principal) -> list[str]:
         out = []
         for repo in self.store.list_repos():
             try:
-                self.permissions.check(principal, "pull", repo)
+                self._authorize(principal, "pull", repo)
             except PermissionDeniedError:
                 continue
             out.append(repo)
         return out
 
     def tag_history(self, principal: Principal, repo: str, tag: str | None = None) -> list[dict[str, Any]]:
-        self.permissions.check(principal, "pull", validate_repository(repo))
+        self._authorize(principal, "pull", repo)
         h = c.tag_history
         q = select(h).where(h.c.repository == repo).order_by(h.c.id)
         if tag is not None:
@@ -395,13 +252,13 @@ class Hub:
         self, principal: Principal, repo: str, digest: Digest | str
     ) -> dict[str, Any] | None:
         """The catalog's row for a manifest (digest, media type, artifactType, size, subject...)."""
-        self.permissions.check(principal, "pull", validate_repository(repo))
+        self._authorize(principal, "pull", repo)
         with self.catalog.tx() as conn:
             r = conn.execute(select(c.manifests).where(c.manifests.c.digest == str(digest))).first()
         return dict(r._mapping) if r is not None else None
 
     def referrers(self, principal: Principal, repo: str, digest: Digest | str) -> list[dict[str, Any]]:
-        self.permissions.check(principal, "pull", validate_repository(repo))
+        self._authorize(principal, "pull", repo)
         with self.catalog.tx() as conn:
             rows = conn.execute(select(c.manifests).where(c.manifests.c.subject == str(digest))).all()
         return [dict(r._mapping) for r in rows]
