@@ -152,3 +152,137 @@ def test_lease_cli(catalog_url: str, tmp_path: Path) -> None:
     assert run("lease", "release", lease.id, token=tok).returncode == 0
     r = run("lease", "ls")
     assert other.id in r.stdout and lease.id not in r.stdout
+
+
+# -- item 1: a digest is served only where it is linked ------------------------------------------
+@pytest.fixture
+def tenants(any_hub: Hub) -> tuple[Hub, Principal, clawstore.Descriptor, str]:
+    """bob's secret at secret/vault:v1 (manifest digest, and its layer's digest); alice may push
+    and pull alice/** only."""
+    hub = any_hub
+    with hub.session(ADMIN, "secret/vault") as s:
+        m = push_artifact(s, "secret/vault", "v1", [b"bob's secret layer"])
+    tok = hub.issue_token(ADMIN, "alice")
+    hub.grant(ADMIN, "alice", "push", "alice/**")
+    hub.grant(ADMIN, "alice", "pull", "alice/**")
+    return hub, hub.authenticate(tok), m, str(clawstore.digest_bytes(b"bob's secret layer"))
+
+
+def test_hub_reads_by_digest_need_a_link(tenants: tuple[Hub, Principal, clawstore.Descriptor, str]) -> None:
+    from clawstore.errors import NotFoundError
+
+    hub, alice, m, layer = tenants
+    with pytest.raises(NotFoundError):
+        hub.get_blob(alice, "alice/nothing", layer)
+    with pytest.raises(NotFoundError):
+        hub.get_manifest(alice, "alice/nothing", str(m.digest))
+    assert hub.catalog_manifest(alice, "alice/nothing", m.digest) is None
+    # the owner's side still works, and an admin reads anything
+    assert hub.get_manifest(ADMIN, "secret/vault", str(m.digest))
+    hub.get_blob(ADMIN, "secret/vault", layer).close()
+
+
+def test_export_by_digest_needs_a_link(
+    tenants: tuple[Hub, Principal, clawstore.Descriptor, str], tmp_path: Path
+) -> None:
+    from clawstore.errors import NotFoundError
+
+    hub, alice, m, _layer = tenants
+    with pytest.raises(NotFoundError):
+        hub.export_oci(alice, f"alice/nothing@{m.digest}", tmp_path / "oci")
+    assert not (tmp_path / "oci" / "index.json").exists()
+
+
+def test_tag_cannot_pull_another_repositorys_manifest_in(
+    tenants: tuple[Hub, Principal, clawstore.Descriptor, str],
+) -> None:
+    from clawstore.errors import NotFoundError
+
+    hub, alice, m, layer = tenants
+    with pytest.raises(NotFoundError):
+        hub.tag(alice, "alice/loot", "v1", m.digest)
+    with pytest.raises(NotFoundError):
+        hub.get_blob(alice, "alice/loot", layer)
+
+
+def test_session_reads_and_references_need_a_link_or_the_bytes(
+    tenants: tuple[Hub, Principal, clawstore.Descriptor, str], tmp_path: Path
+) -> None:
+    import json
+
+    from clawstore.errors import DigestMismatchError, InvalidManifestError, NotFoundError
+
+    hub, alice, m, layer = tenants
+    with hub.session(alice, "alice/app") as s:
+        assert not s.has_blob(layer)
+        assert not s.has_manifest(m.digest)
+        with pytest.raises(NotFoundError):
+            s.read_blob(layer)
+        with pytest.raises(NotFoundError):
+            s.get_manifest(m.digest)
+        # A manifest referencing bob's layer by digest alone is a dangling reference here...
+        forged = json.loads(hub.store.get_manifest(m.digest))
+        with pytest.raises((InvalidManifestError, NotFoundError)):
+            s.put_manifest(json.dumps(forged).encode())
+        # ...and claiming it with other bytes of the same size is caught (hashed, not trusted).
+        fake = tmp_path / "fake"
+        fake.write_bytes(b"X" * len(b"bob's secret layer"))
+        with pytest.raises(DigestMismatchError):
+            s.put_blob(fake, expected=layer, trust_size=True)
+        # Holding the bytes is proof enough: then it is alice's too.
+        real = tmp_path / "real"
+        real.write_bytes(b"bob's secret layer")
+        assert str(s.put_blob(real, expected=layer).digest) == layer
+        assert s.read_blob(layer) == b"bob's secret layer"
+
+
+def test_checkpoint_restore_by_digest_of_another_repository(catalog_url: str, tmp_path: Path) -> None:
+    env = dict(os.environ)
+    env["CLAWSTORE_URL"] = str(tmp_path / "store")
+    env["CLAWSTORE_CATALOG"] = catalog_url
+    env.pop("CLAWSTORE_TOKEN", None)
+
+    def run(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+        e = dict(env)
+        if token:
+            e["CLAWSTORE_TOKEN"] = token
+        return subprocess.run(
+            [sys.executable, "-c", "from clawstore.cli import main; main()", *args],
+            capture_output=True,
+            text=True,
+            env=e,
+            timeout=120,
+        )
+
+    src = tmp_path / "secret"
+    src.mkdir()
+    (src / "key").write_text("bob's key")
+    r = run("checkpoint", "create", str(src), "secret/vault:v1")
+    assert r.returncode == 0, r.stderr
+    digest = r.stdout.strip().split()[-1]
+    assert digest.startswith("sha256:")
+    tok = run("token", "issue", "alice").stdout.strip()
+    assert run("grant", "add", "alice", "push", "alice/**").returncode == 0
+    assert run("grant", "add", "alice", "pull", "alice/**").returncode == 0
+    r = run("checkpoint", "restore", f"alice/nothing@{digest}", str(tmp_path / "out"), token=tok)
+    assert r.returncode != 0 and r.stderr.startswith("error: "), r.stderr
+    assert not (tmp_path / "out" / "key").exists()
+    r = run("export", f"alice/nothing@{digest}", "--oci-layout", str(tmp_path / "oci"), token=tok)
+    assert r.returncode != 0 and r.stderr.startswith("error: "), r.stderr
+
+
+# -- item 11: revocation stops open sessions ------------------------------------------------------
+def test_revoked_token_stops_an_open_session(any_hub: Hub) -> None:
+    hub = any_hub
+    tok = hub.issue_token(ADMIN, "dave")
+    hub.grant(ADMIN, "dave", "push", "dave/**")
+    dave = hub.authenticate(tok)
+    with hub.session(dave, "dave/app") as s:
+        s.put_blob(b"before revocation")
+        hub.revoke_token(ADMIN, tok)
+        with pytest.raises(PermissionDeniedError):
+            s.put_blob(b"after revocation")
+        with pytest.raises(PermissionDeniedError):
+            s.put_blob(b"after, known digest", expected=clawstore.digest_bytes(b"after, known digest"))
+        with pytest.raises(PermissionDeniedError):
+            s.hold(clawstore.digest_bytes(b"anything"))

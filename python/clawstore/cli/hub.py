@@ -187,6 +187,7 @@ def checkpoint_restore(hub: Any, principal: Any, ref: str, directory: str) -> No
     hub.permissions.check(principal, "pull", repo)
     with hub.lease(principal, repo, "restore") as lease:
         digest = checkpoints.resolve_ref(hub.store, ref)
+        hub.require_in_repository(principal, repo, digest)  # REPO@DIGEST of another repository
         lease.add([digest])
         n = checkpoints.restore(hub.store, digest, directory)
     click.echo(f"restored {n} files from {digest}", err=True)

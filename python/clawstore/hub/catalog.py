@@ -508,6 +508,33 @@ def record_manifest(
         )
 
 
+def linked_repositories(conn: Connection, digest: str) -> set[str]:
+    """The repositories `digest` belongs to, as distribution's repository links would say: a
+    manifest pushed to or tagged in a repository belongs to it; so does every blob it references
+    and every manifest an index in it lists (transitively)."""
+    rows = conn.execute(
+        text(
+            """
+            WITH RECURSIVE up(d) AS (
+                SELECT CAST(:d AS VARCHAR(200))
+                UNION
+                SELECT x.parent FROM (
+                    SELECT e.parent AS parent, e.child AS child FROM manifest_edges e
+                    WHERE e.kind = 'child'
+                    UNION ALL
+                    SELECT mb.manifest AS parent, mb.blob AS child FROM manifest_blobs mb
+                ) x JOIN up ON x.child = up.d
+            )
+            SELECT rm.repository FROM repo_manifests rm JOIN up ON rm.digest = up.d
+            UNION
+            SELECT t.repository FROM tags t JOIN up ON t.digest = up.d
+            """
+        ),
+        {"d": str(digest)},
+    )
+    return {r[0] for r in rows}
+
+
 def set_tag(
     conn: Connection, repo: str, tag: str, digest: str | None, *, actor: str | None, t: float | None = None
 ) -> str | None:

@@ -31,7 +31,9 @@ from clawstore import mediatypes as mt
 from clawstore.backends.base import LocalRoot
 from clawstore.digest import Digest
 from clawstore.errors import (
+    BlobNotFoundError,
     ClawstoreError,
+    ManifestNotFoundError,
     PermissionDeniedError,
 )
 from clawstore.hub import catalog as c
@@ -148,6 +150,30 @@ class Hub:
         """The hub's one permission check for content: PermissionDeniedError unless allowed."""
         self.permissions.check(principal, action, validate_repository(repo))
 
+    def _may_read(
+        self, principal: Principal, digest: Digest | str, repo: str | None = None, *, own: str | None = None
+    ) -> bool:
+        """Whether `digest` is linked (see `catalog.linked_repositories`) to `repo` (when the
+        request names one: the caller's pull on it is checked separately), or else to `own` (a
+        session's repository) or any repository `principal` may pull. A digest is served on no
+        other grounds: knowing a digest is not a right to its content."""
+        if principal.system:
+            return True
+        with self.catalog.tx() as conn:
+            repos = c.linked_repositories(conn, str(Digest.parse(digest)))
+        if repo is not None:
+            return repo in repos
+        if own is not None and own in repos:
+            return True
+        return self.permissions.may(principal, "pull", repos)
+
+    def require_in_repository(self, principal: Principal, repo: str, digest: Digest | str) -> None:
+        """For readers that go to the store themselves (checkpoint restore by digest): pull on
+        `repo`, and `digest` linked to it; ManifestNotFoundError otherwise (as if absent)."""
+        self._authorize(principal, "pull", repo)
+        if not self._may_read(principal, digest, repo):
+            raise ManifestNotFoundError(f"manifest {digest} not found in {repo}")
+
     def _open_session(
         self, principal: Principal, repo: str, kind: str, ttl: float = DEFAULT_TTL
     ) -> HubSession:
@@ -160,6 +186,7 @@ class Hub:
             repo=repo,
             actor=principal.name,
             authorize=partial(self._authorize, principal),
+            may_read=partial(self._may_read, principal, own=repo),
         )
         return HubSession(backend, principal)
 
@@ -202,13 +229,23 @@ class Hub:
             return d
 
     def get_blob(self, principal: Principal, repo: str, digest: Digest | str) -> VerifyingReader:
+        """A blob of `repo`: one referenced by a manifest in it (not merely stored: a digest of
+        another repository is "not found" here, exactly like an absent one)."""
         self._authorize(principal, "pull", repo)
-        return self.store.get_blob(digest)
+        d = Digest.parse(digest)
+        if not self._may_read(principal, d, repo):
+            raise BlobNotFoundError(f"blob {d} not found in {repo}")
+        return self.store.get_blob(d)
 
     def get_manifest(self, principal: Principal, repo: str, reference: str) -> bytes:
-        """`reference` is a tag or a digest."""
+        """`reference` is a tag or a digest (of a manifest in `repo`)."""
         self._authorize(principal, "pull", repo)
-        d = Digest.parse(reference) if ":" in reference else self.store.resolve(repo, reference)
+        if ":" in reference:
+            d = Digest.parse(reference)
+            if not self._may_read(principal, d, repo):
+                raise ManifestNotFoundError(f"manifest {d} not found in {repo}")
+        else:
+            d = self.store.resolve(repo, reference)
         return self.store.get_manifest(d)
 
     def resolve(self, principal: Principal, repo: str, tag: str) -> Digest:
@@ -253,15 +290,22 @@ class Hub:
     ) -> dict[str, Any] | None:
         """The catalog's row for a manifest (digest, media type, artifactType, size, subject...)."""
         self._authorize(principal, "pull", repo)
+        if not self._may_read(principal, digest, repo):
+            return None
         with self.catalog.tx() as conn:
             r = conn.execute(select(c.manifests).where(c.manifests.c.digest == str(digest))).first()
         return dict(r._mapping) if r is not None else None
 
     def referrers(self, principal: Principal, repo: str, digest: Digest | str) -> list[dict[str, Any]]:
+        """Manifests of `repo` whose subject is `digest`."""
         self._authorize(principal, "pull", repo)
         with self.catalog.tx() as conn:
             rows = conn.execute(select(c.manifests).where(c.manifests.c.subject == str(digest))).all()
-        return [dict(r._mapping) for r in rows]
+            return [
+                dict(r._mapping)
+                for r in rows
+                if principal.system or repo in c.linked_repositories(conn, r.digest)
+            ]
 
     # -- pins and leases ---------------------------------------------------------------------
     def pin(self, principal: Principal, digest: Digest | str, reason: str = "") -> None:
@@ -383,6 +427,8 @@ class Hub:
 
         r = Reference.parse(ref)
         self.permissions.check(principal, "pull", r.repository)
+        if r.digest is not None and not self._may_read(principal, r.digest, r.repository):
+            raise ManifestNotFoundError(f"manifest {r.digest} not found in {r.repository}")
         lease = self.leases.create("export", principal.name)
         try:
             digest = r.digest or self.store.resolve(r.repository, r.tag or "latest")

@@ -225,6 +225,22 @@ class Permissions:
         where = f"on {repo}" if repo else "on the hub"
         raise PermissionDeniedError(f"{principal.name} may not {action} {where}")
 
+    def may(self, principal: Principal, action: str, repos: set[str] | list[str]) -> bool:
+        """Whether `principal` may do `action` on at least one of `repos` (one token check and
+        one grants query for all of them)."""
+        validate_action(action)
+        if principal.system:
+            return True
+        if not repos:
+            return False
+        with self.catalog.tx() as conn:
+            self._own_token(conn, principal)
+            rows = conn.execute(
+                select(c.grants.c.action, c.grants.c.pattern).where(c.grants.c.principal == principal.name)
+            ).all()
+        patterns = [p for a, p in rows if a in (action, "admin")]
+        return any(pattern_matches(p, r) for p in patterns for r in repos)
+
 
 def _split(token: str) -> tuple[str, str]:
     if not isinstance(token, str) or not token.startswith(TOKEN_PREFIX):
