@@ -286,3 +286,36 @@ def test_revoked_token_stops_an_open_session(any_hub: Hub) -> None:
             s.put_blob(b"after, known digest", expected=clawstore.digest_bytes(b"after, known digest"))
         with pytest.raises(PermissionDeniedError):
             s.hold(clawstore.digest_bytes(b"anything"))
+
+
+# -- item 8: what a checkpoint needs, GC keeps; fsck reports a checkpoint whose volume is gone ------
+def test_checkpoint_keeps_its_volume_and_fsck_reports_a_lost_one(any_hub: Hub, tmp_path: Path) -> None:
+    from clawstore import checkpoints, volumes
+
+    hub = any_hub
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "f").write_text("version 1")
+    with hub.session(ADMIN, "vol/w") as s:
+        v1 = volumes.snapshot(s, ws, "vol/w:latest")
+    agent = tmp_path / "agent"
+    agent.mkdir()
+    (agent / "state").write_text("s")
+    with hub.session(ADMIN, "ck/a") as s:
+        ck = checkpoints.create(s, "ck/a:latest", agent, volume="vol/w:latest")
+    (ws / "f").write_text("version 2, longer")
+    with hub.session(ADMIN, "vol/w") as s:
+        v2 = volumes.snapshot(s, ws, "vol/w:latest", full=True)
+    assert v2.digest != v1.digest
+    hub.gc(ADMIN, grace=0)
+    # The checkpoint's volume is still whole and restores.
+    assert hub.store.has_manifest(v1.digest)
+    out = tmp_path / "out"
+    volumes.restore(hub.store, f"vol/w@{v1.digest}", out)
+    assert (out / "f").read_text() == "version 1"
+    assert store_fsck(hub.store).ok
+    # A volume lost anyway (deleted behind GC's back) is an fsck error, not "ok".
+    hub.store.delete_manifest(v1.digest)
+    report = store_fsck(hub.store)
+    assert not report.ok
+    assert any("needs manifest" in str(p) and str(ck.descriptor.digest) in str(p) for p in report.problems)

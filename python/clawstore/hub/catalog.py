@@ -45,6 +45,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from clawstore import mediatypes as mt
 from clawstore.errors import ClawstoreError
 
 DIGEST = String(200)
@@ -444,6 +445,11 @@ def record_blob(
     )
 
 
+#: artifactTypes whose `subject` is something they need (kept alive with them), not merely
+#: something they refer to.
+NEEDS_SUBJECT: frozenset[str] = frozenset({mt.CHECKPOINT})
+
+
 def record_manifest(
     conn: Connection,
     digest: str,
@@ -496,6 +502,10 @@ def record_manifest(
     ]
     if subject is not None:
         edges.append({"parent": subject, "child": digest, "kind": "referrer"})
+        if manifest.artifact_type in NEEDS_SUBJECT:
+            # A checkpoint's subject is the volume it needs: liveness flows to it as well
+            # (what a checkpoint needs, GC keeps), unlike a signature's subject.
+            edges.append({"parent": digest, "child": subject, "kind": "needs"})
     upsert(conn, manifest_edges, edges, ["parent", "child", "kind"])
     if repo is not None:
         ensure_repository(conn, repo, t)
