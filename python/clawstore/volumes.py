@@ -39,6 +39,7 @@ from clawstore import _core
 from clawstore import mediatypes as mt
 from clawstore.digest import Digest
 from clawstore.errors import (
+    BlobNotFoundError,
     ClawstoreError,
     DigestMismatchError,
     InvalidManifestError,
@@ -91,6 +92,9 @@ class Snapshot:
     created_now: bool = False
     #: The layer this snapshot call added (None if nothing changed).
     new_layer: Descriptor | None = None
+    #: The previous snapshot at the tag whose content is gone (a manifest, layer or index no
+    #: longer stored): this one was taken in full instead of building on it.
+    lost_parent: Digest | None = None
 
     @property
     def layers(self) -> tuple[Descriptor, ...]:
@@ -270,7 +274,19 @@ def snapshot(
         prev_digest: Digest | None = store.resolve(repo, tag)
     except RefNotFoundError:
         prev_digest = None
-    prev = load(store, prev_digest) if prev_digest is not None else None
+    prev = None
+    lost_parent: Digest | None = None
+    if prev_digest is not None:
+        # Never build on a parent whose content is gone (collected behind the tag's back, or
+        # damaged): take a full snapshot instead, and say so (`lost_parent`).
+        try:
+            prev = load(store, prev_digest)
+            if not all(store.has_blob(d.digest) for d in (*prev.layers, prev.index)):
+                prev = None
+        except (ManifestNotFoundError, BlobNotFoundError, InvalidManifestError):
+            prev = None
+        if prev is None:
+            lost_parent = prev_digest
 
     report(ProgressEvent("scan", 0, 0), force=True)
     scan = _core.scan_tree(root, content_digests=content_digests)
@@ -340,8 +356,17 @@ def snapshot(
         annotations=notes,
     )
     stored_manifest = store.put_manifest(manifest.to_json(), mt.OCI_MANIFEST)
-    store.tag(repo, tag, stored_manifest.digest, expect=prev.digest if prev is not None else MISSING)
-    return Snapshot(stored_manifest.digest, manifest, config, str(r), created_now=True, new_layer=layer)
+    expect = prev.digest if prev is not None else (lost_parent or MISSING)
+    store.tag(repo, tag, stored_manifest.digest, expect=expect)
+    return Snapshot(
+        stored_manifest.digest,
+        manifest,
+        config,
+        str(r),
+        created_now=True,
+        new_layer=layer,
+        lost_parent=lost_parent,
+    )
 
 
 def _non_empty(path: Path) -> bool:

@@ -6,10 +6,12 @@ function; `clawstore/cli/__init__.py` calls each module's `register`.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -59,6 +61,22 @@ class CliContext:
             create = not _needs_existing_store(click.get_current_context(silent=True))
             self._store = clawstore.open(self.store_url, create=create)
         return self._store
+
+    def hub(self) -> tuple[Any, Any] | None:
+        """(hub, principal) when this store has a catalog (`$CLAWSTORE_CATALOG`, or the
+        `catalog.sqlite` beside a local store), else None. Writers use it so that a write is
+        leased against GC, recorded and permission-checked like a hub push: a tag or snapshot
+        written beside the catalog is what GC's roots were missing."""
+        url = os.environ.get("CLAWSTORE_CATALOG")
+        if not url:
+            from clawstore.backends.base import LocalRoot
+
+            backend = self.store.backend
+            if not isinstance(backend, LocalRoot) or not (Path(backend.root) / "catalog.sqlite").exists():
+                return None
+        from clawstore.cli.hub import _hub
+
+        return _hub(self, url or None)
 
     def close(self) -> None:
         if self._store is not None:

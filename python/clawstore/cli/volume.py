@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
 
 from clawstore import volumes
 from clawstore.cli.common import CliContext, Progress, pass_cli
+from clawstore.names import Reference
 
 
 def _human(n: float) -> str:
@@ -74,9 +76,15 @@ def snapshot_cmd(
 ) -> None:
     """Snapshot DIRECTORY to REF (REPO:TAG); incremental when REF exists. Prints the digest."""
     bar = _Bar("snapshot")
-    with bar.bar:
+    found = cli.hub()
+    with contextlib.ExitStack() as stack:
+        store = cli.store
+        if found is not None:  # a hub session: leased against GC, recorded, permission-checked
+            hub, principal = found
+            store = stack.enter_context(hub.session(principal, Reference.parse(ref).repository))
+        stack.enter_context(bar.bar)
         snap = volumes.snapshot(
-            cli.store,
+            store,
             directory,
             ref,
             full=full,
@@ -85,6 +93,12 @@ def snapshot_cmd(
             level=level,
             threads=threads,
             progress=bar,
+        )
+    if snap.lost_parent is not None:
+        click.echo(
+            f"warning: the previous snapshot {snap.lost_parent} at {ref} has lost content; "
+            "took a full snapshot instead of building on it",
+            err=True,
         )
     if not snap.created_now:
         click.echo(f"unchanged: {ref} is already {snap.digest}", err=True)
@@ -114,7 +128,20 @@ def restore_cmd(
 ) -> None:
     """Restore REF (REPO:TAG or REPO@DIGEST) into DIRECTORY (created; must be empty unless --force)."""
     bar = _Bar("restore")
-    with bar.bar:
+    found = cli.hub()
+    with contextlib.ExitStack() as stack:
+        if found is not None:
+            # Through the catalog: pull on the repository, REPO@DIGEST only for a digest of it,
+            # and what is restored held by a lease until the restore ends.
+            hub, principal = found
+            parsed = Reference.parse(ref)
+            digest = parsed.digest or cli.store.resolve(parsed.repository, parsed.tag or "latest")
+            hub.require_in_repository(principal, parsed.repository, digest)
+            lease = stack.enter_context(hub.lease(principal, parsed.repository, "restore"))
+            lease.add([digest])
+            lease.add([d.digest for d in volumes.load(cli.store, digest).manifest.blobs()])
+            ref = f"{parsed.repository}@{digest}"
+        stack.enter_context(bar.bar)
         r = volumes.restore(
             cli.store,
             ref,
