@@ -235,3 +235,25 @@ def test_restore_enospc_reports_the_disk_error(
     assert "No space left on device" in str(e.value), str(e.value)
     assert "tar reader stopped" not in str(e.value)
     assert os.listdir(tmpfs) == []  # the temp directory went too
+
+
+# -- item 2: a snapshot never builds on a parent whose content is gone ------------------------------
+def test_snapshot_over_a_parent_with_lost_content_is_full(
+    store: clawstore.ArtifactStore, tmp_path: Path
+) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "a").write_text("one")
+    first = volumes.snapshot(store, ws, "vol/lost:latest")
+    store.delete_blob(first.layers[0].digest)  # collected behind the tag's back
+    (ws / "b").write_text("two")
+    snap = volumes.snapshot(store, ws, "vol/lost:latest")
+    assert snap.lost_parent == first.digest
+    assert len(snap.layers) == 1 and snap.config["parent"] is None
+    out = tmp_path / "out"
+    volumes.restore(store, "vol/lost:latest", out)
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b"]
+    # and the next one builds on this whole snapshot again
+    (ws / "c").write_text("three")
+    nxt = volumes.snapshot(store, ws, "vol/lost:latest")
+    assert nxt.lost_parent is None and len(nxt.layers) == 2

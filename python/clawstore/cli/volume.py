@@ -122,9 +122,29 @@ def snapshot_cmd(
     is_flag=True,
     help="Also hash the uncompressed layers and check their diff_ids (the blob digests are always checked).",
 )
+@click.option(
+    "--max-bytes",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Refuse past this many uncompressed bytes [default: 1 TiB]; never taken from the snapshot.",
+)
+@click.option(
+    "--max-ratio",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Refuse a layer that decompresses more than this many times its size, past 64 MiB "
+    "[default: 1000; 0: no ratio check].",
+)
 @pass_cli
 def restore_cmd(
-    cli: CliContext, ref: str, directory: Path, force: bool, allow_devices: bool, verify_diff_id: bool
+    cli: CliContext,
+    ref: str,
+    directory: Path,
+    force: bool,
+    allow_devices: bool,
+    verify_diff_id: bool,
+    max_bytes: int | None,
+    max_ratio: int | None,
 ) -> None:
     """Restore REF (REPO:TAG or REPO@DIGEST) into DIRECTORY (created; must be empty unless --force)."""
     bar = _Bar("restore")
@@ -149,6 +169,8 @@ def restore_cmd(
             force=force,
             allow_devices=allow_devices,
             verify_diff_id=verify_diff_id,
+            max_bytes=max_bytes,
+            max_ratio=max_ratio,
             progress=bar,
         )
     rate = r.bytes / r.seconds if r.seconds > 0 else 0.0
