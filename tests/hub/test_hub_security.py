@@ -319,3 +319,41 @@ def test_checkpoint_keeps_its_volume_and_fsck_reports_a_lost_one(any_hub: Hub, t
     report = store_fsck(hub.store)
     assert not report.ok
     assert any("needs manifest" in str(p) and str(ck.descriptor.digest) in str(p) for p in report.problems)
+
+
+# -- item 10: a replica's tag() between retention's store untag and its catalog write -------------
+def test_replica_tag_during_retention_survives(any_hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clawstore.hub.retention import Policy
+
+    hub = any_hub
+    with hub.session(ADMIN, "ci/app") as s:
+        old = push_artifact(s, "ci/app", "build-0", [b"old build"])
+        push_artifact(s, "ci/app", "build-1", [b"new build"])
+    with hub.catalog.tx() as conn:  # build-0 is the older tag
+        conn.execute(
+            c.tags.update()
+            .where(c.tags.c.repository == "ci/app", c.tags.c.tag == "build-0")
+            .values(updated_at=c.tags.c.updated_at - 1000)
+        )
+    hub.set_policy(ADMIN, Policy("ci/**", keep_last=1))
+    real_untag = type(hub.store).untag
+
+    def untag_then_replica_tags(
+        self: clawstore.ArtifactStore, repo: str, tag: str, expect: object = None
+    ) -> object:
+        prev = real_untag(self, repo, tag, expect)  # type: ignore[arg-type]
+        if (repo, tag) == ("ci/app", "build-0"):
+            # another replica re-tags it right now (store, then its catalog write)
+            other = Hub(hub.store, hub.catalog)
+            other.tag(ADMIN, "ci/app", "build-0", old.digest)
+        return prev
+
+    monkeypatch.setattr(type(hub.store), "untag", untag_then_replica_tags)
+    hub.apply_retention(ADMIN, grace=0)
+    monkeypatch.setattr(type(hub.store), "untag", real_untag)
+    assert hub.store.resolve("ci/app", "build-0") == old.digest
+    assert hub.store.has_manifest(old.digest)
+    assert hub.store.has_blob(clawstore.digest_bytes(b"old build"))
+    assert store_fsck(hub.store).ok
+    report = hub.fsck(ADMIN)
+    assert report.ok, report
