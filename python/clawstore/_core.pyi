@@ -200,11 +200,13 @@ class PackStream:
 
 class Unpacker:
     """Applies layers in order to a directory (refusing unsafe archives); `finish()` sets
-    directory metadata."""
+    directory metadata. `dest` is a path (its last component must not be a symlink) or an open
+    directory descriptor; either way it is opened once and every write goes through directory
+    handles from there, never following a symlink."""
 
     def __init__(
         self,
-        dest: str | PathLike[str],
+        dest: str | PathLike[str] | int,
         *,
         max_bytes: int | None = None,
         max_entries: int | None = None,

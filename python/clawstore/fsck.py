@@ -38,6 +38,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from clawstore import mediatypes as mt
 from clawstore.backends.base import TempFiles
 from clawstore.digest import Digest
 from clawstore.errors import (
@@ -47,6 +48,10 @@ from clawstore.errors import (
 )
 from clawstore.manifest import Manifest, parse_manifest, references
 from clawstore.store import ArtifactStore
+
+#: artifactTypes whose `subject` they need (a checkpoint's volume): a missing one is an error,
+#: whereas OCI lets a subject dangle.
+NEEDS_SUBJECT: frozenset[str] = frozenset({mt.CHECKPOINT})
 
 #: Temp files older than this (or of dead writers) are abandoned; `repair` removes them.
 DEFAULT_STALE_AFTER = 3600.0
@@ -251,6 +256,20 @@ def _check_manifests(
             report.problems.append(Problem(ProblemKind.INVALID_MANIFEST, digest, str(e)))
     # References, once every manifest is known (an index may list a manifest stored after it).
     for digest, manifest in parsed.items():
+        subject = getattr(manifest, "subject", None)
+        if (
+            subject is not None
+            and manifest.artifact_type in NEEDS_SUBJECT
+            and subject.digest not in sizes
+            and not store.has_manifest(subject.digest)
+        ):
+            report.problems.append(
+                Problem(
+                    ProblemKind.DANGLING_REFERENCE,
+                    digest,
+                    f"needs manifest {subject.digest} (its volume), which is missing",
+                )
+            )
         refs = references(manifest)
         for desc in refs.blobs:
             size = None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
+from clawstore import _core
 from clawstore import mediatypes as mt
 from clawstore.atomic import atomic_file
 from clawstore.backends.base import Backend, BlobPaths, Downloads, RangedReads, Recording
@@ -61,8 +62,13 @@ class ArtifactStore:
         *,
         media_type: str = mt.OCTET_STREAM,
         algorithm: str | None = None,
+        trust_size: bool = False,
     ) -> Descriptor:
-        """Store bytes, a file path or a binary file object; one pass, verified, atomic."""
+        """Store bytes, a file path or a binary file object; one pass, verified, atomic.
+
+        With `expected`, nothing is stored unless the content hashes to it. A file whose size
+        equals that of a blob already stored under `expected` is still read and hashed, unless
+        `trust_size` (the caller vouches for the file: the store then skips reading it)."""
         if algorithm is not None:
             check_algorithm(algorithm)
         exp = Digest.parse(expected) if expected is not None else None
@@ -79,6 +85,19 @@ class ArtifactStore:
                 with builtins.open(path, "rb") as f:
                     digest, size = self.backend.write_blob(f, alg, exp)
                 return Descriptor(digest, size, media_type)
+            if exp is not None and not trust_size:
+                # Backends skip reading a file whose size matches the blob stored under the
+                # digest the caller names: verification asked for is verification done.
+                stored = self.backend.blob_size(exp)
+                if stored is not None and stored == path.stat().st_size:
+                    hexd, size = _core.digest_file(os.fspath(path), exp.algorithm)
+                    got = Digest.from_hex(exp.algorithm, hexd)
+                    if got != exp:
+                        raise DigestMismatchError(
+                            f"{os.fspath(src)}: content hashes to {got}, expected {exp}"
+                        )
+                    if size == stored:
+                        return Descriptor(exp, size, media_type)
         digest, size = self.backend.write_blob(src, alg, exp)
         return Descriptor(digest, size, media_type)
 

@@ -27,12 +27,8 @@ Built only on the ArtifactStore API; the Rust core does scanning, packing and sa
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import glob
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +40,7 @@ from clawstore import _core
 from clawstore import mediatypes as mt
 from clawstore.digest import Digest
 from clawstore.errors import (
+    BlobNotFoundError,
     ClawstoreError,
     DigestMismatchError,
     InvalidManifestError,
@@ -52,6 +49,7 @@ from clawstore.errors import (
 )
 from clawstore.manifest import Descriptor, ImageManifest, canonical_json, parse_manifest
 from clawstore.names import Reference
+from clawstore.restoredir import RestoreDir
 from clawstore.store import ArtifactStore
 from clawstore.types import MISSING
 
@@ -99,6 +97,9 @@ class Snapshot:
     created_now: bool = False
     #: The layer this snapshot call added (None if nothing changed).
     new_layer: Descriptor | None = None
+    #: The previous snapshot at the tag whose content is gone (a manifest, layer or index no
+    #: longer stored): this one was taken in full instead of building on it.
+    lost_parent: Digest | None = None
 
     @property
     def layers(self) -> tuple[Descriptor, ...]:
@@ -219,9 +220,19 @@ def load(store: ArtifactStore, ref: str | Digest) -> Snapshot:
     return Snapshot(digest, manifest, config, ref_text)
 
 
+#: Largest uncompressed size a layer may declare (the core counts in unsigned 64 bits).
+_MAX_DECLARED: Final = (1 << 63) - 1
+
+
 def _layer_size(d: Descriptor) -> int | None:
     value = (d.annotations or {}).get(ANNOTATION_UNCOMPRESSED_SIZE)
-    return int(value) if value is not None and value.isdigit() else None
+    if value is None:
+        return None
+    if not (isinstance(value, str) and value.isascii() and value.isdigit()) or int(value) > _MAX_DECLARED:
+        raise InvalidManifestError(
+            f"layer {d.digest}: invalid {ANNOTATION_UNCOMPRESSED_SIZE} {str(value)[:40]!r}"
+        )
+    return int(value)
 
 
 def snapshot(
@@ -261,8 +272,20 @@ def snapshot(
         prev_digest: Digest | None = store.resolve(repo, tag)
     except RefNotFoundError:
         prev_digest = None
-    prev = load(store, prev_digest) if prev_digest is not None else None
     old_index: Any = None
+    prev = None
+    lost_parent: Digest | None = None
+    if prev_digest is not None:
+        # Never build on a parent whose content is gone (collected behind the tag's back, or
+        # damaged): take a full snapshot instead, and say so (`lost_parent`).
+        try:
+            prev = load(store, prev_digest)
+            if not all(store.has_blob(d.digest) for d in (*prev.layers, prev.index)):
+                prev = None
+        except (ManifestNotFoundError, BlobNotFoundError, InvalidManifestError):
+            prev = None
+        if prev is None:
+            lost_parent = prev_digest
 
     for attempt in range(1, PACK_ATTEMPTS + 1):
         report(ProgressEvent("scan", 0, 0), force=True)
@@ -356,8 +379,17 @@ def snapshot(
         annotations=notes,
     )
     stored_manifest = store.put_manifest(manifest.to_json(), mt.OCI_MANIFEST)
-    store.tag(repo, tag, stored_manifest.digest, expect=prev.digest if prev is not None else MISSING)
-    return Snapshot(stored_manifest.digest, manifest, config, str(r), created_now=True, new_layer=layer)
+    expect = prev.digest if prev is not None else (lost_parent or MISSING)
+    store.tag(repo, tag, stored_manifest.digest, expect=expect)
+    return Snapshot(
+        stored_manifest.digest,
+        manifest,
+        config,
+        str(r),
+        created_now=True,
+        new_layer=layer,
+        lost_parent=lost_parent,
+    )
 
 
 def _non_empty(path: Path) -> bool:
@@ -386,9 +418,12 @@ def restore(
     with `verify_diff_id` the diff_id too — a second sha256 over the larger uncompressed side that
     the verified blob digest makes redundant, so it is off by default): a failed
     restore never leaves a half-restored `dest`. A non-empty `dest` is refused unless `force`,
-    in which case it is replaced. Limits default to what the manifest declares (each layer may
-    not decompress past its declared size; the ratio check is then off), and otherwise to the
-    core's limits; any explicit value overrides.
+    in which case it is replaced. The bomb limits (`max_bytes`, `max_entries`, `max_ratio`) come
+    from the caller (configuration) or the core's defaults, never from the manifest being
+    restored: a layer's declared uncompressed size only bounds that layer further (and must
+    match exactly). The temporary directory is held by descriptor from creation to the final
+    rename (`clawstore.restoredir`): nothing is written outside it even if someone renames a
+    symlink over it, and such a swap fails the restore.
     """
     started = time.monotonic()
     snap = load(store, ref)
@@ -401,10 +436,6 @@ def restore(
 
     declared = [_layer_size(d) for d in snap.layers]
     all_declared = all(s is not None for s in declared)
-    if max_bytes is None and all_declared:
-        max_bytes = sum(s or 0 for s in declared)
-    if max_ratio is None and all_declared:
-        max_ratio = 0
     report = _Throttle(progress)
     # Progress counts uncompressed layer bytes (what the unpacker reads) against their declared
     # sum; files against the snapshot's count when there is one layer (deltas rewrite files).
@@ -414,11 +445,9 @@ def restore(
     def on_progress(files: int, nbytes: int) -> None:
         report(ProgressEvent("restore", files, nbytes, total_files, total_bytes))
 
-    _remove_abandoned(target)
-    tmp, lock = _claimed_tempdir(target)
-    try:
+    with RestoreDir(target) as tmp:
         unpacker = _core.Unpacker(
-            tmp,
+            tmp.fd,
             max_bytes=max_bytes,
             max_entries=max_entries,
             max_ratio=max_ratio,
@@ -446,12 +475,7 @@ def restore(
         report(
             ProgressEvent("restore", totals["files"], totals["bytes"], total_files, total_bytes), force=True
         )
-        _swap_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        os.close(lock)
+        tmp.commit(replace=force)
     return RestoreResult(
         snap,
         target,
@@ -461,61 +485,6 @@ def restore(
         seconds=time.monotonic() - started,
         layers=tuple(layer_stats),
     )
-
-
-def _claimed_tempdir(target: Path) -> tuple[Path, int]:
-    """A fresh `.NAME.restore-*` directory beside `target`, with an exclusive flock held on it for
-    as long as the returned descriptor is open: a restore that dies (even by SIGKILL) drops the
-    lock, and the next restore into the same target removes what it left. The directory gets
-    its final name only once locked, so a concurrent clean-up never sees it unlocked."""
-    fresh = Path(tempfile.mkdtemp(prefix=f".{target.name}.restoring-", dir=target.parent))
-    fd = os.open(fresh, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        tmp = fresh.with_name(fresh.name.replace(".restoring-", ".restore-", 1))
-        os.rename(fresh, tmp)
-    except BaseException:
-        os.close(fd)
-        shutil.rmtree(fresh, ignore_errors=True)
-        raise
-    return tmp, fd
-
-
-def _remove_abandoned(target: Path) -> int:
-    """Remove the `.NAME.restore-*` directories beside `target` whose restore died (nobody holds
-    their lock). The `.NAME.old-*` of an interrupted swap are left alone: they hold the previous
-    tree. Returns how many were removed."""
-    removed = 0
-    for p in target.parent.glob(f".{glob.escape(target.name)}.restore-*"):
-        try:
-            fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a restore in progress
-            shutil.rmtree(p, ignore_errors=True)
-            removed += 1
-        finally:
-            os.close(fd)
-    return removed
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    if target.exists() and _non_empty(target):
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.rename(target, old / "tree")
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            os.rename(old / "tree", target)  # put the previous tree back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        # rename(2) atomically replaces an empty directory
-        os.rename(tmp, target)
 
 
 def history(store: ArtifactStore, ref: str | Digest, *, limit: int | None = None) -> list[Snapshot]:

@@ -112,7 +112,7 @@ impl std::fmt::Display for ScanError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ScanError::Io(p, e) => write!(f, "{}: {e}", p.display()),
-            ScanError::NotUtf8(p) => write!(f, "{}: file name is not UTF-8", p.display()),
+            ScanError::NotUtf8(p) => write!(f, "{p:?}: file name is not UTF-8 (shown escaped)"),
         }
     }
 }

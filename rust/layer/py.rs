@@ -650,7 +650,7 @@ impl PyUnpacker {
     #[pyo3(signature = (dest, *, max_bytes = None, max_entries = None, max_ratio = None,
                         allow_devices = false, same_owner = None, workers = 0))]
     fn new(
-        dest: PathBuf,
+        dest: &Bound<'_, PyAny>,
         max_bytes: Option<u64>,
         max_entries: Option<u64>,
         max_ratio: Option<u64>,
@@ -679,7 +679,25 @@ impl PyUnpacker {
             workers
         };
         let none = Arc::new(Mutex::new(None));
-        let u = Unpacker::new(&dest, limits, workers).map_err(|e| unpack_err(e, &none))?;
+        let u = if let Ok(fd) = dest.extract::<i32>() {
+            // A directory descriptor the caller opened (O_DIRECTORY|O_NOFOLLOW, relative to a
+            // parent it holds): we keep our own duplicate and never resolve a path again.
+            if fd < 0 {
+                return Err(PyValueError::new_err("dest: negative file descriptor"));
+            }
+            // SAFETY: the caller passes an open descriptor it keeps open during this call; we
+            // only duplicate it.
+            let owned = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+                .try_clone_to_owned()
+                .map_err(|e| io_err("dest", e))?;
+            let shown = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                .unwrap_or_else(|_| PathBuf::from(format!("<fd {fd}>")));
+            Unpacker::from_dir(File::from(owned), shown, limits, workers)
+        } else {
+            let dest: PathBuf = dest.extract()?;
+            Unpacker::new(&dest, limits, workers)
+        }
+        .map_err(|e| unpack_err(e, &none))?;
         Ok(PyUnpacker { inner: Some(u) })
     }
 

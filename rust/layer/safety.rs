@@ -1,16 +1,21 @@
 //! What an untrusted layer may do to the target directory, and the limits it must stay within.
 //!
 //! Every archive path goes through `clean_path` (no absolute paths, no `..`, no NUL); every
-//! parent directory of a write is checked with `lstat` to be a real directory (never a symlink,
-//! whether it came from this layer or an earlier one) by `SafeRoot::ensure_parents`; the final
-//! component is always replaced, never opened through (O_NOFOLLOW | O_EXCL). The limit counters
+//! write is relative to a directory handle: the root's (opened once, never re-resolved by path)
+//! and below it each parent opened component by component without following symlinks (whether
+//! they came from this layer or an earlier one) by `SafeRoot::dir`; the final component is
+//! always replaced, never opened through (O_NOFOLLOW | O_EXCL). The limit counters
 //! sit on the byte streams themselves (`LimitedReader`), so a bomb hidden anywhere (in a body,
 //! a PAX header, or after the end-of-archive marker) is stopped as it is decompressed.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+use cap_fs_ext::DirExt;
+use cap_std::fs::Dir;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -99,74 +104,165 @@ pub fn clean_path(raw: &[u8]) -> Result<Option<String>, UnpackError> {
     Ok(Some(parts.join("/")))
 }
 
-/// The target directory and what we know about it: directories verified (by lstat, or because
-/// we created them) to be real directories, so repeated parents cost one hash lookup.
+/// The target directory, held by a handle, and handles on the directories below it.
+///
+/// Nothing is ever resolved by path from outside: the root is a descriptor opened once (the
+/// caller's temp directory, `O_DIRECTORY|O_NOFOLLOW`), and every directory below it is opened
+/// relative to its parent's handle, one component at a time, without following symlinks
+/// (`cap-std`: `openat2(RESOLVE_BENEATH)` where the kernel has it). Renaming a symlink over the
+/// root or any directory of the tree while we work changes nothing for us: we hold the inodes.
+/// Operations on an entry act on one final name relative to its parent's handle.
 pub struct SafeRoot {
-    pub root: PathBuf,
-    verified: HashSet<String>,
+    root: Arc<Dir>,
+    /// Where the root was when opened, for messages only (never used to reach anything).
+    shown: PathBuf,
+    /// Handles of directories verified to be real directories (opened nofollow or created by
+    /// us), by relative path; bounded (cleared when full) so huge trees keep few descriptors.
+    dirs: HashMap<String, Arc<Dir>>,
 }
 
+/// At most this many directory handles are kept open.
+const DIR_CACHE: usize = 512;
+
 impl SafeRoot {
-    pub fn new(root: &Path) -> Self {
+    /// Open `root` (its last component must not be a symlink) as the handle everything goes
+    /// through.
+    pub fn open(root: &Path) -> Result<Self, UnpackError> {
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(root)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) | Some(libc::ENOTDIR) => UnpackError::Io(
+                    root.display().to_string(),
+                    io::Error::new(io::ErrorKind::NotADirectory, "target is not a directory"),
+                ),
+                _ => UnpackError::Io(root.display().to_string(), e),
+            })?;
+        Ok(Self::from_file(file, root.to_path_buf()))
+    }
+
+    /// Take an already open directory descriptor as the root.
+    pub fn from_file(file: fs::File, shown: PathBuf) -> Self {
         SafeRoot {
-            root: root.to_path_buf(),
-            verified: HashSet::new(),
+            root: Arc::new(Dir::from_std_file(file)),
+            shown,
+            dirs: HashMap::new(),
         }
     }
 
-    pub fn full(&self, rel: &str) -> PathBuf {
-        self.root.join(rel)
+    /// The root's handle.
+    pub fn root(&self) -> &Dir {
+        &self.root
     }
 
-    pub fn mark_dir(&mut self, rel: &str) {
-        self.verified.insert(rel.to_owned());
+    /// `rel` as a path for messages.
+    pub fn shown(&self, rel: &str) -> String {
+        if rel.is_empty() {
+            self.shown.display().to_string()
+        } else {
+            self.shown.join(rel).display().to_string()
+        }
     }
 
-    /// Forget everything at or below `rel` (it is being removed or replaced).
+    /// Forget the handles at or below `rel` (it is being removed or replaced).
     pub fn forget(&mut self, rel: &str) {
-        if !self.verified.remove(rel) {
-            // not a verified directory: nothing can be verified below it either
-            return;
-        }
+        self.dirs.remove(rel);
         let prefix = format!("{rel}/");
-        self.verified.retain(|p| !p.starts_with(&prefix));
+        self.dirs.retain(|p, _| !p.starts_with(&prefix));
     }
 
-    /// Check that every ancestor of `rel` is a real directory inside the root, creating missing
-    /// ones (mode 0755) when `create`. Returns false if an ancestor is missing and not created.
-    pub fn ensure_parents(&mut self, rel: &str, create: bool) -> Result<bool, UnpackError> {
-        let mut end = 0;
-        let bytes = rel.as_bytes();
-        while let Some(pos) = bytes[end..].iter().position(|&b| b == b'/') {
-            let dir = &rel[..end + pos];
-            end += pos + 1;
-            if self.verified.contains(dir) {
-                continue;
+    /// The handle of directory `rel` ("" is the root). Each component is opened without
+    /// following symlinks; missing ones are created (mode 0755) when `create`, else `None`.
+    /// A symlink or non-directory on the way is refused (`what` names the entry for messages).
+    pub fn dir(
+        &mut self,
+        rel: &str,
+        create: bool,
+        what: &str,
+    ) -> Result<Option<Arc<Dir>>, UnpackError> {
+        if rel.is_empty() {
+            return Ok(Some(self.root.clone()));
+        }
+        if let Some(d) = self.dirs.get(rel) {
+            return Ok(Some(d.clone()));
+        }
+        // Start from the deepest cached ancestor.
+        let mut cur = self.root.clone();
+        let mut start = 0;
+        let mut probe = rel;
+        while let Some(i) = probe.rfind('/') {
+            probe = &rel[..i];
+            if let Some(d) = self.dirs.get(probe) {
+                cur = d.clone();
+                start = i + 1;
+                break;
             }
-            let full = self.full(dir);
-            match fs::symlink_metadata(&full) {
-                Ok(md) if md.file_type().is_dir() => {}
-                Ok(md) if md.file_type().is_symlink() => {
-                    return Err(unsafe_err(format!(
-                        "{rel:?} would be written through the symlink {dir:?}"
-                    )));
-                }
-                Ok(_) => {
-                    return Err(unsafe_err(format!(
-                        "{rel:?}: parent {dir:?} is not a directory"
-                    )));
-                }
+        }
+        let mut end = start;
+        loop {
+            let stop = rel[end..].find('/').map_or(rel.len(), |p| end + p);
+            let name = &rel[end..stop];
+            let sub = &rel[..stop];
+            let next = match cur.open_dir_nofollow(name) {
+                Ok(d) => d,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     if !create {
-                        return Ok(false);
+                        return Ok(None);
                     }
-                    fs::create_dir(&full).map_err(io_ctx(full.display()))?;
+                    match cur.create_dir(name) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                        Err(e) => return Err(UnpackError::Io(self.shown(sub), e)),
+                    }
+                    cur.open_dir_nofollow(name)
+                        .map_err(|e| self.not_a_dir(&cur, name, sub, what, e))?
                 }
-                Err(e) => return Err(UnpackError::Io(full.display().to_string(), e)),
+                Err(e) => return Err(self.not_a_dir(&cur, name, sub, what, e)),
+            };
+            let next = Arc::new(next);
+            if self.dirs.len() >= DIR_CACHE {
+                self.dirs.clear();
             }
-            self.verified.insert(dir.to_owned());
+            self.dirs.insert(sub.to_owned(), next.clone());
+            cur = next;
+            if stop == rel.len() {
+                return Ok(Some(cur));
+            }
+            end = stop + 1;
         }
-        Ok(true)
+    }
+
+    fn not_a_dir(
+        &self,
+        parent: &Dir,
+        name: &str,
+        sub: &str,
+        what: &str,
+        e: io::Error,
+    ) -> UnpackError {
+        match parent.symlink_metadata(name) {
+            Ok(md) if md.file_type().is_symlink() => unsafe_err(format!(
+                "{what:?} would be written through the symlink {sub:?}"
+            )),
+            Ok(md) if !md.is_dir() => {
+                unsafe_err(format!("{what:?}: parent {sub:?} is not a directory"))
+            }
+            _ => UnpackError::Io(self.shown(sub), e),
+        }
+    }
+
+    /// The handle of `rel`'s parent directory (verified as in `dir`) and `rel`'s last name.
+    pub fn parent<'a>(
+        &mut self,
+        rel: &'a str,
+        create: bool,
+    ) -> Result<Option<(Arc<Dir>, &'a str)>, UnpackError> {
+        let (parent, name) = match rel.rfind('/') {
+            Some(i) => (&rel[..i], &rel[i + 1..]),
+            None => ("", rel),
+        };
+        Ok(self.dir(parent, create, rel)?.map(|d| (d, name)))
     }
 }
 
@@ -280,14 +376,32 @@ mod tests {
         let t = tempfile::tempdir().expect("tempdir");
         let outside = tempfile::tempdir().expect("tempdir");
         std::os::unix::fs::symlink(outside.path(), t.path().join("link")).expect("symlink");
-        let mut root = SafeRoot::new(t.path());
+        let mut root = SafeRoot::open(t.path()).expect("open");
         assert!(matches!(
-            root.ensure_parents("link/x", true),
+            root.parent("link/x", true),
             Err(UnpackError::Unsafe(_))
         ));
-        assert!(root.ensure_parents("a/b/c", true).expect("create"));
+        assert!(root.parent("a/b/c", true).expect("create").is_some());
         assert!(t.path().join("a/b").is_dir());
+        assert!(root.dirs.contains_key("a/b"));
         root.forget("a");
-        assert!(!root.verified.contains("a/b"));
+        assert!(!root.dirs.contains_key("a/b"));
+        assert!(root.parent("missing/x", false).expect("lookup").is_none());
+    }
+
+    #[test]
+    fn root_is_held_not_resolved() {
+        // Swapping a symlink in at the root's path after opening changes nothing.
+        let base = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        let r = base.path().join("r");
+        fs::create_dir(&r).expect("mkdir");
+        let mut root = SafeRoot::open(&r).expect("open");
+        fs::rename(&r, base.path().join("moved")).expect("mv");
+        std::os::unix::fs::symlink(outside.path(), &r).expect("symlink");
+        root.parent("d/f", true).expect("mkdir");
+        assert!(base.path().join("moved/d").is_dir());
+        assert_eq!(fs::read_dir(outside.path()).expect("ls").count(), 0);
+        assert!(SafeRoot::open(&r).is_err());
     }
 }

@@ -8,19 +8,27 @@
 //! owner and times through the descriptor, so a later rename, removal or hard link of the same
 //! path in the stream is safe whenever the pool gets to it. Directory modes and times are set
 //! at `finish`, deepest first, after every layer, through `O_NOFOLLOW|O_DIRECTORY` descriptors.
+//!
+//! Nothing is reached by path: the target is a directory handle (see `SafeRoot`), every
+//! directory below it is opened relative to its parent's handle without following symlinks,
+//! and each entry is created, replaced or removed by its last name relative to its parent's
+//! handle. A racer that renames a symlink over the target (or anything in it) cannot redirect
+//! a single write.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File, OpenOptions, Permissions};
+use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use cap_fs_ext::{FollowSymlinks, OpenOptionsFollowExt};
+use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
 use crossbeam_channel::{bounded, Sender};
-use filetime::FileTime;
+use rustix::fs::{AtFlags, Gid, OFlags, Timespec, Timestamps, Uid};
+use rustix::io::Errno;
 use tar::EntryType;
 
 use super::chunks::{Pool, Shared};
@@ -45,10 +53,21 @@ struct Meta {
 }
 
 impl Meta {
-    fn time(&self) -> FileTime {
-        FileTime::from_unix_time(
-            self.mtime_ns.div_euclid(1_000_000_000),
-            self.mtime_ns.rem_euclid(1_000_000_000) as u32,
+    fn times(&self) -> Timestamps {
+        let t = Timespec {
+            tv_sec: self.mtime_ns.div_euclid(1_000_000_000),
+            tv_nsec: self.mtime_ns.rem_euclid(1_000_000_000) as _,
+        };
+        Timestamps {
+            last_access: t,
+            last_modification: t,
+        }
+    }
+
+    fn owner(&self) -> (Option<Uid>, Option<Gid>) {
+        (
+            Some(Uid::from_raw(self.uid as u32)),
+            Some(Gid::from_raw(self.gid as u32)),
         )
     }
 }
@@ -88,7 +107,7 @@ struct Job {
     file: File,
     data: Vec<u8>,
     meta: Meta,
-    path: PathBuf,
+    path: String,
 }
 
 type SharedError = Arc<Mutex<Option<UnpackError>>>;
@@ -103,13 +122,16 @@ fn take(slot: &SharedError) -> Option<UnpackError> {
     slot.lock().ok().and_then(|mut g| g.take())
 }
 
-fn set_file_meta(file: &File, meta: &Meta, same_owner: bool) -> io::Result<()> {
+/// Owner (first: chown clears set-id bits), mode and times, through an open descriptor.
+fn set_file_meta<F: AsFd>(file: F, meta: &Meta, same_owner: bool) -> io::Result<()> {
+    let fd = file.as_fd();
     if same_owner {
-        std::os::unix::fs::fchown(file, Some(meta.uid as u32), Some(meta.gid as u32))?;
+        let (u, g) = meta.owner();
+        rustix::fs::fchown(fd, u, g)?;
     }
-    file.set_permissions(Permissions::from_mode(meta.mode))?;
-    let t = meta.time();
-    filetime::set_file_handle_times(file, Some(t), Some(t))
+    rustix::fs::fchmod(fd, rustix::fs::Mode::from_raw_mode(meta.mode as _))?;
+    rustix::fs::futimens(fd, &meta.times())?;
+    Ok(())
 }
 
 struct WriterPool {
@@ -133,7 +155,7 @@ impl WriterPool {
                             .write_all(&job.data)
                             .and_then(|_| set_file_meta(&job.file, &job.meta, same_owner));
                         if let Err(e) = r {
-                            record(&error, UnpackError::Io(job.path.display().to_string(), e));
+                            record(&error, UnpackError::Io(job.path.clone(), e));
                         }
                     }
                 })
@@ -312,25 +334,44 @@ fn pax_mtime(value: &str) -> Option<i64> {
 }
 
 impl Unpacker {
-    /// `root` must exist and be a directory (normally a fresh one).
+    /// `root` must exist and be a directory (normally a fresh one), not a symlink; it is opened
+    /// once and everything after goes through that handle.
     pub fn new(root: &Path, limits: Limits, workers: usize) -> Result<Self, UnpackError> {
-        let md = fs::symlink_metadata(root).map_err(io_ctx(root.display()))?;
+        Ok(Self::with_root(SafeRoot::open(root)?, limits, workers))
+    }
+
+    /// Unpack into the directory open as `dir` (`shown` names it in messages only).
+    pub fn from_dir(
+        dir: File,
+        shown: PathBuf,
+        limits: Limits,
+        workers: usize,
+    ) -> Result<Self, UnpackError> {
+        let md = dir.metadata().map_err(io_ctx(shown.display()))?;
         if !md.is_dir() {
             return Err(UnpackError::Io(
-                root.display().to_string(),
+                shown.display().to_string(),
                 io::Error::new(io::ErrorKind::NotADirectory, "target is not a directory"),
             ));
         }
+        Ok(Self::with_root(
+            SafeRoot::from_file(dir, shown),
+            limits,
+            workers,
+        ))
+    }
+
+    fn with_root(root: SafeRoot, limits: Limits, workers: usize) -> Self {
         let same_owner = limits.same_owner;
-        Ok(Unpacker {
-            root: SafeRoot::new(root),
+        Unpacker {
+            root,
             limits,
             budget: Arc::new(Budget::default()),
             pool: WriterPool::new(workers, same_owner),
             dirs: HashMap::new(),
             root_meta: None,
             stats: UnpackStats::default(),
-        })
+        }
     }
 
     pub fn budget(&self) -> Arc<Budget> {
@@ -347,37 +388,39 @@ impl Unpacker {
 
     /// Remove whatever is at `rel` (a directory recursively, a symlink itself, never its target).
     fn clear(&mut self, rel: &str) -> Result<(), UnpackError> {
-        let full = self.root.full(rel);
-        match fs::symlink_metadata(&full) {
+        let Some((parent, name)) = self.root.parent(rel, false)? else {
+            return Ok(());
+        };
+        self.clear_in(&parent, name, rel)
+    }
+
+    /// `clear` with `rel`'s parent handle already open (`name` is `rel`'s last component).
+    fn clear_in(&mut self, parent: &Dir, name: &str, rel: &str) -> Result<(), UnpackError> {
+        match parent.symlink_metadata(name) {
             Ok(md) if md.is_dir() => {
                 self.root.forget(rel);
                 let prefix = format!("{rel}/");
                 self.dirs.retain(|p, _| p != rel && !p.starts_with(&prefix));
-                fs::remove_dir_all(&full).map_err(io_ctx(full.display()))
+                // cap-std removes the tree below the handle without following any symlink
+                parent
+                    .remove_dir_all(name)
+                    .map_err(io_ctx(self.root.shown(rel)))
             }
-            Ok(_) => fs::remove_file(&full).map_err(io_ctx(full.display())),
+            Ok(_) => parent
+                .remove_file(name)
+                .map_err(io_ctx(self.root.shown(rel))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(UnpackError::Io(full.display().to_string(), e)),
+            Err(e) => Err(UnpackError::Io(self.root.shown(rel), e)),
         }
     }
 
     fn opaque(&mut self, dir: &str, written: &HashSet<String>) -> Result<(), UnpackError> {
-        let full = if dir.is_empty() {
-            self.root.root.clone()
-        } else {
-            self.root.full(dir)
-        };
-        let md = match fs::symlink_metadata(&full) {
-            Ok(md) => md,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(UnpackError::Io(full.display().to_string(), e)),
-        };
-        if !md.is_dir() {
+        let Some(handle) = self.root.dir(dir, false, dir)? else {
             return Ok(());
-        }
+        };
         let mut victims = Vec::new();
-        for de in fs::read_dir(&full).map_err(io_ctx(full.display()))? {
-            let de = de.map_err(io_ctx(full.display()))?;
+        for de in handle.entries().map_err(io_ctx(self.root.shown(dir)))? {
+            let de = de.map_err(io_ctx(self.root.shown(dir)))?;
             let name = de.file_name();
             let Some(name) = name.to_str() else {
                 continue;
@@ -388,11 +431,11 @@ impl Unpacker {
                 format!("{dir}/{name}")
             };
             if !written.contains(&rel) {
-                victims.push(rel);
+                victims.push((name.to_owned(), rel));
             }
         }
-        for rel in victims {
-            self.clear(&rel)?;
+        for (name, rel) in victims {
+            self.clear_in(&handle, &name, &rel)?;
         }
         Ok(())
     }
@@ -475,6 +518,13 @@ impl Unpacker {
         // A limit violation or read error explains whatever the tar side saw: report it first.
         if let Some(v) = budget.violation() {
             return Err(UnpackError::Unsafe(v));
+        }
+        // The decoder stops with "tar reader stopped" when the tar side failed first (a disk
+        // error such as ENOSPC, an unsafe entry): then the tar side's error is the story.
+        if let Err(UnpackError::Io(_, e)) = &decoded {
+            if e.kind() == io::ErrorKind::BrokenPipe && tar_result.is_err() {
+                return tar_result.map(|_| LayerStats::default());
+            }
         }
         let (digest, uncompressed) = decoded?;
         tar_result?;
@@ -595,7 +645,7 @@ impl Unpacker {
         };
         if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
             // Deleting through a symlinked parent would delete outside the target.
-            if !self.root.ensure_parents(&rel, false)? {
+            if self.root.parent(&rel, false)?.is_none() {
                 return Ok(()); // nothing below a missing directory to hide
             }
             if name == OPAQUE {
@@ -615,41 +665,42 @@ impl Unpacker {
             }
             return Ok(());
         }
-        self.root.ensure_parents(&rel, true)?;
-        let full = self.root.full(&rel);
+        let Some((dir, name)) = self.root.parent(&rel, true)? else {
+            return Err(unsafe_err(format!("{rel:?}: parent could not be created")));
+        };
+        let name = name.to_owned();
+        let shown = self.root.shown(&rel);
+        let same_owner = self.limits.same_owner;
         match etype {
             EntryType::Directory => {
-                match fs::symlink_metadata(&full) {
+                match dir.symlink_metadata(&name) {
                     Ok(md) if md.is_dir() => {}
                     Ok(_) => {
-                        self.clear(&rel)?;
-                        fs::create_dir(&full).map_err(io_ctx(full.display()))?;
+                        self.clear_in(&dir, &name, &rel)?;
+                        dir.create_dir(&name).map_err(io_ctx(&shown))?;
                     }
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        fs::create_dir(&full).map_err(io_ctx(full.display()))?;
+                        dir.create_dir(&name).map_err(io_ctx(&shown))?;
                     }
-                    Err(e) => return Err(UnpackError::Io(full.display().to_string(), e)),
+                    Err(e) => return Err(UnpackError::Io(shown, e)),
                 }
-                self.root.mark_dir(&rel);
                 self.dirs.insert(rel.clone(), meta);
             }
             EntryType::Regular | EntryType::Continuous => {
-                let create = || {
-                    OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                        .open(&full)
-                };
+                let mut opts = OpenOptions::new();
+                opts.write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .follow(FollowSymlinks::No);
+                let create = || dir.open_with(&name, &opts).map(|f| f.into_std());
                 // Try first (the usual case: nothing there); replace whatever is there otherwise.
                 let mut file = match create() {
                     Ok(f) => f,
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                        self.clear(&rel)?;
-                        create().map_err(io_ctx(full.display()))?
+                        self.clear_in(&dir, &name, &rel)?;
+                        create().map_err(io_ctx(&shown))?
                     }
-                    Err(e) => return Err(UnpackError::Io(full.display().to_string(), e)),
+                    Err(e) => return Err(UnpackError::Io(shown, e)),
                 };
                 let size = entry.size();
                 if size <= POOL_MAX {
@@ -661,15 +712,14 @@ impl Unpacker {
                         file,
                         data,
                         meta,
-                        path: full,
+                        path: shown,
                     })?;
                 } else {
                     let mut w = io::BufWriter::with_capacity(1 << 20, &mut file);
                     io::copy(entry, &mut w).map_err(self.stream_err(&rel))?;
-                    w.flush().map_err(io_ctx(full.display()))?;
+                    w.flush().map_err(io_ctx(&shown))?;
                     drop(w);
-                    set_file_meta(&file, &meta, self.limits.same_owner)
-                        .map_err(io_ctx(full.display()))?;
+                    set_file_meta(&file, &meta, same_owner).map_err(io_ctx(&shown))?;
                 }
                 self.budget.files.fetch_add(1, Ordering::Relaxed);
                 self.budget.file_bytes.fetch_add(size, Ordering::Relaxed);
@@ -682,15 +732,12 @@ impl Unpacker {
                 if target.is_empty() || target.contains(&0) {
                     return Err(unsafe_err(format!("symlink {rel:?} has an invalid target")));
                 }
-                self.clear(&rel)?;
-                let target_path = Path::new(std::ffi::OsStr::from_bytes(&target));
-                std::os::unix::fs::symlink(target_path, &full).map_err(io_ctx(full.display()))?;
-                if self.limits.same_owner {
-                    std::os::unix::fs::lchown(&full, Some(meta.uid as u32), Some(meta.gid as u32))
-                        .map_err(io_ctx(full.display()))?;
-                }
-                let t = meta.time();
-                filetime::set_symlink_file_times(&full, t, t).map_err(io_ctx(full.display()))?;
+                self.clear_in(&dir, &name, &rel)?;
+                // symlinkat(2) by the last name under the parent's handle (the target is data:
+                // nothing here ever follows it).
+                rustix::fs::symlinkat(target.as_slice(), &*dir, name.as_str())
+                    .map_err(|e| UnpackError::Io(shown.clone(), e.into()))?;
+                self.set_link_meta(&dir, &name, &meta, &shown)?;
             }
             EntryType::Link => {
                 let raw_target = entry
@@ -702,13 +749,12 @@ impl Unpacker {
                 if target == rel {
                     return Err(unsafe_err(format!("hard link {rel:?} to itself")));
                 }
-                if !self.root.ensure_parents(&target, false)? {
+                let Some((tdir, tname)) = self.root.parent(&target, false)? else {
                     return Err(unsafe_err(format!(
                         "hard link {rel:?} to missing {target:?}"
                     )));
-                }
-                let tfull = self.root.full(&target);
-                match fs::symlink_metadata(&tfull) {
+                };
+                match tdir.symlink_metadata(tname) {
                     Ok(md) if md.is_dir() => {
                         return Err(unsafe_err(format!("hard link {rel:?} to a directory")));
                     }
@@ -719,9 +765,10 @@ impl Unpacker {
                         )));
                     }
                 }
-                self.clear(&rel)?;
-                // linkat(2) without AT_SYMLINK_FOLLOW: links the symlink itself, never its target.
-                fs::hard_link(&tfull, &full).map_err(io_ctx(full.display()))?;
+                self.clear_in(&dir, &name, &rel)?;
+                // linkat(2) without AT_SYMLINK_FOLLOW, handle to handle: links the entry
+                // itself (a symlink stays a symlink), never its target.
+                tdir.hard_link(tname, &dir, &name).map_err(io_ctx(&shown))?;
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
                 if !self.limits.allow_devices {
@@ -729,28 +776,45 @@ impl Unpacker {
                         "{rel:?} is a device node or FIFO (not allowed)"
                     )));
                 }
-                self.clear(&rel)?;
+                self.clear_in(&dir, &name, &rel)?;
                 let kind = match etype {
-                    EntryType::Char => libc::S_IFCHR,
-                    EntryType::Block => libc::S_IFBLK,
-                    _ => libc::S_IFIFO,
+                    EntryType::Char => rustix::fs::FileType::CharacterDevice,
+                    EntryType::Block => rustix::fs::FileType::BlockDevice,
+                    _ => rustix::fs::FileType::Fifo,
                 };
                 let major = entry.header().device_major().ok().flatten().unwrap_or(0);
                 let minor = entry.header().device_minor().ok().flatten().unwrap_or(0);
-                mknod(
-                    &full,
-                    kind | (meta.mode & 0o7777),
-                    libc::makedev(major, minor),
+                let err = |e: rustix::io::Errno| UnpackError::Io(shown.clone(), e.into());
+                rustix::fs::mknodat(
+                    &*dir,
+                    name.as_str(),
+                    kind,
+                    rustix::fs::Mode::from_raw_mode(0o600),
+                    rustix::fs::makedev(major, minor),
                 )
-                .map_err(io_ctx(full.display()))?;
-                if self.limits.same_owner {
-                    std::os::unix::fs::lchown(&full, Some(meta.uid as u32), Some(meta.gid as u32))
-                        .map_err(io_ctx(full.display()))?;
+                .map_err(err)?;
+                if same_owner {
+                    let (u, g) = meta.owner();
+                    rustix::fs::chownat(&*dir, name.as_str(), u, g, AtFlags::SYMLINK_NOFOLLOW)
+                        .map_err(err)?;
                 }
-                fs::set_permissions(&full, Permissions::from_mode(meta.mode))
-                    .map_err(io_ctx(full.display()))?;
-                let t = meta.time();
-                filetime::set_symlink_file_times(&full, t, t).map_err(io_ctx(full.display()))?;
+                // fchmodat(2) cannot refuse a symlink on Linux; the node was made just now by
+                // its name under our handle, in a tree only this restore can write to (the
+                // root stays 0700 until finish).
+                rustix::fs::chmodat(
+                    &*dir,
+                    name.as_str(),
+                    rustix::fs::Mode::from_raw_mode(meta.mode as _),
+                    AtFlags::empty(),
+                )
+                .map_err(err)?;
+                rustix::fs::utimensat(
+                    &*dir,
+                    name.as_str(),
+                    &meta.times(),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(err)?;
             }
             other => {
                 return Err(unsafe_err(format!(
@@ -763,7 +827,24 @@ impl Unpacker {
         Ok(())
     }
 
-    /// Wait for every file write, then set directory modes and times (deepest first).
+    /// Owner and times of a symlink, by name under its parent's handle, never following it.
+    fn set_link_meta(
+        &self,
+        dir: &Dir,
+        name: &str,
+        meta: &Meta,
+        shown: &str,
+    ) -> Result<(), UnpackError> {
+        let err = |e: rustix::io::Errno| UnpackError::Io(shown.to_owned(), e.into());
+        if self.limits.same_owner {
+            let (u, g) = meta.owner();
+            rustix::fs::chownat(dir, name, u, g, AtFlags::SYMLINK_NOFOLLOW).map_err(err)?;
+        }
+        rustix::fs::utimensat(dir, name, &meta.times(), AtFlags::SYMLINK_NOFOLLOW).map_err(err)
+    }
+
+    /// Wait for every file write, then set directory metadata (deepest first), each through a
+    /// handle opened component by component from the root's without following symlinks.
     pub fn finish(mut self) -> Result<UnpackStats, UnpackError> {
         self.pool.join()?;
         let mut dirs: Vec<(String, Meta)> = self.dirs.drain().collect();
@@ -774,47 +855,28 @@ impl Unpacker {
         });
         let same_owner = self.limits.same_owner;
         for (rel, meta) in &dirs {
-            let full = self.root.full(rel);
-            set_dir_meta(&full, meta, same_owner)?;
+            // replaced by a file or symlink in a later layer, or removed: nothing to set
+            let (parent, name) = match self.root.parent(rel, false) {
+                Ok(Some(p)) => p,
+                Ok(None) | Err(UnpackError::Unsafe(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            // (cached handles may be O_PATH, which fchmod refuses: open the last name for real)
+            let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            let fd = match rustix::fs::openat(&*parent, name, flags, rustix::fs::Mode::empty()) {
+                Ok(fd) => fd,
+                Err(Errno::NOTDIR | Errno::LOOP | Errno::NOENT) => continue,
+                Err(e) => return Err(UnpackError::Io(self.root.shown(rel), e.into())),
+            };
+            set_file_meta(&fd, meta, same_owner).map_err(io_ctx(self.root.shown(rel)))?;
         }
         if let Some(meta) = self.root_meta {
-            set_dir_meta(&self.root.root, &meta, same_owner)?;
+            set_file_meta(self.root.root(), &meta, same_owner)
+                .map_err(io_ctx(self.root.shown("")))?;
         }
         self.sync_stats();
         Ok(self.stats.clone())
     }
-}
-
-fn set_dir_meta(full: &Path, meta: &Meta, same_owner: bool) -> Result<(), UnpackError> {
-    let dir = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
-        .open(full)
-    {
-        Ok(d) => d,
-        // replaced by a file or symlink in a later layer, or removed: nothing to set
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::ENOTDIR) | Some(libc::ELOOP) | Some(libc::ENOENT)
-            ) =>
-        {
-            return Ok(());
-        }
-        Err(e) => return Err(UnpackError::Io(full.display().to_string(), e)),
-    };
-    set_file_meta(&dir, meta, same_owner).map_err(io_ctx(full.display()))
-}
-
-fn mknod(path: &Path, mode: u32, dev: libc::dev_t) -> io::Result<()> {
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
-    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
-    let rc = unsafe { libc::mknod(c.as_ptr(), mode as libc::mode_t, dev) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -822,7 +884,9 @@ mod tests {
     use super::super::index::{diff, scan, Entry, Kind};
     use super::super::pack::{pack, PackOptions, PackProgress};
     use super::*;
-    use std::os::unix::fs::MetadataExt;
+    use filetime::FileTime;
+    use std::fs::{self, Permissions};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn layer(root: &Path, entries: &[&Entry], wh: &[String], opq: &[String]) -> Vec<u8> {
         pack(
@@ -998,6 +1062,29 @@ mod tests {
         let (_b, _o) = refused(&[l], Limits::default());
         assert!(!outside.path().join("pwned").exists());
         assert_eq!(fs::read_dir(outside.path()).expect("ls").count(), 0);
+    }
+
+    #[test]
+    fn root_swapped_for_symlink_writes_nothing_outside() {
+        // The restore's temp directory replaced by a symlink after the unpacker opened it:
+        // every write still lands in the directory it opened (held by its handle).
+        let src = tempfile::tempdir().expect("tmp");
+        sample(src.path());
+        let all_entries = scan(src.path(), None).expect("scan");
+        let all: Vec<&Entry> = all_entries.iter().collect();
+        let l = layer(src.path(), &all, &[], &[]);
+        let base = tempfile::tempdir().expect("tmp");
+        let outside = tempfile::tempdir().expect("tmp");
+        let dest = base.path().join("dest");
+        fs::create_dir(&dest).expect("mkdir");
+        let mut u = Unpacker::new(&dest, Limits::default(), 2).expect("open");
+        fs::rename(&dest, base.path().join("moved")).expect("mv");
+        std::os::unix::fs::symlink(outside.path(), &dest).expect("symlink");
+        u.apply(l.as_slice(), &LayerSpec::default(), &mut |_| Ok(()))
+            .expect("apply");
+        u.finish().expect("finish");
+        assert_eq!(fs::read_dir(outside.path()).expect("ls").count(), 0);
+        same_tree(src.path(), &base.path().join("moved"));
     }
 
     #[test]

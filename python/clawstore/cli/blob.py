@@ -6,7 +6,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import click
 
@@ -56,13 +56,29 @@ def blob_group() -> None:
     default=None,
     help="Digest algorithm [default: sha256, or that of --expected].",
 )
+@click.option(
+    "--trust-size",
+    is_flag=True,
+    help="With --expected: if a blob of that digest and FILE's size is stored, do not read FILE.",
+)
 @pass_cli
-def blob_put(ctx: CliContext, source: str, expected: str | None, algorithm: str | None) -> None:
-    """Store FILE (or standard input with -) as a blob and print its digest."""
+def blob_put(
+    ctx: CliContext, source: str, expected: str | None, algorithm: str | None, trust_size: bool
+) -> None:
+    """Store FILE (or standard input with -) as a blob and print its digest.
+
+    With --expected the content is hashed and nothing is stored unless it matches (even when a
+    blob of that digest is already stored, unless --trust-size)."""
     exp = Digest.parse(expected) if expected is not None else None  # validate before any I/O
-    kw = {"algorithm": algorithm} if algorithm else {}
+    if trust_size and exp is None:
+        raise ClawstoreError("--trust-size needs --expected")
+    kw: dict[str, Any] = {"algorithm": algorithm} if algorithm else {}
+    if trust_size:
+        kw["trust_size"] = True
     store = ctx.store
     if source == "-":
+        if sys.stdin is None or sys.stdin.closed:
+            raise ClawstoreError("standard input is closed (blob put - reads the blob from it)")
         with Progress("put stdin", None) as bar:
             src: BinaryIO = _ProgressReader(sys.stdin.buffer, bar) if is_interactive() else sys.stdin.buffer  # type: ignore[assignment]
             desc = store.put_blob(src, exp, **kw)

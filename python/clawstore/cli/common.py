@@ -6,10 +6,12 @@ function; `clawstore/cli/__init__.py` calls each module's `register`.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -59,6 +61,22 @@ class CliContext:
             create = not _needs_existing_store(click.get_current_context(silent=True))
             self._store = clawstore.open(self.store_url, create=create)
         return self._store
+
+    def hub(self) -> tuple[Any, Any] | None:
+        """(hub, principal) when this store has a catalog (`$CLAWSTORE_CATALOG`, or the
+        `catalog.sqlite` beside a local store), else None. Writers use it so that a write is
+        leased against GC, recorded and permission-checked like a hub push: a tag or snapshot
+        written beside the catalog is what GC's roots were missing."""
+        url = os.environ.get("CLAWSTORE_CATALOG")
+        if not url:
+            from clawstore.backends.base import LocalRoot
+
+            backend = self.store.backend
+            if not isinstance(backend, LocalRoot) or not (Path(backend.root) / "catalog.sqlite").exists():
+                return None
+        from clawstore.cli.hub import _hub
+
+        return _hub(self, url or None)
 
     def close(self) -> None:
         if self._store is not None:
@@ -137,6 +155,26 @@ def progress(description: str, total: int | None, *, unit: str = "bytes") -> Ite
         yield p
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _unicode_message(e: UnicodeError) -> str:
+    """Which name was not valid UTF-8, escaped (never a surrogate or a raw byte on the terminal)."""
+    obj = getattr(e, "object", None)
+    start = getattr(e, "start", 0)
+    end = getattr(e, "end", 0)
+    if isinstance(obj, str):
+        lo = max(0, start - 40)
+        snippet = obj[lo : end + 8].encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+        return f"not valid UTF-8 (file names must be UTF-8): ...{snippet}..."
+    if isinstance(obj, bytes | bytearray):
+        snippet = bytes(obj[max(0, start - 40) : end + 8]).decode("utf-8", "backslashreplace")
+        return f"not valid UTF-8 (file names must be UTF-8): ...{snippet}..."
+    return f"not valid UTF-8: {e}"
+
+
 def run_main(group: click.Group, argv: list[str] | None = None) -> NoReturn:
     """Run the CLI: clawstore errors and OS errors become one `error:` line and exit 1."""
     try:
@@ -152,4 +190,17 @@ def run_main(group: click.Group, argv: list[str] | None = None) -> NoReturn:
         fail(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}")
     except KeyboardInterrupt:
         fail("interrupted", 130)
+    except UnicodeError as e:
+        fail(_unicode_message(e))
+    except (ValueError, ImportError) as e:
+        # Bad input as libraries report it (an endpoint that is not a URL, a file name that is
+        # not UTF-8, a driver that is not installed): one line, like our own errors.
+        fail(_first_line(e))
+    except Exception as e:
+        family = type(e).__module__.split(".")[0]
+        if family in ("botocore", "boto3", "s3transfer"):
+            fail(f"S3: {_first_line(e)}")
+        if family in ("sqlalchemy", "psycopg", "psycopg2", "alembic"):
+            fail(f"catalog: {_first_line(e)}")
+        raise
     sys.exit(rv if isinstance(rv, int) else 0)

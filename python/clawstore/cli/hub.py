@@ -45,12 +45,14 @@ class Duration(click.ParamType):
 DURATION = Duration()
 
 
-def _hub(cli_ctx: CliContext, catalog: str | None) -> tuple[Any, Any]:
+def _hub(cli_ctx: CliContext, catalog: str | None, create_catalog: bool = False) -> tuple[Any, Any]:
     from clawstore.hub import Hub, Principal
 
     hub = getattr(cli_ctx, "_hub", None)
     if hub is None:
-        hub = Hub(cli_ctx.store, catalog or os.environ.get("CLAWSTORE_CATALOG"))
+        hub = Hub(
+            cli_ctx.store, catalog or os.environ.get("CLAWSTORE_CATALOG"), create_catalog=create_catalog
+        )
         cli_ctx._hub = hub  # type: ignore[attr-defined]
         click.get_current_context().call_on_close(hub.catalog.close)
     token = os.environ.get("CLAWSTORE_TOKEN")
@@ -66,10 +68,17 @@ def with_hub(f: F) -> F:
         default=None,
         help="Catalog database URL [env CLAWSTORE_CATALOG; default <store>/catalog.sqlite]",
     )
+    @click.option(
+        "--create-catalog",
+        is_flag=True,
+        help="Start a new catalog at --catalog even though the store already has content.",
+    )
     @pass_cli
     @wraps(f)
-    def wrapper(cli_ctx: CliContext, catalog_url: str | None, *args: Any, **kwargs: Any) -> Any:
-        hub, principal = _hub(cli_ctx, catalog_url)
+    def wrapper(
+        cli_ctx: CliContext, catalog_url: str | None, create_catalog: bool, *args: Any, **kwargs: Any
+    ) -> Any:
+        hub, principal = _hub(cli_ctx, catalog_url, create_catalog)
         return f(hub, principal, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -186,6 +195,19 @@ def checkpoint_create(
         click.echo(f"skipped {len(res.skipped)} files that changed type or vanished while read", err=True)
 
 
+def _linked_checkpoint(hub: Any, principal: Any, ref: str) -> Any:
+    """REF's manifest digest, once the principal may pull its repository and the digest is
+    linked to it (REPO@DIGEST of another repository answers "not found")."""
+    from clawstore import checkpoints
+    from clawstore.names import Reference
+
+    repo = Reference.parse(ref).repository
+    hub.permissions.check(principal, "pull", repo)
+    digest = checkpoints.resolve_ref(hub.store, ref)
+    hub.require_in_repository(principal, repo, digest)
+    return digest
+
+
 @existing_store
 @checkpoint.command("restore")
 @click.argument("ref")
@@ -205,6 +227,7 @@ def checkpoint_restore(
     hub.permissions.check(principal, "pull", repo)
     with hub.lease(principal, repo, "restore") as lease, progress("restore", None) as bar:
         digest = checkpoints.resolve_ref(hub.store, ref)
+        hub.require_in_repository(principal, repo, digest)  # REPO@DIGEST of another repository
         lease.add([digest])
         r = checkpoints.restore(
             hub.store,
@@ -230,10 +253,8 @@ def checkpoint_cat(hub: Any, principal: Any, ref: str, path: str, output: str | 
     import sys
 
     from clawstore import checkpoints
-    from clawstore.names import Reference
 
-    hub.permissions.check(principal, "pull", Reference.parse(ref).repository)
-    with checkpoints.open_file(hub.store, ref, path) as src:
+    with checkpoints.open_file(hub.store, _linked_checkpoint(hub, principal, ref), path) as src:
         if output is None:
             shutil.copyfileobj(src, sys.stdout.buffer, 1 << 20)
             sys.stdout.buffer.flush()
@@ -263,14 +284,13 @@ def checkpoint_ls(hub: Any, principal: Any, repo: str) -> None:
 def checkpoint_files(hub: Any, principal: Any, ref: str) -> None:
     """List the entries of checkpoint REF: type, mode, size, path."""
     from clawstore import checkpoints
-    from clawstore.names import Reference
 
-    hub.permissions.check(principal, "pull", Reference.parse(ref).repository)
-    for e in checkpoints.load(hub.store, ref).entries:
+    for e in checkpoints.load(hub.store, _linked_checkpoint(hub, principal, ref)).entries:
         extra = f" -> {e['l']}" if e["t"] == "symlink" else ""
         click.echo(f"{e['t'][0]}\t{e.get('m', 0):04o}\t{e.get('s', 0)}\t{e['p']}{extra}")
 
 
+@existing_store
 @checkpoint.command("diff")
 @click.argument("a")
 @click.argument("b")
@@ -278,11 +298,10 @@ def checkpoint_files(hub: Any, principal: Any, ref: str) -> None:
 def checkpoint_diff(hub: Any, principal: Any, a: str, b: str) -> None:
     """What changed from checkpoint A to checkpoint B (A, B: REPO:TAG or REPO@DIGEST)."""
     from clawstore import checkpoints
-    from clawstore.names import Reference
 
-    for ref in (a, b):
-        hub.permissions.check(principal, "pull", Reference.parse(ref).repository)
-    d = checkpoints.diff(hub.store, a, b)
+    d = checkpoints.diff(
+        hub.store, _linked_checkpoint(hub, principal, a), _linked_checkpoint(hub, principal, b)
+    )
     for p in d.added:
         click.echo(f"A\t{p}")
     for p in d.removed:
@@ -410,6 +429,42 @@ def token_revoke(hub: Any, principal: Any, token_id: str) -> None:
         raise ClawstoreError("no such live token")
 
 
+# -- leases --------------------------------------------------------------------------------------
+@click.group("lease")
+def lease() -> None:
+    """GC and volume leases held by work in progress (an admin sees all, others their own)."""
+
+
+@existing_store
+@lease.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable list.")
+@with_hub
+def lease_ls(hub: Any, principal: Any, as_json: bool) -> None:
+    """List leases: id, kind, holder, expiry (s from now), digests held."""
+    import time
+
+    rows = hub.list_leases(principal)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    now = time.time()
+    for r in rows:
+        where = f"\t{r['volume']}" if r["type"] == "volume" else ""
+        left = float(r["expires_at"]) - now
+        state = f"{left:.0f}s" if left > 0 else "expired"
+        click.echo(f"{r['id']}\t{r['kind']}\t{r['holder'] or '-'}\t{state}\t{r['resources']}{where}")
+
+
+@existing_store
+@lease.command("release")
+@click.argument("lease_id")
+@with_hub
+def lease_release(hub: Any, principal: Any, lease_id: str) -> None:
+    """Release LEASE_ID (e.g. one a killed process left); GC may then collect what it held."""
+    if not hub.release_lease(principal, lease_id):
+        raise ClawstoreError(f"no lease {lease_id}")
+
+
 @click.group("grant")
 def grant() -> None:
     """Grants of pull/push/delete/admin on repository patterns."""
@@ -490,7 +545,7 @@ def catalog_history(hub: Any, principal: Any, ref: str) -> None:
 
 
 def register(group: click.Group) -> None:
-    for cmd in (gc_cmd, checkpoint, retention, export_cmd, import_cmd, token, grant, catalog):
+    for cmd in (gc_cmd, checkpoint, retention, export_cmd, import_cmd, token, grant, lease, catalog):
         group.add_command(cmd)
 
 

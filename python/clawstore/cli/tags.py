@@ -36,6 +36,11 @@ def tag_cmd(ctx: CliContext, ref: str, digest: str, expect: str | None, create: 
     if expect is not None and create:
         raise click.UsageError("--expect and --create exclude each other")
     exp: object = MISSING if create else (Digest.parse(expect) if expect is not None else ANY)
+    found = ctx.hub()
+    if found is not None:  # through the catalog: leased against GC, recorded, permission-checked
+        hub, principal = found
+        hub.tag(principal, repo, tag, d, expect=exp)
+        return
     ctx.store.tag(repo, tag, d, expect=exp)
 
 
@@ -48,6 +53,11 @@ def untag_cmd(ctx: CliContext, ref: str, expect: str | None) -> None:
     """Remove REPO:TAG (the manifest stays until gc)."""
     repo, tag = _repo_tag(ref)
     exp: object = Digest.parse(expect) if expect is not None else ANY
+    found = ctx.hub()
+    if found is not None:
+        hub, principal = found
+        hub.untag(principal, repo, tag, expect=exp)
+        return
     ctx.store.untag(repo, tag, expect=exp)
 
 

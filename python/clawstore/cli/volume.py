@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
 
 from clawstore import volumes
 from clawstore.cli.common import CliContext, Progress, existing_store, pass_cli
+from clawstore.names import Reference
 
 
 def _human(n: float) -> str:
@@ -74,9 +76,15 @@ def snapshot_cmd(
 ) -> None:
     """Snapshot DIRECTORY to REF (REPO:TAG); incremental when REF exists. Prints the digest."""
     bar = _Bar("snapshot")
-    with bar.bar:
+    found = cli.hub()
+    with contextlib.ExitStack() as stack:
+        store = cli.store
+        if found is not None:  # a hub session: leased against GC, recorded, permission-checked
+            hub, principal = found
+            store = stack.enter_context(hub.session(principal, Reference.parse(ref).repository))
+        stack.enter_context(bar.bar)
         snap = volumes.snapshot(
-            cli.store,
+            store,
             directory,
             ref,
             full=full,
@@ -85,6 +93,12 @@ def snapshot_cmd(
             level=level,
             threads=threads,
             progress=bar,
+        )
+    if snap.lost_parent is not None:
+        click.echo(
+            f"warning: the previous snapshot {snap.lost_parent} at {ref} has lost content; "
+            "took a full snapshot instead of building on it",
+            err=True,
         )
     if not snap.created_now:
         click.echo(f"unchanged: {ref} is already {snap.digest}", err=True)
@@ -109,13 +123,46 @@ def snapshot_cmd(
     is_flag=True,
     help="Also hash the uncompressed layers and check their diff_ids (the blob digests are always checked).",
 )
+@click.option(
+    "--max-bytes",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Refuse past this many uncompressed bytes [default: 1 TiB]; never taken from the snapshot.",
+)
+@click.option(
+    "--max-ratio",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Refuse a layer that decompresses more than this many times its size, past 64 MiB "
+    "[default: 1000; 0: no ratio check].",
+)
 @pass_cli
 def restore_cmd(
-    cli: CliContext, ref: str, directory: Path, force: bool, allow_devices: bool, verify_diff_id: bool
+    cli: CliContext,
+    ref: str,
+    directory: Path,
+    force: bool,
+    allow_devices: bool,
+    verify_diff_id: bool,
+    max_bytes: int | None,
+    max_ratio: int | None,
 ) -> None:
     """Restore REF (REPO:TAG or REPO@DIGEST) into DIRECTORY (created; must be empty unless --force)."""
     bar = _Bar("restore")
-    with bar.bar:
+    found = cli.hub()
+    with contextlib.ExitStack() as stack:
+        if found is not None:
+            # Through the catalog: pull on the repository, REPO@DIGEST only for a digest of it,
+            # and what is restored held by a lease until the restore ends.
+            hub, principal = found
+            parsed = Reference.parse(ref)
+            digest = parsed.digest or cli.store.resolve(parsed.repository, parsed.tag or "latest")
+            hub.require_in_repository(principal, parsed.repository, digest)
+            lease = stack.enter_context(hub.lease(principal, parsed.repository, "restore"))
+            lease.add([digest])
+            lease.add([d.digest for d in volumes.load(cli.store, digest).manifest.blobs()])
+            ref = f"{parsed.repository}@{digest}"
+        stack.enter_context(bar.bar)
         r = volumes.restore(
             cli.store,
             ref,
@@ -123,6 +170,8 @@ def restore_cmd(
             force=force,
             allow_devices=allow_devices,
             verify_diff_id=verify_diff_id,
+            max_bytes=max_bytes,
+            max_ratio=max_ratio,
             progress=bar,
         )
     rate = r.bytes / r.seconds if r.seconds > 0 else 0.0

@@ -43,7 +43,9 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
+from clawstore import mediatypes as mt
 from clawstore.errors import ClawstoreError
 from clawstore.hub.migrations import upgrade
 
@@ -242,6 +244,13 @@ def now() -> float:
     return time.time()
 
 
+def _shown_url(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not even a URL: show it without anything after '@'
+        return url.rsplit("@", 1)[-1] if "@" in url else url
+
+
 def default_catalog_url(store_root: str | Path) -> str:
     return f"sqlite:///{Path(store_root).absolute() / 'catalog.sqlite'}"
 
@@ -250,6 +259,41 @@ class Catalog:
     """An engine plus schema migration and the transaction discipline described above."""
 
     def __init__(self, url: str, *, schema: str | None = None, migrate: bool = True) -> None:
+        try:
+            self._open(url, schema)
+        except ClawstoreError:
+            raise
+        except (ImportError, ValueError, SQLAlchemyError) as e:
+            # A mistyped URL, an unknown dialect, a driver that is not installed, a server that
+            # does not answer: one line, never a traceback (and never the password).
+            shown = _shown_url(url)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ClawstoreError(f"cannot open catalog {shown}: {first}") from None
+        if migrate:
+            self.migrate()
+
+    def exists(self) -> bool:
+        """Whether this catalog was ever created (SQLite: the file; PostgreSQL: the schema's
+        migration table). Opening with `migrate=False` and asking this creates nothing."""
+        if self.dialect == "sqlite":
+            db = self.engine.url.database
+            return not db or db == ":memory:" or Path(db).exists()
+        from sqlalchemy import inspect
+
+        with self.engine.connect() as c:
+            return inspect(c).has_table("alembic_version", schema=self.schema)
+
+    def migrate(self) -> None:
+        db = self.engine.url.database
+        if self.dialect == "sqlite" and db and db != ":memory:":
+            Path(db).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            upgrade(self.engine)
+        except SQLAlchemyError as e:
+            first = str(e).strip().splitlines()[0]
+            raise ClawstoreError(f"cannot open catalog {self.url}: {first}") from None
+
+    def _open(self, url: str, schema: str | None) -> None:
         u = make_url(url)
         schema = schema or u.query.get("schema")  # type: ignore[assignment]
         if "schema" in u.query:
@@ -260,8 +304,6 @@ class Catalog:
         self.schema = schema
         self.dialect = u.get_backend_name()
         if self.dialect == "sqlite":
-            if u.database and u.database != ":memory:":
-                Path(u.database).parent.mkdir(parents=True, exist_ok=True)
             self.engine: Engine = create_engine(u, connect_args={"timeout": 120, "check_same_thread": False})
             event.listen(self.engine, "connect", _sqlite_connect)
             event.listen(self.engine, "begin", _sqlite_begin)
@@ -285,8 +327,6 @@ class Catalog:
                     c.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         else:
             raise ClawstoreError(f"unsupported catalog database {self.dialect!r} (sqlite or postgresql)")
-        if migrate:
-            upgrade(self.engine)
 
     @contextmanager
     def tx(self, *, exclusive: bool = False) -> Iterator[Connection]:
@@ -404,6 +444,11 @@ def record_blob(
     )
 
 
+#: artifactTypes whose `subject` is something they need (kept alive with them), not merely
+#: something they refer to.
+NEEDS_SUBJECT: frozenset[str] = frozenset({mt.CHECKPOINT})
+
+
 def record_manifest(
     conn: Connection,
     digest: str,
@@ -456,6 +501,10 @@ def record_manifest(
     ]
     if subject is not None:
         edges.append({"parent": subject, "child": digest, "kind": "referrer"})
+        if manifest.artifact_type in NEEDS_SUBJECT:
+            # A checkpoint's subject is the volume it needs: liveness flows to it as well
+            # (what a checkpoint needs, GC keeps), unlike a signature's subject.
+            edges.append({"parent": digest, "child": subject, "kind": "needs"})
     upsert(conn, manifest_edges, edges, ["parent", "child", "kind"])
     if repo is not None:
         ensure_repository(conn, repo, t)
@@ -466,6 +515,33 @@ def record_manifest(
             ["repository", "digest"],
             None if adopted else ["pushed_at"],
         )
+
+
+def linked_repositories(conn: Connection, digest: str) -> set[str]:
+    """The repositories `digest` belongs to, as distribution's repository links would say: a
+    manifest pushed to or tagged in a repository belongs to it; so does every blob it references
+    and every manifest an index in it lists (transitively)."""
+    rows = conn.execute(
+        text(
+            """
+            WITH RECURSIVE up(d) AS (
+                SELECT CAST(:d AS VARCHAR(200))
+                UNION
+                SELECT x.parent FROM (
+                    SELECT e.parent AS parent, e.child AS child FROM manifest_edges e
+                    WHERE e.kind = 'child'
+                    UNION ALL
+                    SELECT mb.manifest AS parent, mb.blob AS child FROM manifest_blobs mb
+                ) x JOIN up ON x.child = up.d
+            )
+            SELECT rm.repository FROM repo_manifests rm JOIN up ON rm.digest = up.d
+            UNION
+            SELECT t.repository FROM tags t JOIN up ON t.digest = up.d
+            """
+        ),
+        {"d": str(digest)},
+    )
+    return {r[0] for r in rows}
 
 
 def set_tag(

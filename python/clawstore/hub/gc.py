@@ -14,8 +14,9 @@ One run:
    An adopted row is only collectable once no lease older than its adoption is live, because the
    push that wrote it may not have recorded it yet.
 3. mark, in one exclusive catalog transaction, in SQL: a recursive CTE over the roots into a
-   temporary table, then INSERT ... SELECT the garbage into `gc_trash`. Nothing else is written,
-   so the exclusive section (which pushes wait for) stays short.
+   temporary table, then INSERT ... SELECT the garbage into `gc_trash`. Then, still inside it,
+   re-read the store's tags: whatever a tag written since step 1 names (by a writer that knows
+   no catalog) comes back out of the trash before anything is deleted.
 4. drain `gc_trash` in batches: each batch's trash rows, its catalog rows (manifest, edges, blob
    rows) and its store objects are deleted in one transaction (manifests before blobs).
 5. store.cleanup(): temp files and stale uploads.
@@ -61,6 +62,7 @@ class GCReport:
     deleted_objects: int = 0  # store objects actually removed (not already absent)
     adopted: int = 0
     tags_reconciled: int = 0
+    rescued_by_store_tags: int = 0  # trash rows a store tag written during the run took back
     expired_leases: int = 0
     temp_removed: int = 0
     temp_bytes: int = 0
@@ -273,6 +275,34 @@ class GarbageCollector:
                 conn.exec_driver_sql(f"DROP TABLE IF EXISTS temp.{name}")
         return totals, listing, expired
 
+    def protect_store_tags(self, conn: Connection) -> int:
+        """Re-read the store's tags inside the exclusive mark section, after the garbage is
+        chosen and before anything is deleted, and take every manifest a tag names (with all
+        it reaches) back out of `gc_trash`; record such tags in the catalog. A writer that knows
+        no catalog (or a replica between its store and catalog writes) may have tagged an old
+        manifest after step 1 read the tags: its tag still protects it (containerd re-marks the
+        same way). Returns how many trash rows came back."""
+        from clawstore.hub.leases import rescue
+
+        if conn.execute(select(c.gc_trash.c.digest).limit(1)).first() is None:
+            return 0  # nothing queued for deletion: nothing to protect
+        store = self._need_store()
+        rescued = 0
+        for repo in store.list_repos():
+            for tag in store.list_tags(repo):
+                try:
+                    target = str(store.resolve(repo, tag))
+                except RefNotFoundError:
+                    continue
+                n = rescue(conn, [target])
+                rescued += n
+                current = conn.execute(
+                    select(c.tags.c.digest).where(c.tags.c.repository == repo, c.tags.c.tag == tag)
+                ).scalar()
+                if current != target and ensure_recorded(conn, store, target):
+                    c.set_tag(conn, repo, tag, target, actor="gc-reconcile")
+        return rescued
+
     # -- 4. sweep ----------------------------------------------------------------------------
     def drain(self, batch: int = BATCH) -> tuple[int, int]:
         """Delete trashed objects from the store, manifests before blobs, in batches walked by
@@ -367,6 +397,8 @@ class GarbageCollector:
                 totals, garbage, report.expired_leases = self.mark(
                     conn, grace=grace, dry_run=False, force=force, list_limit=list_limit
                 )
+                if self.store is not None:
+                    report.rescued_by_store_tags = self.protect_store_tags(conn)
             report.mark_seconds = time.perf_counter() - m0
             if self.store is not None:
                 _drained, report.deleted_objects = self.drain()

@@ -31,7 +31,9 @@ from clawstore import mediatypes as mt
 from clawstore.backends.base import LocalRoot
 from clawstore.digest import Digest
 from clawstore.errors import (
+    BlobNotFoundError,
     ClawstoreError,
+    ManifestNotFoundError,
     PermissionDeniedError,
 )
 from clawstore.hub import catalog as c
@@ -52,16 +54,41 @@ class Hub:
     """Store + catalog + permissions + leases + retention + GC. See the module docstring."""
 
     def __init__(
-        self, store: ArtifactStore, catalog: c.Catalog | str | None = None, *, schema: str | None = None
+        self,
+        store: ArtifactStore,
+        catalog: c.Catalog | str | None = None,
+        *,
+        schema: str | None = None,
+        create_catalog: bool = False,
     ) -> None:
+        """`catalog`: a Catalog, a URL, or None for `<local store>/catalog.sqlite`. A URL naming
+        a catalog that does not exist yet, beside a store that already has content, is refused
+        unless `create_catalog`: a mistyped URL must not silently start an empty catalog that
+        knows none of the store's pins, leases and grants (GC against it would not see them)."""
         self.store = store
+        explicit = catalog is not None
         if catalog is None:
             if not isinstance(store.backend, LocalRoot):
                 raise ClawstoreError(
                     "a store without a local root needs a catalog URL (e.g. postgresql+psycopg://...)"
                 )
             catalog = c.default_catalog_url(store.backend.root)
-        self.catalog = catalog if isinstance(catalog, c.Catalog) else c.Catalog(catalog, schema=schema)
+        if isinstance(catalog, c.Catalog):
+            self.catalog = catalog
+        else:
+            cat = c.Catalog(catalog, schema=schema, migrate=False)
+            try:
+                if explicit and not create_catalog and not cat.exists() and _has_content(store):
+                    raise ClawstoreError(
+                        f"no catalog at {cat.url}, but the store {store.url} has content: a new, "
+                        "empty catalog would know none of its pins, leases and grants. Check the "
+                        "catalog URL; to start a catalog for this store, use --create-catalog"
+                    )
+                cat.migrate()
+            except BaseException:
+                cat.close()
+                raise
+            self.catalog = cat
         self.permissions = Permissions(self.catalog)
         self.leases = Leases(self.catalog)
         self.retention_policies = Retention(self.catalog)
@@ -73,11 +100,15 @@ class Hub:
         catalog_url: str | None = None,
         *,
         schema: str | None = None,
+        create_catalog: bool = False,
     ) -> Hub:
         import clawstore
 
         return cls(
-            clawstore.open(store_url), catalog_url or os.environ.get("CLAWSTORE_CATALOG"), schema=schema
+            clawstore.open(store_url),
+            catalog_url or os.environ.get("CLAWSTORE_CATALOG"),
+            schema=schema,
+            create_catalog=create_catalog,
         )
 
     def close(self) -> None:
@@ -119,6 +150,30 @@ class Hub:
         """The hub's one permission check for content: PermissionDeniedError unless allowed."""
         self.permissions.check(principal, action, validate_repository(repo))
 
+    def _may_read(
+        self, principal: Principal, digest: Digest | str, repo: str | None = None, *, own: str | None = None
+    ) -> bool:
+        """Whether `digest` is linked (see `catalog.linked_repositories`) to `repo` (when the
+        request names one: the caller's pull on it is checked separately), or else to `own` (a
+        session's repository) or any repository `principal` may pull. A digest is served on no
+        other grounds: knowing a digest is not a right to its content."""
+        if principal.system:
+            return True
+        with self.catalog.tx() as conn:
+            repos = c.linked_repositories(conn, str(Digest.parse(digest)))
+        if repo is not None:
+            return repo in repos
+        if own is not None and own in repos:
+            return True
+        return self.permissions.may(principal, "pull", repos)
+
+    def require_in_repository(self, principal: Principal, repo: str, digest: Digest | str) -> None:
+        """For readers that go to the store themselves (checkpoint restore by digest): pull on
+        `repo`, and `digest` linked to it; ManifestNotFoundError otherwise (as if absent)."""
+        self._authorize(principal, "pull", repo)
+        if not self._may_read(principal, digest, repo):
+            raise ManifestNotFoundError(f"manifest {digest} not found in {repo}")
+
     def _open_session(
         self, principal: Principal, repo: str, kind: str, ttl: float = DEFAULT_TTL
     ) -> HubSession:
@@ -130,6 +185,7 @@ class Hub:
             repo=repo,
             actor=principal.name,
             authorize=partial(self._authorize, principal),
+            may_read=partial(self._may_read, principal, own=repo),
         )
         return HubSession(backend, principal)
 
@@ -172,14 +228,24 @@ class Hub:
             return d
 
     def get_blob(self, principal: Principal, repo: str, digest: Digest | str) -> VerifyingReader:
+        """A blob of `repo`: one referenced by a manifest in it (not merely stored: a digest of
+        another repository is "not found" here, exactly like an absent one)."""
         self._authorize(principal, "pull", repo)
-        return self.store.get_blob(digest)
+        d = Digest.parse(digest)
+        if not self._may_read(principal, d, repo):
+            raise BlobNotFoundError(f"blob {d} not found in {repo}")
+        return self.store.get_blob(d)
 
     def get_manifest(self, principal: Principal, repo: str, reference: str) -> bytes:
-        """`reference` is a tag or a digest."""
+        """`reference` is a tag or a digest (of a manifest in `repo`)."""
         self._authorize(principal, "pull", repo)
-        ref = f"{repo}@{reference}" if ":" in reference else f"{repo}:{reference}"
-        return self.store.get_manifest(self.store.resolve_ref(ref))
+        if ":" in reference:
+            d = Digest.parse(reference)
+            if not self._may_read(principal, d, repo):
+                raise ManifestNotFoundError(f"manifest {d} not found in {repo}")
+        else:
+            d = self.store.resolve(repo, reference)
+        return self.store.get_manifest(d)
 
     def resolve(self, principal: Principal, repo: str, tag: str) -> Digest:
         self._authorize(principal, "pull", repo)
@@ -225,15 +291,22 @@ class Hub:
     ) -> dict[str, Any] | None:
         """The catalog's row for a manifest (digest, media type, artifactType, size, subject...)."""
         self._authorize(principal, "pull", repo)
+        if not self._may_read(principal, digest, repo):
+            return None
         with self.catalog.tx() as conn:
             r = conn.execute(select(c.manifests).where(c.manifests.c.digest == str(digest))).first()
         return dict(r._mapping) if r is not None else None
 
     def referrers(self, principal: Principal, repo: str, digest: Digest | str) -> list[dict[str, Any]]:
+        """Manifests of `repo` whose subject is `digest`."""
         self._authorize(principal, "pull", repo)
         with self.catalog.tx() as conn:
             rows = conn.execute(select(c.manifests).where(c.manifests.c.subject == str(digest))).all()
-        return [dict(r._mapping) for r in rows]
+            return [
+                dict(r._mapping)
+                for r in rows
+                if principal.system or repo in c.linked_repositories(conn, r.digest)
+            ]
 
     # -- pins and leases ---------------------------------------------------------------------
     def pin(self, principal: Principal, digest: Digest | str, reason: str = "") -> None:
@@ -264,6 +337,40 @@ class Hub:
         """A GC lease for work in progress on `repo` (restores need pull, everything else push)."""
         self.permissions.check(principal, "pull" if kind == "restore" else "push", validate_repository(repo))
         return self.leases.create(kind, principal.name, ttl)
+
+    def list_leases(self, principal: Principal) -> list[dict[str, Any]]:
+        """GC and volume leases: all of them for an admin, else only the caller's own."""
+        holder = self._own_only(principal)
+        out: list[dict[str, Any]] = []
+        for r in self.leases.list(holder):
+            out.append({**r, "type": "gc"})
+        for r in self.leases.list_volume(holder):
+            out.append({**r, "type": "volume", "kind": f"volume-{r['mode']}", "resources": 1})
+        return sorted(out, key=lambda r: (r["created_at"], r["id"]))
+
+    def release_lease(self, principal: Principal, lease_id: str) -> bool:
+        """Release a GC or volume lease (an admin any, others only their own). False if none."""
+        own = self._own_only(principal)
+        found = self.leases.holder_of(lease_id)
+        if found is None:
+            return False
+        kind, holder = found
+        if own is not None and own != holder:
+            raise PermissionDeniedError(f"{principal.name} may not release lease {lease_id} (not theirs)")
+        if kind == "gc":
+            self.leases.release(lease_id)
+        else:
+            self.leases.release_volume(lease_id)
+        return True
+
+    def _own_only(self, principal: Principal) -> str | None:
+        """None for an admin (everything), else the principal's name (after a token check)."""
+        try:
+            self.permissions.check(principal, "admin")
+            return None
+        except PermissionDeniedError:
+            self.permissions.authenticated(principal)
+            return principal.name
 
     def acquire_volume(
         self,
@@ -321,6 +428,8 @@ class Hub:
 
         r = Reference.parse(ref)
         self.permissions.check(principal, "pull", r.repository)
+        if r.digest is not None and not self._may_read(principal, r.digest, r.repository):
+            raise ManifestNotFoundError(f"manifest {r.digest} not found in {r.repository}")
         lease = self.leases.create("export", principal.name)
         try:
             digest = self.store.resolve_ref(r)
@@ -341,6 +450,13 @@ class Hub:
 
         with self.session(principal, repo, kind="import") as s:
             return import_oci(s, Path(directory), repo, tags=tags)
+
+
+def _has_content(store: ArtifactStore) -> bool:
+    """Any tag or blob at all (one listing call each, stopping at the first)."""
+    if store.list_repos():
+        return True
+    return next(iter(store.iter_blobs()), None) is not None
 
 
 __all__ = ["Hub"]

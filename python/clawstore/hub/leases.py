@@ -37,6 +37,8 @@ class Lease:
     holder: str | None
     expires_at: float
     _leases: Leases
+    #: how far each use extends it (the TTL it was created with)
+    ttl: float = DEFAULT_TTL
 
     def add(self, digests: Iterable[str], *, ttl: float | None = None) -> None:
         self._leases.add(self, digests, ttl=ttl)
@@ -123,7 +125,7 @@ class Leases:
                     id=lease_id, kind=kind, holder=holder, created_at=t, expires_at=t + ttl
                 )
             )
-        return Lease(lease_id, kind, holder, t + ttl, self)
+        return Lease(lease_id, kind, holder, t + ttl, self, ttl)
 
     def add(self, lease: Lease, digests: Iterable[str], *, ttl: float | None = None) -> None:
         ds = sorted({str(d) for d in digests})
@@ -132,14 +134,15 @@ class Leases:
 
     def add_in(self, conn: Connection, lease: Lease, digests: list[str], *, ttl: float | None = None) -> None:
         """Within the caller's transaction: make `digests` roots of `lease` and rescue them from
-        GC's trash. Extends the lease by `ttl` (or its original TTL) - a heartbeat for free."""
+        GC's trash. Extends the lease to `ttl` (or the TTL it was created with) from now - a
+        heartbeat for free; never by more: a killed holder blocks GC for one TTL at most."""
         t = c.now()
         row = conn.execute(
             select(c.leases.c.expires_at, c.leases.c.created_at).where(c.leases.c.id == lease.id)
         ).first()
         if row is None or row.expires_at <= t:
             raise LeaseConflictError(f"lease {lease.id} expired or released")
-        new_exp = max(row.expires_at, t + (ttl if ttl is not None else DEFAULT_TTL))
+        new_exp = max(row.expires_at, t + (ttl if ttl is not None else lease.ttl))
         conn.execute(update(c.leases).where(c.leases.c.id == lease.id).values(expires_at=new_exp))
         lease.expires_at = new_exp
         if not digests:
@@ -157,7 +160,8 @@ class Leases:
             conn.execute(delete(c.lease_resources).where(c.lease_resources.c.lease_id == lease_id))
             conn.execute(delete(c.leases).where(c.leases.c.id == lease_id))
 
-    def list(self) -> list[dict[str, object]]:
+    def list(self, holder: str | None = None) -> list[dict[str, object]]:
+        """GC leases (with how many digests each holds), oldest first; only `holder`'s if given."""
         with self.catalog.tx() as conn:
             q = (
                 select(c.leases, func.count(c.lease_resources.c.digest).label("resources"))
@@ -167,7 +171,26 @@ class Leases:
                 .group_by(*c.leases.c)
                 .order_by(c.leases.c.created_at)
             )
+            if holder is not None:
+                q = q.where(c.leases.c.holder == holder)
             return [dict(r._mapping) for r in conn.execute(q)]
+
+    def list_volume(self, holder: str | None = None) -> list[dict[str, object]]:
+        vl = c.volume_leases
+        with self.catalog.tx() as conn:
+            q = select(vl).order_by(vl.c.created_at)
+            if holder is not None:
+                q = q.where(vl.c.holder == holder)
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def holder_of(self, lease_id: str) -> tuple[str, str | None] | None:
+        """("gc" | "volume", holder) of a lease id, or None if there is no such lease."""
+        with self.catalog.tx() as conn:
+            h = conn.execute(select(c.leases.c.holder).where(c.leases.c.id == lease_id)).first()
+            if h is not None:
+                return "gc", h[0]
+            v = conn.execute(select(c.volume_leases.c.holder).where(c.volume_leases.c.id == lease_id)).first()
+            return ("volume", v[0]) if v is not None else None
 
     def expire(self, conn: Connection, t: float) -> int:
         """Delete expired leases (GC calls this in its mark transaction)."""

@@ -187,16 +187,30 @@ class Permissions:
             raise PermissionDeniedError(f"invalid or revoked token (id {token_id})")
         return str(row.principal)
 
+    def authenticated(self, principal: Principal) -> None:
+        """PermissionDeniedError unless `principal` carries a live token that is its own (a
+        `Principal` is a plain value: anyone can build one with another's name)."""
+        if principal.system:
+            return
+        with self.catalog.tx() as conn:
+            self._own_token(conn, principal)
+
+    def _own_token(self, conn: Connection, principal: Principal) -> None:
+        if principal.token_id is None:
+            raise PermissionDeniedError(f"{principal.name}: no credentials")
+        owner = self._valid_token(conn, principal.token_id, None)
+        if not hmac.compare_digest(owner, principal.name):
+            raise PermissionDeniedError(f"token {principal.token_id} does not belong to {principal.name}")
+
     def check(self, principal: Principal, action: str, repo: str | None = None) -> None:
         """PermissionDeniedError unless `principal` may do `action` on `repo` (None: hub-wide,
-        which only admin on `**` grants)."""
+        which only admin on `**` grants). The token is re-checked on every call (revocation is
+        immediate) and must belong to the principal it is presented with."""
         validate_action(action)
         if principal.system:
             return
-        if principal.token_id is None:
-            raise PermissionDeniedError(f"{principal.name}: no credentials")
         with self.catalog.tx() as conn:
-            self._valid_token(conn, principal.token_id, None)
+            self._own_token(conn, principal)
             rows = conn.execute(
                 select(c.grants.c.action, c.grants.c.pattern).where(c.grants.c.principal == principal.name)
             ).all()
@@ -210,6 +224,22 @@ class Permissions:
                 return
         where = f"on {repo}" if repo else "on the hub"
         raise PermissionDeniedError(f"{principal.name} may not {action} {where}")
+
+    def may(self, principal: Principal, action: str, repos: set[str] | list[str]) -> bool:
+        """Whether `principal` may do `action` on at least one of `repos` (one token check and
+        one grants query for all of them)."""
+        validate_action(action)
+        if principal.system:
+            return True
+        if not repos:
+            return False
+        with self.catalog.tx() as conn:
+            self._own_token(conn, principal)
+            rows = conn.execute(
+                select(c.grants.c.action, c.grants.c.pattern).where(c.grants.c.principal == principal.name)
+            ).all()
+        patterns = [p for a, p in rows if a in (action, "admin")]
+        return any(pattern_matches(p, r) for p in patterns for r in repos)
 
 
 def _split(token: str) -> tuple[str, str]:

@@ -183,8 +183,16 @@ class Retention:
             except (TagConflictError, RefNotFoundError):
                 continue
             with self.catalog.tx() as conn:
-                c.set_tag(conn, repo, tag, None, actor=f"retention:{actor}")
-            report.tags.append((repo, tag, digest))
+                # Re-read the store's tag inside the catalog transaction: a replica's tag() that
+                # landed after our untag wins in both (its own catalog write then agrees),
+                # instead of our catalog write erasing a tag the store has.
+                try:
+                    now: str | None = str(hub.store.resolve(repo, tag))
+                except RefNotFoundError:
+                    now = None
+                c.set_tag(conn, repo, tag, now, actor=f"retention:{actor}")
+            if now is None:
+                report.tags.append((repo, tag, digest))
         r = gc.run(grace=grace, force=untagged, scan_store=False, reconcile=False)
         report.manifests = [d for k, d, _s in r.garbage if k == "manifest" and d in set(untagged)]
         report.bytes = r.bytes

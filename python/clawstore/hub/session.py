@@ -32,9 +32,15 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from clawstore.backends.base import Backend, BlobPaths, Downloads
 from clawstore.digest import Digest
-from clawstore.errors import ClawstoreError, ManifestNotFoundError, PermissionDeniedError
+from clawstore.errors import (
+    BlobNotFoundError,
+    ClawstoreError,
+    DigestMismatchError,
+    ManifestNotFoundError,
+    PermissionDeniedError,
+)
 from clawstore.hub import catalog as c
-from clawstore.hub.leases import DEFAULT_TTL, Lease
+from clawstore.hub.leases import Lease
 from clawstore.hub.records import ensure_recorded
 from clawstore.store import ArtifactStore, check_references
 from clawstore.types import BlobSource, CleanupReport, Expectation
@@ -45,6 +51,8 @@ if TYPE_CHECKING:
 
 #: authorize(action, repo): raises PermissionDeniedError unless the session's principal may.
 Authorize = Callable[[str, str], None]
+#: may_read(digest): whether the digest is linked to a repository the principal may read.
+MayRead = Callable[[str], bool]
 
 _RETRIES = 3
 
@@ -61,6 +69,7 @@ class SessionBackend:
         repo: str,
         actor: str,
         authorize: Authorize,
+        may_read: MayRead | None = None,
     ) -> None:
         self.inner = inner
         self.catalog = catalog
@@ -68,6 +77,7 @@ class SessionBackend:
         self.repo = repo
         self.actor = actor
         self.authorize = authorize
+        self.may_read = may_read
         self.url = inner.url
         self._store = ArtifactStore(inner)  # verified reads for the wrapper's own checks
         self._lock = threading.Lock()  # artifact kinds write from several threads
@@ -75,6 +85,7 @@ class SessionBackend:
         self._holds = 0
         self._pending: dict[str, int] = {}  # blobs written and held, catalog rows not yet
         self._verified: set[str] = set()  # manifests whose references were checked while held
+        self._readable: set[str] = set()  # digests this session may read (see `_may`)
         self._closed = False
 
     def __repr__(self) -> str:
@@ -90,13 +101,34 @@ class SessionBackend:
             new = {str(d) for d in digests} - self._held.keys()
         # Trust the cache only while the lease is far from expiry; otherwise add (a heartbeat,
         # which raises LeaseConflictError if the lease already lapsed).
-        if new or self.lease.expires_at - time.time() < DEFAULT_TTL / 2:
+        if new or self.lease.expires_at - time.time() < self.lease.ttl / 2:
+            # Every trip to the catalog re-checks the principal: a revoked token (or grant)
+            # stops an open session at its next write or heartbeat.
+            self.authorize("push", self.repo)
             self.lease.add(new)
             with self._lock:
                 for d in new:
                     if d not in self._held:
                         self._holds += 1
                         self._held[d] = self._holds
+
+    def _may(self, digest: Digest | str) -> bool:
+        """A digest is readable in this session only if the session wrote it (its bytes were
+        hashed here: proof of possession) or it is linked to the session's repository or to one
+        the principal may pull. Anything else is "not found", exactly like an absent digest."""
+        d = str(digest)
+        with self._lock:
+            if d in self._readable:
+                return True
+        if self.may_read is not None and not self.may_read(d):
+            return False
+        with self._lock:
+            self._readable.add(d)
+        return True
+
+    def _readable_now(self, digest: Digest | str) -> None:
+        with self._lock:
+            self._readable.add(str(digest))
 
     def _held_since(self, digest: Digest) -> int | None:
         with self._lock:
@@ -115,8 +147,17 @@ class SessionBackend:
         if expected is not None:
             # Held before the write: GC keeps whatever is (or lands) at this digest.
             self.hold([expected])
-            digest, size = self.inner.write_blob(src, algorithm, expected)
+            if not self._may(expected) and self.inner.blob_size(expected) is not None:
+                # Stored, but not ours to read: a backend would skip the bytes it already has,
+                # and the caller would get the digest linked to its repository without proving
+                # it holds the content. Hash every byte (an existing object is not rewritten).
+                digest, size = self.inner.write_blob(src, algorithm, None)
+                if digest != expected:
+                    raise DigestMismatchError(f"content hashes to {digest}, expected {expected}")
+            else:
+                digest, size = self.inner.write_blob(src, algorithm, expected)
             self._record_later(digest, size)
+            self._readable_now(digest)
             return digest, size
         for _attempt in range(_RETRIES):
             with self._lock:
@@ -127,12 +168,14 @@ class SessionBackend:
             if since is not None and since <= start:
                 # The lease held this digest before the write began: nothing can have swept it.
                 self._record_later(digest, size)
+                self._readable_now(digest)
                 return digest, size
             # Only now is the digest known. A concurrent GC may have deleted an identical object
             # between the write (which found it stored and wrote nothing) and the lease, so look
             # once the lease holds it: from then on it stays.
             if self.inner.blob_size(digest) == size:
                 self._record_later(digest, size)
+                self._readable_now(digest)
                 return digest, size
             if isinstance(src, bytes | bytearray | memoryview | str | os.PathLike):
                 continue
@@ -143,20 +186,28 @@ class SessionBackend:
         raise ClawstoreError(f"blob {digest} was collected while uploading; retry the upload")
 
     def open_blob(self, digest: Digest) -> tuple[BinaryIO, int]:
+        if not self._may(digest):
+            raise BlobNotFoundError(f"blob {digest} not found")
         self.hold([digest])
         return self.inner.open_blob(digest)
 
     def blob_size(self, digest: Digest) -> int | None:
+        if not self._may(digest):
+            return None
         self.hold([digest])
         return self.inner.blob_size(digest)
 
     def download_to(self, digest: Digest, path: str | os.PathLike[str]) -> int:
+        if not self._may(digest):
+            raise BlobNotFoundError(f"blob {digest} not found")
         self.hold([digest])
         if isinstance(self.inner, Downloads):
             return self.inner.download_to(digest, path)
         return self._store.get_blob_to_path(digest, path)
 
     def read_blob_range(self, digest: Digest, offset: int, length: int) -> bytes:
+        if not self._may(digest):
+            raise BlobNotFoundError(f"blob {digest} not found")
         self.hold([digest])
         return self._store.get_blob_range(digest, offset, length)
 
@@ -165,7 +216,7 @@ class SessionBackend:
         return self._store.read_concurrency
 
     def blob_path(self, digest: Digest) -> Path | None:
-        if not isinstance(self.inner, BlobPaths):
+        if not isinstance(self.inner, BlobPaths) or not self._may(digest):
             return None
         self.hold([digest])
         return self.inner.blob_path(digest)
@@ -185,17 +236,23 @@ class SessionBackend:
         """Called by the store after put_manifest (held, validated, written): record the
         manifest, its edges, its repository and the session's pending blob rows, one
         transaction."""
+        self.authorize("push", self.repo)
         with self._lock:
             pending, self._pending = self._pending, {}
             self._verified.add(str(digest))
+            self._readable.add(str(digest))
         with self.catalog.tx() as conn:
             c.record_manifest(conn, digest, manifest, size, repo=self.repo, extra_blobs=pending)
 
     def read_manifest(self, digest: Digest) -> bytes:
+        if not self._may(digest):
+            raise ManifestNotFoundError(f"manifest {digest} not found")
         self.hold([digest])
         return self.inner.read_manifest(digest)
 
     def manifest_size(self, digest: Digest) -> int | None:
+        if not self._may(digest):
+            return None
         self.hold([digest])
         return self.inner.manifest_size(digest)
 
@@ -225,6 +282,10 @@ class SessionBackend:
                 c.set_tag(conn, repo, tag, None, actor=self.actor)
             return prev
         self.authorize("push", repo)
+        if not self._may(new):
+            # Tagging another repository's manifest into this one would link it (and all it
+            # references) here: only what the caller could read anyway may be tagged.
+            raise ManifestNotFoundError(f"cannot tag {repo}:{tag}: manifest {new} not found")
         self.hold([new])
         with self.catalog.tx() as conn:
             if not ensure_recorded(conn, self._store, str(new)):
