@@ -1,7 +1,8 @@
 """Restore against a racer in a shared parent directory (issue 16, item 4).
 
 The target's parent is writable by someone else, who renames a symlink over the restore's
-temporary directory (`.NAME.restore-*`) again and again while the restore runs. Whatever the
+temporary directory (`.NAME.restore-*`) again and again while the restore runs: a volume
+restore and a checkpoint restore, which share `clawstore.restoredir`. Whatever the
 racer manages, nothing may be written outside, and the target is either our restored tree or
 the restore fails (UnsafeRestoreError); it is never a symlink reported as success.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import clawstore
 import pytest
-from clawstore import volumes
+from clawstore import checkpoints, volumes
 from clawstore.restoredir import RestoreDir, UnsafeRestoreError
 from volume_trees import assert_same_tree
 
@@ -60,12 +61,17 @@ def _tree(root: Path, n: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["volume", "checkpoint"])
 def test_symlink_swapped_over_temp_dir_writes_nothing_outside(
-    local_store: clawstore.ArtifactStore, tmp_path: Path
+    local_store: clawstore.ArtifactStore, tmp_path: Path, kind: str
 ) -> None:
     src = tmp_path / "src"
     _tree(src, 3000)
-    volumes.snapshot(local_store, src, REF)
+    if kind == "volume":
+        volumes.snapshot(local_store, src, REF)
+    else:
+        checkpoints.create(local_store, REF, src)
+    restore = volumes.restore if kind == "volume" else checkpoints.restore
     shared = tmp_path / "shared"
     shared.mkdir()
     outside = tmp_path / "outside"
@@ -81,7 +87,7 @@ def test_symlink_swapped_over_temp_dir_writes_nothing_outside(
         )
         target = shared / "tgt"
         try:
-            volumes.restore(local_store, REF, target, force=True)
+            restore(local_store, REF, target, force=True)
             outcomes.append("restored")
         except UnsafeRestoreError:
             outcomes.append("refused")

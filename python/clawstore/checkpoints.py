@@ -56,14 +56,10 @@ leases them without a catalog transaction per blob.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import glob
 import io
 import json
 import os
-import shutil
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -86,6 +82,7 @@ from clawstore.errors import (
 )
 from clawstore.manifest import Descriptor, ImageManifest, parse_manifest
 from clawstore.names import Reference
+from clawstore.restoredir import RestoreDir
 from clawstore.store import ArtifactStore
 from clawstore.types import ANY, MISSING
 
@@ -937,11 +934,11 @@ def restore(
             raise DigestMismatchError(f"pack {ck.packs[k].digest} is shorter than its index says")
         return data
 
-    _remove_abandoned(target)
-    tmp, lock = _claimed_tempdir(target)
     nfiles = nbytes = entries = 0
-    try:
-        unpacker = _core.Unpacker(tmp, same_owner=False)
+    # Held by descriptor from creation to the final rename (clawstore.restoredir): every write
+    # goes through the directory handle, so a symlink renamed over it writes nothing elsewhere.
+    with RestoreDir(target) as tmp:
+        unpacker = _core.Unpacker(tmp.fd, same_owner=False)
 
         def apply(layer: bytes) -> None:
             nonlocal entries
@@ -1012,12 +1009,7 @@ def restore(
                 )
             )
         unpacker.finish()
-        _swap_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        os.close(lock)
+        tmp.commit(replace=force)
     return RestoreResult(
         ck.digest,
         target,
@@ -1032,64 +1024,6 @@ def restore(
 def _non_empty(path: Path) -> bool:
     with os.scandir(path) as it:
         return any(True for _ in it)
-
-
-def _claimed_tempdir(target: Path) -> tuple[Path, int]:
-    """A fresh `.NAME.restore-*` directory beside `target`, flock'ed for as long as the returned
-    descriptor is open: a restore killed even by SIGKILL drops the lock, and the next restore into
-    the same target removes what it left. The name is given only once locked."""
-    fresh = Path(tempfile.mkdtemp(prefix=f".{target.name}.restoring-", dir=target.parent))
-    fd = os.open(fresh, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        tmp = fresh.with_name(fresh.name.replace(".restoring-", ".restore-", 1))
-        os.rename(fresh, tmp)
-    except BaseException:
-        os.close(fd)
-        shutil.rmtree(fresh, ignore_errors=True)
-        raise
-    return tmp, fd
-
-
-def _remove_abandoned(target: Path) -> int:
-    """Remove the `.NAME.restore-*` / `.NAME.restoring-*` directories of restores that died
-    (nobody holds their lock)."""
-    removed = 0
-    name = glob.escape(target.name)
-    for p in [*target.parent.glob(f".{name}.restore-*"), *target.parent.glob(f".{name}.restoring-*")]:
-        try:
-            fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a restore in progress
-            if ".restoring-" in p.name and time.time() - os.fstat(fd).st_mtime < 60:
-                continue  # maybe just made and not locked yet
-            shutil.rmtree(p, ignore_errors=True)
-            removed += 1
-        finally:
-            os.close(fd)
-    return removed
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    if target.exists() and _non_empty(target):
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.rename(target, old / "tree")
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            os.rename(old / "tree", target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, target)  # rename(2) replaces an empty directory atomically
-
-
-# -- listing -------------------------------------------------------------------------------------
 
 
 def _info(store: ArtifactStore, tag: str | None, digest: Digest) -> CheckpointInfo | None:
