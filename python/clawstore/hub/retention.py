@@ -187,7 +187,7 @@ class Retention:
                 # landed after our untag wins in both (its own catalog write then agrees),
                 # instead of our catalog write erasing a tag the store has.
                 try:
-                    now: str | None = str(hub.store.resolve(repo, tag))
+                    now: str | None = str(store.resolve(repo, tag))
                 except RefNotFoundError:
                     now = None
                 c.set_tag(conn, repo, tag, now, actor=f"retention:{actor}")
