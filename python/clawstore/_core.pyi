@@ -132,6 +132,9 @@ class Scan:
         """sha256 of the paths and the metadata `diff` compares: equal means an empty diff."""
     def entries(self) -> list[tuple[str, EntryKind, int, int, int, str | None, str | None]]:
         """(path, kind, size, mode, mtime_ns, link target, content digest) for every entry."""
+    def rebased(self, base: Scan) -> Scan:
+        """`base`'s entries with inode, device, ctime and link count taken from this scan where
+        the path exists in both."""
     def diff(self, old: Scan, content: bool = False) -> Delta:
         """What changed from `old` (e.g. a decoded parent index) to this tree."""
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -266,36 +265,12 @@ class SaveResult:
     seconds: float = 0.0
 
 
-def _index_json(data: bytes) -> dict[str, Any]:
-    try:
-        raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read()
-        obj = json.loads(raw)
-    except (zstandard.ZstdError, ValueError) as e:
-        raise InvalidManifestError(f"cache index is damaged: {e}") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("entries"), list):
-        raise InvalidManifestError("cache index is damaged: no entry list")
-    return obj
-
-
-#: Index fields that identify a file on one filesystem rather than describe it.
-_IDENTITY = ("i", "d", "ct", "n")
-
-
 def _rebased(base_index: bytes, scan: Any) -> Any:
     """The base entry's index with each path's inode, device, ctime and link count taken from
     `scan` where the path exists in both: diffing `scan` against it then finds what differs in
     type, size, mode, owner, mtime, link target (or content) only, and never mistakes a
     directory with a new inode (a fresh restore, a CI checkout) for a recreated one."""
-    base = _index_json(base_index)
-    now = {e.get("p"): e for e in _index_json(scan.encode())["entries"] if isinstance(e, dict)}
-    out = []
-    for e in base["entries"]:
-        n = now.get(e.get("p")) if isinstance(e, dict) else None
-        if n is not None:
-            e = {**e, **{k: n[k] for k in _IDENTITY if k in n}}
-        out.append(e)
-    data = zstandard.ZstdCompressor(level=1).compress(canonical_json({**base, "entries": out}))
-    return _core.decode_index(data)
+    return scan.rebased(_core.decode_index(base_index))
 
 
 def _common_prefix(a: str, b: str) -> int:

@@ -31,7 +31,7 @@ LOG_SEGMENT: Final = "application/vnd.elasticclaw.log.segment.v1+zstd"
 #: A cache entry: artifactType and config mediaType; layers as volumes', then its file index.
 CACHE: Final = "application/vnd.elasticclaw.cache.v1+json"
 CACHE_LAYER: Final = "application/vnd.elasticclaw.cache.layer.v1.tar+zstd"
-CACHE_INDEX_ZSTD: Final = "application/vnd.elasticclaw.cache.index.v1+json+zstd"
+CACHE_INDEX_ZSTD: Final = "application/vnd.elasticclaw.cache.index.v2+zstd"
 #: A checkpoint's config: session metadata, pack table and file index, zstd-compressed JSON.
 CHECKPOINT_CONFIG_ZSTD: Final = "application/vnd.elasticclaw.checkpoint.config.v1+json+zstd"
 #: A checkpoint's file index shared by later checkpoints (their configs hold what differs).

@@ -113,6 +113,35 @@ impl PyScan {
             .collect()
     }
 
+    /// `base`'s entries with each path's filesystem identity (inode, device, ctime, link
+    /// count) taken from this scan where the path exists in both: diffing this scan against
+    /// the result finds what differs in type, size, mode, owner, mtime, link target or content
+    /// only (a fresh checkout or restore has new inodes and ctimes, which do not count).
+    fn rebased(&self, py: Python<'_>, base: &PyScan) -> PyScan {
+        let now = self.entries.clone();
+        let base = base.entries.clone();
+        let entries = py.allow_threads(move || {
+            let by_path: std::collections::HashMap<&str, &Entry> =
+                now.iter().map(|e| (e.path.as_str(), e)).collect();
+            base.iter()
+                .map(|e| {
+                    let mut e = e.clone();
+                    if let Some(n) = by_path.get(e.path.as_str()) {
+                        e.ino = n.ino;
+                        e.dev = n.dev;
+                        e.ctime_ns = n.ctime_ns;
+                        e.nlink = n.nlink;
+                    }
+                    e
+                })
+                .collect::<Vec<Entry>>()
+        });
+        PyScan {
+            root: None,
+            entries: Arc::new(entries),
+        }
+    }
+
     /// What changed from `old` (another Scan, e.g. a decoded parent index) to this tree.
     #[pyo3(signature = (old, content = false))]
     fn diff(&self, py: Python<'_>, old: &PyScan, content: bool) -> PyDelta {
