@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from clawstore import caches
-from clawstore.cli.common import CliContext, existing_store, pass_cli
+from clawstore.cli.common import CliContext, existing_store, human_size, pass_cli
 from clawstore.errors import ClawstoreError
 
 EXIT_HIT = 0
@@ -37,14 +37,6 @@ _catalog_option = click.option(
     default=None,
     help="Catalog database URL [env CLAWSTORE_CATALOG; default <store>/catalog.sqlite if local]",
 )
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def parse_size(text: str) -> int:
@@ -111,7 +103,7 @@ def save_cmd(
     else:
         over = f" over {r.base!r}" if r.base else ""
         click.echo(
-            f"saved {key}: {e.files} files, {_human(e.bytes)}; {_human(r.new_bytes)} new{over} "
+            f"saved {key}: {e.files} files, {human_size(e.bytes)}; {human_size(r.new_bytes)} new{over} "
             f"in {r.seconds:.2f}s",
             err=True,
         )
@@ -176,13 +168,13 @@ def ls_cmd(cli: CliContext, scope: str, all_scopes: bool, catalog_url: str | Non
         entries = caches.entries(cli.store, scope=sc)
         total = caches.unique_bytes(entries)
         budget = cc.budget(sc) if cc is not None else None
-        head = f"scope {sc}: {len(entries)} entries, {_human(total)} stored"
-        click.echo(head + (f" (budget {_human(budget)})" if budget is not None else ""))
+        head = f"scope {sc}: {len(entries)} entries, {human_size(total)} stored"
+        click.echo(head + (f" (budget {human_size(budget)})" if budget is not None else ""))
         for e in entries:
             last = _when(used[e.key]) if e.key in used else "-"
             click.echo(
                 f"  {e.key}  created {_when(e.created_at)}  used {last}  "
-                f"{e.files} files  {_human(e.stored_size)}"
+                f"{e.files} files  {human_size(e.stored_size)}"
             )
 
 
@@ -211,11 +203,11 @@ def budget_cmd(cli: CliContext, scope: str | None, size: str | None, catalog_url
     cc, _principal = _cache_catalog(cli, catalog_url, required=True)
     if scope is None:
         for sc, b in cc.budgets().items():
-            click.echo(f"{sc}  {_human(b)}")
+            click.echo(f"{sc}  {human_size(b)}")
         return
     if size is None:
         b = cc.budget(scope)
-        click.echo(f"{scope}  {_human(b) if b is not None else 'none'}")
+        click.echo(f"{scope}  {human_size(b) if b is not None else 'none'}")
         return
     cc.set_budget(scope, None if size.lower() == "none" else parse_size(size))
 
@@ -235,8 +227,8 @@ def evict_cmd(cli: CliContext, scope: str | None, dry_run: bool, catalog_url: st
         for key, digest in r.evicted:
             click.echo(f"{verb} {r.scope} {key} {digest}")
         click.echo(
-            f"scope {r.scope}: {_human(r.bytes_before)} -> {_human(r.bytes_after)}"
-            + (f" (budget {_human(r.budget)})" if r.budget is not None else " (no budget)"),
+            f"scope {r.scope}: {human_size(r.bytes_before)} -> {human_size(r.bytes_after)}"
+            + (f" (budget {human_size(r.budget)})" if r.budget is not None else " (no budget)"),
             err=True,
         )
 

@@ -204,3 +204,12 @@ def run_main(group: click.Group, argv: list[str] | None = None) -> NoReturn:
             fail(f"catalog: {_first_line(e)}")
         raise
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def human_size(n: float) -> str:
+    """Bytes for people: 512 B, 1.5 KiB, 3.2 GiB (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

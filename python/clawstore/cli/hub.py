@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
-from clawstore.cli.common import CliContext, existing_store, pass_cli, progress
+from clawstore.cli.common import CliContext, existing_store, human_size, pass_cli, progress
 from clawstore.errors import ClawstoreError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -84,15 +84,6 @@ def with_hub(f: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _human(n: int) -> str:
-    x = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if x < 1024 or unit == "TiB":
-            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
-        x /= 1024
-    return f"{n} B"
-
-
 # -- gc -------------------------------------------------------------------------------------------
 @existing_store
 @click.command("gc")
@@ -122,7 +113,7 @@ def gc_cmd(
     if list_:
         for kind, digest, size in r.garbage:
             click.echo(f"{kind}\t{digest}\t{size}")
-    click.echo(r.summary() + f" [{_human(r.bytes)}]")
+    click.echo(r.summary() + f" [{human_size(r.bytes)}]")
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -187,8 +178,9 @@ def checkpoint_create(
     click.echo(res.digest)
     note = ", repacked" if res.compacted else ""
     click.echo(
-        f"{res.files} files ({_human(res.bytes)}): {res.reused_files} unchanged, {res.hashed_files} read, "
-        f"{res.uploaded_blobs} blobs uploaded ({_human(res.uploaded_bytes)}){note}",
+        f"{res.files} files ({human_size(res.bytes)}): {res.reused_files} unchanged, "
+        f"{res.hashed_files} read, "
+        f"{res.uploaded_blobs} blobs uploaded ({human_size(res.uploaded_bytes)}){note}",
         err=True,
     )
     if res.skipped:
@@ -238,7 +230,7 @@ def checkpoint_restore(
             special_bits=special_bits,
             progress=bar.advance,
         )
-    click.echo(f"restored {r.files} files ({_human(r.bytes)}) from {digest}", err=True)
+    click.echo(f"restored {r.files} files ({human_size(r.bytes)}) from {digest}", err=True)
 
 
 @existing_store
@@ -274,7 +266,9 @@ def checkpoint_ls(hub: Any, principal: Any, repo: str) -> None:
     hub.permissions.check(principal, "pull", repo)
     for i in checkpoints.ls(hub.store, repo):
         parent = i.parent[:19] if i.parent else "-"
-        click.echo(f"{i.tag}\t{i.digest}\t{i.created}\t{i.files} files\t{_human(i.bytes)}\tparent {parent}")
+        click.echo(
+            f"{i.tag}\t{i.digest}\t{i.created}\t{i.files} files\t{human_size(i.bytes)}\tparent {parent}"
+        )
 
 
 @existing_store
@@ -377,7 +371,7 @@ def retention_apply(hub: Any, principal: Any, dry_run: bool, grace: float) -> No
     reclaim = "would reclaim" if dry_run else "reclaimed"
     click.echo(
         f"{len(r.tags)} tags, {len(r.manifests)} untagged manifests; GC {reclaim} "
-        f"{r.gc_manifests} manifests and {r.gc_blobs} blobs, {r.bytes} bytes ({_human(r.bytes)})"
+        f"{r.gc_manifests} manifests and {r.gc_blobs} blobs, {r.bytes} bytes ({human_size(r.bytes)})"
     )
 
 

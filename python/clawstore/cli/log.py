@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from clawstore import logs
-from clawstore.cli.common import CliContext, existing_store, pass_cli
+from clawstore.cli.common import CliContext, existing_store, human_size, pass_cli
 from clawstore.cli.hub import parse_duration
 
 
@@ -47,14 +47,6 @@ class TimeParam(click.ParamType):
 
 
 TIME = TimeParam()
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _out(chunk: bytes) -> None:
@@ -110,7 +102,7 @@ def append_cmd(cli: CliContext, ref: str, segment_size: int, max_age: float, lea
         raise
     w.close()
     log = logs.load(cli.store, ref)
-    click.echo(f"{ref}: {_human(log.bytes)}, {log.lines} lines, {len(log.segments)} segments", err=True)
+    click.echo(f"{ref}: {human_size(log.bytes)}, {log.lines} lines, {len(log.segments)} segments", err=True)
     click.echo(str(w.digest))
 
 
@@ -146,7 +138,7 @@ def verify_cmd(cli: CliContext, ref: str) -> None:
     """Re-read every segment of REF and check it against the manifest; exit 1 naming each bad one."""
     r = logs.verify(cli.store, ref)
     if r.ok:
-        click.echo(f"ok: {r.digest}: {r.segments} segments, {_human(r.bytes)}, {r.lines} lines")
+        click.echo(f"ok: {r.digest}: {r.segments} segments, {human_size(r.bytes)}, {r.lines} lines")
         return
     for pos, msg in r.problems:
         click.echo(f"bad segment {pos}: {msg}")
@@ -162,8 +154,8 @@ def ls_cmd(cli: CliContext, repo: str | None) -> None:
     """List tagged logs (of REPO, or of every repository)."""
     for lg in logs.ls(cli.store, repo):
         click.echo(
-            f"{lg.ref}  {lg.state:6}  {_human(lg.bytes):>10}  {lg.lines:>9} lines  "
-            f"{len(lg.segments):>5} segments  {_human(lg.stored_size)} stored"
+            f"{lg.ref}  {lg.state:6}  {human_size(lg.bytes):>10}  {lg.lines:>9} lines  "
+            f"{len(lg.segments):>5} segments  {human_size(lg.stored_size)} stored"
         )
 
 

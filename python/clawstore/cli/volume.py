@@ -8,16 +8,8 @@ from pathlib import Path
 import click
 
 from clawstore import volumes
-from clawstore.cli.common import CliContext, Progress, existing_store, pass_cli
+from clawstore.cli.common import CliContext, Progress, existing_store, human_size, pass_cli
 from clawstore.names import Reference
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 class _Bar:
@@ -39,8 +31,8 @@ class _Bar:
 def _snapshot_line(s: volumes.Snapshot) -> str:
     kinds = "+".join((d.annotations or {}).get(volumes.ANNOTATION_LAYER_KIND, "?") for d in s.layers)
     return (
-        f"{s.digest}  {s.created or '-':20}  {s.files:>8} files  {_human(s.bytes):>10}  "
-        f"{len(s.layers)} layers ({kinds}), {_human(s.stored_size)} stored"
+        f"{s.digest}  {s.created or '-':20}  {s.files:>8} files  {human_size(s.bytes):>10}  "
+        f"{len(s.layers)} layers ({kinds}), {human_size(s.stored_size)} stored"
     )
 
 
@@ -105,8 +97,8 @@ def snapshot_cmd(
     elif snap.new_layer is not None:
         kind = (snap.new_layer.annotations or {}).get(volumes.ANNOTATION_LAYER_KIND, "?")
         click.echo(
-            f"{ref}: {snap.files} files, {_human(snap.bytes)}; "
-            f"new {kind} layer {_human(snap.new_layer.size)}, {len(snap.layers)} layers",
+            f"{ref}: {snap.files} files, {human_size(snap.bytes)}; "
+            f"new {kind} layer {human_size(snap.new_layer.size)}, {len(snap.layers)} layers",
             err=True,
         )
     click.echo(str(snap.digest))
@@ -176,8 +168,8 @@ def restore_cmd(
         )
     rate = r.bytes / r.seconds if r.seconds > 0 else 0.0
     click.echo(
-        f"restored {r.snapshot.digest} to {r.dest}: {r.files} files, {_human(r.bytes)} "
-        f"in {r.seconds:.2f}s ({_human(rate)}/s)",
+        f"restored {r.snapshot.digest} to {r.dest}: {r.files} files, {human_size(r.bytes)} "
+        f"in {r.seconds:.2f}s ({human_size(rate)}/s)",
         err=True,
     )
 
