@@ -11,7 +11,7 @@ import builtins
 import errno
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
@@ -19,7 +19,15 @@ from urllib.parse import parse_qs, unquote, urlparse
 from clawstore import _core
 from clawstore import mediatypes as mt
 from clawstore.atomic import atomic_file
-from clawstore.backends.base import Backend, BlobPaths, Downloads, RangedReads, Recording
+from clawstore.backends.base import (
+    Backend,
+    BatchRemovals,
+    BlobPaths,
+    Downloads,
+    RangedReads,
+    Recording,
+    SizedListing,
+)
 from clawstore.digest import ALGORITHMS, DEFAULT_ALGORITHM, Digest, check_algorithm, digest_bytes
 from clawstore.errors import (
     BlobNotFoundError,
@@ -178,8 +186,33 @@ class ArtifactStore:
         if not self.backend.remove_blob(Digest.parse(digest)):
             raise BlobNotFoundError(f"blob {digest} not found")
 
+    def delete_blobs(self, digests: Iterable[Digest | str]) -> int:
+        """Remove many blobs in as few requests as the backend allows (GC's sweep); absent ones
+        are skipped. Returns how many were removed (on S3: keys acknowledged as gone, which
+        includes keys that were already absent: DeleteObjects does not tell them apart)."""
+        ds = [Digest.parse(d) for d in digests]
+        return self.backend.remove_blobs(ds) if ds else 0
+
+    @property
+    def remove_batch(self) -> int:
+        """Digests per `delete_blobs` / `delete_manifests` call that the backend handles in
+        one request (S3: its DeleteObjects limit)."""
+        return self.backend.remove_batch if isinstance(self.backend, BatchRemovals) else 1000
+
+    @property
+    def remove_concurrency(self) -> int:
+        """`delete_*` calls worth having in flight at once."""
+        return self.backend.remove_concurrency if isinstance(self.backend, BatchRemovals) else 1
+
     def iter_blobs(self) -> Iterator[Digest]:
         return self.backend.iter_blobs()
+
+    def iter_blob_sizes(self) -> Iterator[tuple[Digest, int]]:
+        """Every stored blob with its size, from the listing where the backend has one with sizes
+        (S3: no HEAD per object); objects removed while listing are skipped."""
+        if isinstance(self.backend, SizedListing):
+            return self.backend.iter_blob_sizes()
+        return _with_sizes(self.backend.iter_blobs(), self.backend.blob_size)
 
     # -- manifests ---------------------------------------------------------------------------
     def put_manifest(
@@ -231,8 +264,19 @@ class ArtifactStore:
         if not self.backend.remove_manifest(Digest.parse(digest)):
             raise ManifestNotFoundError(f"manifest {digest} not found")
 
+    def delete_manifests(self, digests: Iterable[Digest | str]) -> int:
+        """`delete_blobs` for manifests."""
+        ds = [Digest.parse(d) for d in digests]
+        return self.backend.remove_manifests(ds) if ds else 0
+
     def iter_manifests(self) -> Iterator[Digest]:
         return self.backend.iter_manifests()
+
+    def iter_manifest_sizes(self) -> Iterator[tuple[Digest, int]]:
+        """`iter_blob_sizes` for manifests."""
+        if isinstance(self.backend, SizedListing):
+            return self.backend.iter_manifest_sizes()
+        return _with_sizes(self.backend.iter_manifests(), self.backend.manifest_size)
 
     # -- tags --------------------------------------------------------------------------------
     def resolve(self, repo: str, tag: str) -> Digest:
@@ -299,6 +343,15 @@ class ArtifactStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _with_sizes(
+    digests: Iterator[Digest], size_of: Callable[[Digest], int | None]
+) -> Iterator[tuple[Digest, int]]:
+    for d in digests:
+        size = size_of(d)
+        if size is not None:
+            yield d, size
 
 
 def check_references(backend: Backend, manifest: Manifest) -> None:

@@ -34,6 +34,14 @@ class Backend(Protocol):
 
     def blob_size(self, digest: Digest) -> int | None: ...
     def remove_blob(self, digest: Digest) -> bool: ...
+    def remove_blobs(self, digests: Collection[Digest]) -> int:
+        """Remove many blobs at once, as few requests (S3: DeleteObjects) or directory syncs
+        (local: one fsync per fanout directory) as the data plane allows; absent ones are no
+        error. Returns how many were removed (S3, which does not say whether a key existed:
+        how many keys the server acknowledged as gone). Raises only when some could not be
+        removed (after retries); what was removed before that stays removed."""
+        ...
+
     def iter_blobs(self) -> Iterator[Digest]: ...
 
     # manifests (bytes already validated and digest-checked by the store)
@@ -44,6 +52,10 @@ class Backend(Protocol):
 
     def manifest_size(self, digest: Digest) -> int | None: ...
     def remove_manifest(self, digest: Digest) -> bool: ...
+    def remove_manifests(self, digests: Collection[Digest]) -> int:
+        """`remove_blobs` for manifests."""
+        ...
+
     def iter_manifests(self) -> Iterator[Digest]: ...
 
     # tags
@@ -91,6 +103,27 @@ class RangedReads(Protocol):
     #: How many reads the backend serves well at once.
     @property
     def read_concurrency(self) -> int: ...
+
+
+@runtime_checkable
+class BatchRemovals(Protocol):
+    """How `remove_blobs` / `remove_manifests` are best called: with up to `remove_batch`
+    digests per call (S3: the server's DeleteObjects limit) and `remove_concurrency` calls in
+    flight (GC overlaps them with its catalog work). Without it: 1000 and 1."""
+
+    @property
+    def remove_batch(self) -> int: ...
+    @property
+    def remove_concurrency(self) -> int: ...
+
+
+@runtime_checkable
+class SizedListing(Protocol):
+    """Lists stored objects with their sizes in one pass (S3: the listing carries them, the
+    fanout's prefixes listed in parallel), so that callers need no HEAD/stat per object."""
+
+    def iter_blob_sizes(self) -> Iterator[tuple[Digest, int]]: ...
+    def iter_manifest_sizes(self) -> Iterator[tuple[Digest, int]]: ...
 
 
 @runtime_checkable

@@ -26,7 +26,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -353,6 +353,67 @@ class LocalBackend:
             fsync_dir(path.parent)
         return True
 
+    def remove_blobs(self, digests: Collection[Digest]) -> int:
+        return self._remove_many(self.layout.blobs, digests)
+
+    def _remove_many(self, base: Path, digests: Collection[Digest]) -> int:
+        """Unlink the objects of `digests` under `base`: one pass per fanout directory (opened
+        once, names unlinked relative to it) and one directory fsync per directory that lost an
+        entry, not one per file. Paths are built as strings (a `Path` per object was most of
+        the old per-object cost)."""
+        by_dir: dict[str, list[str]] = {}
+        root = os.fspath(base)
+        for d in digests:
+            alg, _, enc = str(d).partition(":")
+            by_dir.setdefault(f"{root}/{alg}/{enc[:2]}", []).append(enc)
+        removed = 0
+        for parent in sorted(by_dir):
+            try:
+                dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # no such fanout directory: none of these is stored
+            try:
+                here = 0
+                for name in by_dir[parent]:
+                    try:
+                        os.unlink(name, dir_fd=dfd)
+                        here += 1
+                    except FileNotFoundError:
+                        pass
+                if here and self.fsync:
+                    os.fsync(dfd)
+                removed += here
+            finally:
+                os.close(dfd)
+        return removed
+
+    #: `remove_blobs` calls worth making at once, and digests per call (BatchRemovals).
+    remove_concurrency = 2
+    remove_batch = 1000
+
+    def iter_blob_sizes(self) -> Iterator[tuple[Digest, int]]:
+        return self._iter_fanout_sizes(self.layout.blobs)
+
+    def iter_manifest_sizes(self) -> Iterator[tuple[Digest, int]]:
+        return self._iter_fanout_sizes(self.layout.manifests)
+
+    def _iter_fanout_sizes(self, base: Path) -> Iterator[tuple[Digest, int]]:
+        for alg in ALGORITHMS:
+            adir = base / alg
+            if not adir.is_dir():
+                continue
+            for sub in sorted(os.scandir(adir), key=lambda e: e.name):
+                if not sub.is_dir(follow_symlinks=False):
+                    continue
+                for f in sorted(os.scandir(sub.path), key=lambda e: e.name):
+                    if not f.name.startswith(sub.name):
+                        continue
+                    try:
+                        size = f.stat(follow_symlinks=False).st_size
+                        yield Digest.from_hex(alg, f.name), size
+                    except (FileNotFoundError, ClawstoreError):
+                        continue
+
     def _iter_fanout(self, base: Path) -> Iterator[Digest]:
         for alg in ALGORITHMS:
             adir = base / alg
@@ -390,6 +451,9 @@ class LocalBackend:
 
     def remove_manifest(self, digest: Digest) -> bool:
         return self._remove(self.layout.manifest(digest))
+
+    def remove_manifests(self, digests: Collection[Digest]) -> int:
+        return self._remove_many(self.layout.manifests, digests)
 
     def iter_manifests(self) -> Iterator[Digest]:
         return self._iter_fanout(self.layout.manifests)

@@ -17,8 +17,10 @@ One run:
    temporary table, then INSERT ... SELECT the garbage into `gc_trash`. Then, still inside it,
    re-read the store's tags: whatever a tag written since step 1 names (by a writer that knows
    no catalog) comes back out of the trash before anything is deleted.
-4. drain `gc_trash` in batches: each batch's trash rows, its catalog rows (manifest, edges, blob
-   rows) and its store objects are deleted in one transaction (manifests before blobs).
+4. drain `gc_trash` in batches (manifests before blobs): thousands of trash rows per catalog
+   transaction, their catalog rows (manifest, edges, blob rows) deleted in chunks, each chunk's
+   store objects removed with one batched call (S3: DeleteObjects) on a worker while the next
+   chunk's catalog work goes on; the transaction commits once its deletes have all ended.
 5. store.cleanup(): temp files and stale uploads.
 
 Why a push is safe even with grace 0 (the protocol `clawstore.hub.Hub` follows): a push holds a
@@ -36,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +62,7 @@ class GCReport:
     manifest_bytes: int = 0
     blobs: int = 0
     blob_bytes: int = 0
-    deleted_objects: int = 0  # store objects actually removed (not already absent)
+    deleted_objects: int = 0  # store objects removed (S3: keys acknowledged, absent ones too)
     adopted: int = 0
     tags_reconciled: int = 0
     rescued_by_store_tags: int = 0  # trash rows a store tag written during the run took back
@@ -130,14 +133,18 @@ class GarbageCollector:
 
     # -- 2. orphans --------------------------------------------------------------------------
     def adopt_orphans(self, conn: Connection | None = None) -> int:
+        """Record store objects the catalog does not know, as adopted. The store is listed with
+        sizes (S3: the fanout's prefixes in parallel, no HEAD per object); only unknown
+        manifests are read (to record their edges)."""
         store = self._need_store()
         adopted = 0
         for kind, it, table in (
-            ("manifest", store.iter_manifests(), c.manifests),
-            ("blob", store.iter_blobs(), c.blobs),
+            ("manifest", store.iter_manifest_sizes(), c.manifests),
+            ("blob", store.iter_blob_sizes(), c.blobs),
         ):
             for batch in _chunks(it, BATCH):
-                keys = [str(d) for d in batch]
+                sizes = {str(d): size for d, size in batch}
+                keys = list(sizes)
                 # Exclusive (on PostgreSQL): adoption writes rows pushes also write, in another
                 # order; excluding pushes for the batch avoids lock-order deadlocks.
                 with self._tx(conn, exclusive=True) as cx:
@@ -147,15 +154,19 @@ class GarbageCollector:
                         for r in cx.execute(select(c.gc_trash.c.digest).where(c.gc_trash.c.digest.in_(keys)))
                     }
                     t = c.now()
-                    for d in keys:
-                        if d in known:
-                            continue
+                    unknown = [d for d in keys if d not in known]
+                    if kind == "blob":
+                        rows = [
+                            {"digest": d, "size": sizes[d], "created_at": t, "seen_at": t, "adopted": True}
+                            for d in unknown
+                        ]
+                        c.upsert(cx, c.blobs, rows, ["digest"])
+                        adopted += len(unknown)
+                        continue
+                    for d in unknown:
                         try:
-                            if kind == "manifest":
-                                data = store.get_manifest(d)
-                                c.record_manifest(cx, d, parse_manifest(data), len(data), t=t, adopted=True)
-                            else:
-                                c.record_blob(cx, d, store.stat_blob(d), t, adopted=True)
+                            data = store.get_manifest(d)
+                            c.record_manifest(cx, d, parse_manifest(data), len(data), t=t, adopted=True)
                         except (NotFoundError, ClawstoreError):
                             continue  # vanished meanwhile, or unreadable: fsck's business
                         adopted += 1
@@ -304,54 +315,85 @@ class GarbageCollector:
         return rescued
 
     # -- 4. sweep ----------------------------------------------------------------------------
-    def drain(self, batch: int = BATCH) -> tuple[int, int]:
-        """Delete trashed objects from the store, manifests before blobs, in batches walked by
-        digest (keyset pagination on the primary key: no re-sorting, no re-scanning).
+    def drain(self, batch: int | None = None, chunk: int | None = None) -> tuple[int, int]:
+        """Delete trashed objects from the store, manifests before blobs.
+
+        Trash rows are taken `batch` at a time per catalog transaction, walked by digest
+        (keyset pagination on the primary key: no re-sorting, no re-scanning), and handled
+        `chunk` rows at a time (default: what one backend call deletes in one request, S3's
+        DeleteObjects limit): a chunk's trash and catalog rows are deleted, its objects handed
+        to a worker (`store.remove_concurrency` of them) for one batched delete, and the next
+        chunk's catalog work goes on meanwhile. The transaction commits only once every delete
+        it started has ended: an object goes only while the transaction that removed its trash
+        row is open, so a push that rescues the digest (which waits for that transaction) then
+        finds the object gone, never the reverse. A failed delete (or a kill) rolls the
+        transaction back after its deletes ended: the rows stay in the trash, and the next
+        drain deletes them again (absent objects are no error).
         Returns (rows drained, objects removed)."""
         store = self._need_store()
+        batch = max(1, batch or BATCH)
+        chunk = max(1, min(chunk or store.remove_batch, batch))
         drained = removed = 0
-        for kind in ("manifest", "blob"):
-            last = ""
-            while True:
-                with self.catalog.tx() as conn:
-                    pick = (
-                        select(c.gc_trash.c.digest)
-                        .where(c.gc_trash.c.kind == kind, c.gc_trash.c.digest > last)
-                        .order_by(c.gc_trash.c.digest)
-                        .limit(batch)
-                    )
-                    if conn.dialect.name == "postgresql":
-                        pick = pick.with_for_update(skip_locked=True)
-                    picked = [r[0] for r in conn.execute(pick)]
-                    if not picked:
-                        break
-                    last = picked[-1]
-                    # A push that rescued a digest meanwhile deleted its row: not RETURNed here.
-                    rows = conn.execute(
-                        delete(c.gc_trash)
-                        .where(c.gc_trash.c.digest.in_(picked))
-                        .returning(c.gc_trash.c.digest)
-                    ).all()
-                    gone = [r[0] for r in rows]
-                    if kind == "manifest" and gone:
-                        conn.execute(delete(c.manifest_blobs).where(c.manifest_blobs.c.manifest.in_(gone)))
-                        e = c.manifest_edges
-                        conn.execute(delete(e).where(e.c.kind == "child", e.c.parent.in_(gone)))
-                        conn.execute(delete(e).where(e.c.kind == "referrer", e.c.child.in_(gone)))
-                        conn.execute(delete(c.repo_manifests).where(c.repo_manifests.c.digest.in_(gone)))
-                        conn.execute(delete(c.manifests).where(c.manifests.c.digest.in_(gone)))
-                    elif gone:
-                        conn.execute(delete(c.blobs).where(c.blobs.c.digest.in_(gone)))
-                    # Objects go inside the transaction that removed their trash rows: a push
-                    # that rescues a digest waits for this commit and then finds the object gone.
-                    for (digest,) in rows:
+        with ThreadPoolExecutor(max(1, store.remove_concurrency), thread_name_prefix="gc-sweep") as pool:
+            for kind in ("manifest", "blob"):
+                delete_objects = store.delete_manifests if kind == "manifest" else store.delete_blobs
+                last = ""
+                while True:
+                    with self.catalog.tx() as conn:
+                        picked = self._pick(conn, kind, last, batch)
+                        if not picked:
+                            break
+                        last = picked[-1]
+                        futures: list[Future[int]] = []
                         try:
-                            (store.delete_manifest if kind == "manifest" else store.delete_blob)(digest)
-                            removed += 1
-                        except NotFoundError:
-                            pass
-                    drained += len(rows)
+                            for i in range(0, len(picked), chunk):
+                                gone = self._forget(conn, kind, picked[i : i + chunk])
+                                if gone:
+                                    futures.append(pool.submit(delete_objects, gone))
+                                drained += len(gone)
+                        except BaseException:
+                            for f in futures:
+                                f.cancel()  # not started: its objects stay, its rows come back
+                            raise
+                        finally:
+                            wait(futures)  # never commit (or roll back) with a delete in flight
+                        removed += sum(f.result() for f in futures)  # a failure rolls back
         return drained, removed
+
+    @staticmethod
+    def _pick(conn: Connection, kind: str, after: str, n: int) -> list[str]:
+        pick = (
+            select(c.gc_trash.c.digest)
+            .where(c.gc_trash.c.kind == kind, c.gc_trash.c.digest > after)
+            .order_by(c.gc_trash.c.digest)
+            .limit(n)
+        )
+        if conn.dialect.name == "postgresql":
+            pick = pick.with_for_update(skip_locked=True)
+        return [r[0] for r in conn.execute(pick)]
+
+    @staticmethod
+    def _forget(conn: Connection, kind: str, digests: list[str]) -> list[str]:
+        """Delete the trash rows of `digests` and their catalog rows; returns the digests whose
+        trash row was still there (a push that rescued one meanwhile deleted its row)."""
+        gone = [
+            r[0]
+            for r in conn.execute(
+                delete(c.gc_trash).where(c.gc_trash.c.digest.in_(digests)).returning(c.gc_trash.c.digest)
+            )
+        ]
+        if not gone:
+            return gone
+        if kind == "manifest":
+            conn.execute(delete(c.manifest_blobs).where(c.manifest_blobs.c.manifest.in_(gone)))
+            e = c.manifest_edges
+            conn.execute(delete(e).where(e.c.kind == "child", e.c.parent.in_(gone)))
+            conn.execute(delete(e).where(e.c.kind == "referrer", e.c.child.in_(gone)))
+            conn.execute(delete(c.repo_manifests).where(c.repo_manifests.c.digest.in_(gone)))
+            conn.execute(delete(c.manifests).where(c.manifests.c.digest.in_(gone)))
+        else:
+            conn.execute(delete(c.blobs).where(c.blobs.c.digest.in_(gone)))
+        return gone
 
     # -- the whole run -----------------------------------------------------------------------
     def run(

@@ -224,6 +224,9 @@ class SessionBackend:
     def remove_blob(self, digest: Digest) -> bool:
         raise PermissionDeniedError("hub sessions do not delete blobs: untag and run gc")
 
+    def remove_blobs(self, digests: Collection[Digest]) -> int:
+        raise PermissionDeniedError("hub sessions do not delete blobs: untag and run gc")
+
     def iter_blobs(self) -> Iterator[Digest]:
         raise PermissionDeniedError("hub sessions do not list the store's blobs")
 
@@ -257,6 +260,9 @@ class SessionBackend:
         return self.inner.manifest_size(digest)
 
     def remove_manifest(self, digest: Digest) -> bool:
+        raise PermissionDeniedError("hub sessions do not delete manifests: untag and run gc")
+
+    def remove_manifests(self, digests: Collection[Digest]) -> int:
         raise PermissionDeniedError("hub sessions do not delete manifests: untag and run gc")
 
     def iter_manifests(self) -> Iterator[Digest]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
@@ -16,8 +16,10 @@ from clawstore.digest import Digest
 from clawstore.errors import BlobNotFoundError, ClawstoreError, ManifestNotFoundError, TagConflictError
 from clawstore.types import ANY, MISSING, BlobSource, CleanupReport, Expectation
 
+from .delete import BatchDeleter
 from .download import Downloader, ResumingBody
 from .layout import S3Layout
+from .listing import FanoutLister
 from .options import S3Options
 from .probe import S3Capabilities, probe
 from .transport import Transport, bare, not_found, precondition_failed
@@ -61,6 +63,13 @@ class S3Backend:
         self.caps = caps
         self.uploader = Uploader(self.transport, self.layout, caps)
         self.downloader = Downloader(self.transport)
+        self.lister = FanoutLister(self.transport, self.layout, concurrency=self.options.concurrency)
+        self.deleter = BatchDeleter(
+            self.transport,
+            batch=self.options.delete_batch,
+            concurrency=self.options.concurrency,
+            supported=caps.delete_objects,
+        )
 
     @classmethod
     def from_url(cls, bucket: str, prefix: str, query: dict[str, str], **options: Any) -> S3Backend:
@@ -150,11 +159,24 @@ class S3Backend:
         self.transport.delete(key)
         return True
 
+    def remove_blobs(self, digests: Collection[Digest]) -> int:
+        """DeleteObjects, `delete_batch` keys per request, `concurrency` requests in flight, no
+        HEAD (see `delete.py`); returns the keys acknowledged as gone."""
+        return self.deleter.delete([self.layout.blob(d) for d in digests])
+
+    @property
+    def remove_batch(self) -> int:
+        return self.deleter.batch
+
+    @property
+    def remove_concurrency(self) -> int:
+        return self.deleter.concurrency
+
     def iter_blobs(self) -> Iterator[Digest]:
-        for obj in self.transport.iter_keys(self.layout.blobs):
-            d = self.layout.parse_fanout(self.layout.blobs, obj["Key"])
-            if d is not None:
-                yield d
+        return (d for d, _size in self.iter_blob_sizes())
+
+    def iter_blob_sizes(self) -> Iterator[tuple[Digest, int]]:
+        return self.lister.iter_sized(self.layout.blobs)
 
     # -- manifests -----------------------------------------------------------------------------
     def write_manifest(self, digest: Digest, data: bytes) -> None:
@@ -184,11 +206,14 @@ class S3Backend:
     def remove_manifest(self, digest: Digest) -> bool:
         return self._remove(self.layout.manifest(digest))
 
+    def remove_manifests(self, digests: Collection[Digest]) -> int:
+        return self.deleter.delete([self.layout.manifest(d) for d in digests])
+
     def iter_manifests(self) -> Iterator[Digest]:
-        for obj in self.transport.iter_keys(self.layout.manifests):
-            d = self.layout.parse_fanout(self.layout.manifests, obj["Key"])
-            if d is not None:
-                yield d
+        return (d for d, _size in self.iter_manifest_sizes())
+
+    def iter_manifest_sizes(self) -> Iterator[tuple[Digest, int]]:
+        return self.lister.iter_sized(self.layout.manifests)
 
     # -- tags ----------------------------------------------------------------------------------
     def _read_tag_versioned(self, repo: str, tag: str) -> tuple[Digest | None, str | None]:

@@ -87,6 +87,9 @@ class S3Options:
     #: applies over https). None: botocore's default (signed over http).
     payload_signing: bool | None = False
     addressing_style: str | None = None
+    #: Keys per DeleteObjects request (GC's sweep): at most 1000 (S3's limit); lowered on its own
+    #: for a server that refuses that many; 0: never DeleteObjects, single DELETEs.
+    delete_batch: int = 1000
 
     @classmethod
     def build(cls, query: dict[str, str], options: dict[str, Any]) -> S3Options:
@@ -104,7 +107,7 @@ class S3Options:
                     out[key] = None
                 elif key in ("part_size", "multipart_threshold", "download_part_size", "stream_part_size"):
                     out[key] = parse_size(value)
-                elif key in ("concurrency", "download_concurrency", "max_attempts"):
+                elif key in ("concurrency", "download_concurrency", "max_attempts", "delete_batch"):
                     out[key] = int(value)
                 elif key in ("retry_base", "retry_cap", "connect_timeout", "read_timeout"):
                     out[key] = float(value)
@@ -125,6 +128,8 @@ class S3Options:
             raise ClawstoreError(
                 f"part_checksum must be one of {', '.join(PART_CHECKSUMS)}, not {opts.part_checksum!r}"
             )
+        if not 0 <= opts.delete_batch <= 1000:
+            raise ClawstoreError("delete_batch must be between 0 (single DELETEs) and 1000 (S3's limit)")
         if opts.concurrency < 1 or opts.download_concurrency < 1 or opts.max_attempts < 1:
             raise ClawstoreError("concurrency, download_concurrency and max_attempts must be >= 1")
         return opts

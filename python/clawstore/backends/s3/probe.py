@@ -6,6 +6,7 @@ S3 have it, then bare, which Ceph RGW 16 wants on PUT) and with a stale ETag is 
 conditional DELETE likewise. A server that gets a PUT precondition wrong is refused at open with
 one line naming the behaviour. Part checksums: whether the server refuses a part whose
 x-amz-checksum-crc32 is wrong, and whether it reports the composite checksum of an upload.
+Batched deletes: whether the server implements DeleteObjects (the probe's own cleanup asks).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, NoReturn
 
 from clawstore import _core
 
+from .delete import probe_delete_objects
 from .transport import (
     S3ConfigurationError,
     Transport,
@@ -54,6 +56,9 @@ class S3Capabilities:
     reports_checksums: bool = True
     #: The server refuses a part whose x-amz-checksum-crc32 is wrong (S3, MinIO, RGW >= Squid).
     verifies_checksums: bool = False
+    #: The server implements DeleteObjects (batched deletes, GC's sweep); False: single DELETEs,
+    #: several in flight. How many keys one request takes is learned on use (see `delete.py`).
+    delete_objects: bool = True
 
     def if_match(self, etag: str) -> str:
         """`etag` in the form this server's If-Match takes."""
@@ -64,13 +69,17 @@ def probe(t: Transport, probe_key: Any, part_checksum: str) -> S3Capabilities:
     """Probe the server behind `t` (`probe_key()` gives fresh keys under the store's uploads/);
     `part_checksum` is the configured mode ("auto" resolved here)."""
     if_match_quoted, conditional_delete = probe_conditional_writes(t, probe_key())
-    found, md5_with_crc32, reports = probe_part_checksums(t, probe_key())
+    key = probe_key()
+    found, md5_with_crc32, reports = probe_part_checksums(t, key)
+    # The checksum probe may leave its key behind (a completed upload): removing it with a
+    # DeleteObjects answers whether the server has one, for no extra request.
+    delete_objects = probe_delete_objects(t, key, t.delete)
     if part_checksum == "auto":
         mode = found
     else:
         mode, md5_with_crc32 = part_checksum, False  # a forced mode sends exactly what is asked
     return S3Capabilities(
-        if_match_quoted, conditional_delete, mode, md5_with_crc32, reports, found == "crc32"
+        if_match_quoted, conditional_delete, mode, md5_with_crc32, reports, found == "crc32", delete_objects
     )
 
 
@@ -216,5 +225,4 @@ def probe_part_checksums(t: Transport, key: str) -> tuple[str, bool, bool]:
     finally:
         with contextlib.suppress(Exception):
             t.client.abort_multipart_upload(Bucket=t.bucket, **common)
-        with contextlib.suppress(Exception):
-            t.client.delete_object(Bucket=t.bucket, Key=key)
+        # The completed probe object (if any) is removed by the caller (`probe_delete_objects`).
