@@ -319,6 +319,45 @@ def test_delete_blob(store: ArtifactStore) -> None:
     assert store.read_blob(d) == b"to delete"
 
 
+def test_delete_blobs_batched(store: ArtifactStore) -> None:
+    """Many blobs removed in one call (sha256 and blake3 across many fanout directories), the
+    others untouched; absent digests and duplicates are no error; an empty call does nothing."""
+    made = [
+        store.put_blob(payload(40 + i, i), algorithm=a).digest
+        for i in range(40)
+        for a in ("sha256", "blake3")
+    ]
+    gone, kept = made[::2] + made[1:20:2], made[21::2]
+    absent = oracle(b"never stored")
+    removed = store.delete_blobs([*gone, absent, gone[0]])
+    # S3 acknowledges absent keys too (DeleteObjects does not tell them apart); local counts files.
+    assert len(gone) <= removed <= len(gone) + 1
+    assert set(store.iter_blobs()) == set(kept)
+    for d in kept:
+        assert store.read_blob(d) == payload(40 + made.index(d) // 2, made.index(d) // 2)
+    assert store.delete_blobs([]) == 0
+    store.delete_blobs(gone)  # again: all absent, no error
+    assert store.remove_batch >= 1 and store.remove_concurrency >= 1
+
+
+def test_delete_manifests_batched(store: ArtifactStore) -> None:
+    cfg = empty_config(store)
+    ms = [
+        store.put_manifest(ImageManifest(cfg, (), artifact_type=f"application/x.t{i}").to_json()).digest
+        for i in range(12)
+    ]
+    store.delete_manifests(ms[:8])
+    assert set(store.iter_manifests()) == set(ms[8:])
+    assert {d for d, _ in store.iter_manifest_sizes()} == set(ms[8:])
+    assert store.has_blob(cfg.digest)
+
+
+def test_iter_blob_sizes(store: ArtifactStore) -> None:
+    want = {store.put_blob(payload(i * 7, i)).digest: i * 7 for i in range(30)}
+    assert dict(store.iter_blob_sizes()) == want
+    assert list(store.iter_blob_sizes()) == sorted(store.iter_blob_sizes())  # key order
+
+
 def test_iter_blobs(store: ArtifactStore) -> None:
     want = {
         store.put_blob(payload(i * 10, i), algorithm=a).digest for i in range(5) for a in ("sha256", "blake3")

@@ -36,13 +36,14 @@ transaction, in which case the pusher sees the object missing and uploads it aga
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, delete, select, text
+from sqlalchemy import Connection, select, text
 
 from clawstore.errors import ClawstoreError, NotFoundError, RefNotFoundError
 from clawstore.hub import catalog as c
@@ -362,37 +363,52 @@ class GarbageCollector:
 
     @staticmethod
     def _pick(conn: Connection, kind: str, after: str, n: int) -> list[str]:
-        pick = (
-            select(c.gc_trash.c.digest)
-            .where(c.gc_trash.c.kind == kind, c.gc_trash.c.digest > after)
-            .order_by(c.gc_trash.c.digest)
-            .limit(n)
-        )
-        if conn.dialect.name == "postgresql":
-            pick = pick.with_for_update(skip_locked=True)
-        return [r[0] for r in conn.execute(pick)]
+        """The next `n` trash rows of `kind` after `after`, locked for this transaction (on
+        PostgreSQL FOR UPDATE SKIP LOCKED: a row a push is rescuing right now is skipped, and no
+        push can rescue a picked row until this transaction ends; SQLite has one writer)."""
+        lock = " FOR UPDATE SKIP LOCKED" if conn.dialect.name == "postgresql" else ""
+        rows = conn.execute(
+            text(
+                "SELECT digest FROM gc_trash WHERE kind = :kind AND digest > :after "
+                f"ORDER BY digest LIMIT :n{lock}"
+            ),
+            {"kind": kind, "after": after, "n": n},
+        ).fetchall()
+        return [r[0] for r in rows]
 
     @staticmethod
     def _forget(conn: Connection, kind: str, digests: list[str]) -> list[str]:
-        """Delete the trash rows of `digests` and their catalog rows; returns the digests whose
-        trash row was still there (a push that rescued one meanwhile deleted its row)."""
+        """Delete the trash rows of `digests` (picked, so locked by this transaction) and their
+        catalog rows; returns the digests whose trash row was still there. The digest list goes
+        to the database as one parameter (a PostgreSQL array, a JSON array that SQLite's
+        json_each unpacks), not one bind parameter per digest."""
+        pg = conn.dialect.name == "postgresql"
+        ds: Any = digests if pg else json.dumps(digests)
+
+        def among(column: str) -> str:
+            return f"{column} = ANY(:ds)" if pg else f"{column} IN (SELECT value FROM json_each(:ds))"
+
         gone = [
             r[0]
             for r in conn.execute(
-                delete(c.gc_trash).where(c.gc_trash.c.digest.in_(digests)).returning(c.gc_trash.c.digest)
-            )
+                text(f"DELETE FROM gc_trash WHERE {among('digest')} RETURNING digest"), {"ds": ds}
+            ).fetchall()
         ]
         if not gone:
             return gone
+        if len(gone) != len(digests):
+            ds = gone if pg else json.dumps(gone)
         if kind == "manifest":
-            conn.execute(delete(c.manifest_blobs).where(c.manifest_blobs.c.manifest.in_(gone)))
-            e = c.manifest_edges
-            conn.execute(delete(e).where(e.c.kind == "child", e.c.parent.in_(gone)))
-            conn.execute(delete(e).where(e.c.kind == "referrer", e.c.child.in_(gone)))
-            conn.execute(delete(c.repo_manifests).where(c.repo_manifests.c.digest.in_(gone)))
-            conn.execute(delete(c.manifests).where(c.manifests.c.digest.in_(gone)))
+            for stmt in (
+                f"DELETE FROM manifest_blobs WHERE {among('manifest')}",
+                f"DELETE FROM manifest_edges WHERE kind = 'child' AND {among('parent')}",
+                f"DELETE FROM manifest_edges WHERE kind = 'referrer' AND {among('child')}",
+                f"DELETE FROM repo_manifests WHERE {among('digest')}",
+                f"DELETE FROM manifests WHERE {among('digest')}",
+            ):
+                conn.execute(text(stmt), {"ds": ds})
         else:
-            conn.execute(delete(c.blobs).where(c.blobs.c.digest.in_(gone)))
+            conn.execute(text(f"DELETE FROM blobs WHERE {among('digest')}"), {"ds": ds})
         return gone
 
     # -- the whole run -----------------------------------------------------------------------
