@@ -422,7 +422,12 @@ class GarbageCollector:
         force: list[str] | None = None,
         cleanup_older_than: float = 3600.0,
         list_limit: int = 10000,
+        sweep_batch: int | None = None,
+        sweep_chunk: int | None = None,
     ) -> GCReport:
+        """One collection (see the module docstring). `sweep_batch`: trash rows per catalog
+        transaction of the sweep (default BATCH); `sweep_chunk`: rows per batched store delete
+        (default: the backend's, S3's DeleteObjects limit)."""
         if grace < 0:
             raise ClawstoreError("grace must not be negative")
         start = time.perf_counter()
@@ -459,7 +464,7 @@ class GarbageCollector:
                     report.rescued_by_store_tags = self.protect_store_tags(conn)
             report.mark_seconds = time.perf_counter() - m0
             if self.store is not None:
-                _drained, report.deleted_objects = self.drain()
+                _drained, report.deleted_objects = self.drain(sweep_batch, sweep_chunk)
                 cr = self.store.cleanup(cleanup_older_than)
                 report.temp_removed, report.temp_bytes = cr.removed, cr.bytes
         report.garbage = garbage
