@@ -8,7 +8,10 @@ reader, manifests through `get_manifest`, which both re-hash the stored bytes.
 
 What it checks, in order:
 
-1. blobs: every stored blob hashes to its digest (and has the size it was stored with);
+1. blobs: every stored blob hashes to its digest (and has the size it was stored with), or with
+   `sample` < 1 a random share of them (routine scrubbing of a large store, as zot's scrub);
+   blobs are listed with their sizes (S3: the fanout's prefixes in parallel) and read
+   `store.read_concurrency` at a time, manifests likewise;
 2. manifests: every stored manifest hashes to its digest, parses as an OCI manifest/index, and
    every blob/manifest it references exists with the size its descriptor states (a `subject`
    may dangle, as in the OCI distribution spec);
@@ -31,8 +34,11 @@ It never removes tags, valid manifests or blobs that hash correctly (that is `gc
 from __future__ import annotations
 
 import contextlib
+import random
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -116,8 +122,12 @@ class Problem:
 class FsckReport:
     """What fsck saw and found. `ok` is False when any error-severity problem remains."""
 
-    blobs: int = 0
+    blobs: int = 0  # listed
     blob_bytes: int = 0
+    #: Blobs (and bytes) re-hashed: all of them unless `sample` < 1.
+    blobs_hashed: int = 0
+    blob_bytes_hashed: int = 0
+    sample: float = 1.0
     manifests: int = 0
     manifest_bytes: int = 0
     repos: int = 0
@@ -149,8 +159,9 @@ class FsckReport:
 
     def summary(self) -> str:
         state = "ok" if self.ok else f"{len(self.errors)} error(s)"
+        hashed = "" if self.blobs_hashed == self.blobs else f", {self.blobs_hashed} re-hashed"
         parts = [
-            f"{self.blobs} blobs ({self.blob_bytes} bytes)",
+            f"{self.blobs} blobs ({self.blob_bytes} bytes{hashed})",
             f"{self.manifests} manifests",
             f"{self.tags} tags in {self.repos} repositories",
             f"{self.temp_files} temp files",
@@ -166,6 +177,9 @@ class FsckReport:
             "ok": self.ok,
             "blobs": self.blobs,
             "blob_bytes": self.blob_bytes,
+            "blobs_hashed": self.blobs_hashed,
+            "blob_bytes_hashed": self.blob_bytes_hashed,
+            "sample": self.sample,
             "manifests": self.manifests,
             "manifest_bytes": self.manifest_bytes,
             "repos": self.repos,
@@ -184,37 +198,76 @@ def _noop(_phase: str, _done: int, _total: int) -> None:
     pass
 
 
-def _sizes(digests: Iterator[Digest], stat: Callable[[Digest], int]) -> list[tuple[Digest, int]]:
-    out = []
-    for d in digests:
-        with contextlib.suppress(NotFoundError):  # removed since listed (gc running): skip it
-            out.append((d, stat(d)))
-    return out
+class _Progress:
+    """Progress from worker threads: counted and reported under one lock, so `done` only grows."""
+
+    def __init__(self, progress: ProgressFn, phase: str, total: int) -> None:
+        self.progress, self.phase, self.total = progress, phase, total
+        self.done = 0
+        self.lock = threading.Lock()
+        progress(phase, 0, total)
+
+    def advance(self, n: int) -> None:
+        with self.lock:
+            self.done += n
+            self.progress(self.phase, self.done, self.total)
 
 
-def _check_blobs(store: ArtifactStore, report: FsckReport, repair: bool, progress: ProgressFn) -> set[Digest]:
-    """Re-hash every blob; returns the digests of the corrupt ones."""
-    blobs = _sizes(store.iter_blobs(), store.stat_blob)
-    total = sum(size for _, size in blobs)
-    done = 0
+def _choose(blobs: list[tuple[Digest, int]], sample: float, rng: random.Random) -> list[tuple[Digest, int]]:
+    """The blobs to re-hash: all (sample >= 1), or a random share of them (at least one when
+    there are any and sample > 0)."""
+    if sample >= 1 or not blobs:
+        return blobs
+    k = min(len(blobs), max(1 if sample > 0 else 0, round(len(blobs) * sample)))
+    return sorted(rng.sample(blobs, k))
+
+
+def _check_blobs(
+    store: ArtifactStore,
+    report: FsckReport,
+    repair: bool,
+    progress: ProgressFn,
+    sample: float,
+    rng: random.Random,
+) -> tuple[set[Digest], dict[Digest, int]]:
+    """Re-hash every blob (or a random `sample` share), `store.read_concurrency` at a time.
+    Returns the digests of the corrupt ones and every listed blob's size (from the listing: no
+    HEAD/stat per blob on S3)."""
+    blobs = list(store.iter_blob_sizes())
+    sizes = dict(blobs)
+    chosen = _choose(blobs, sample, rng)
+    report.blobs, report.blob_bytes = len(blobs), sum(sizes.values())
+    bar = _Progress(progress, "blobs", sum(size for _, size in chosen))
     corrupt: set[Digest] = set()
-    buf = bytearray(_READ_CHUNK)
-    progress("blobs", 0, total)
-    for digest, size in blobs:
+
+    def rehash(digest: Digest) -> tuple[int, DigestMismatchError | None]:
+        buf = bytearray(_READ_CHUNK)
+        read = 0
         try:
             with store.get_blob(digest) as reader:
                 while n := reader.readinto(buf):
-                    done += n
-                    progress("blobs", done, total)
+                    read += n
+                    bar.advance(n)
         except NotFoundError:
-            continue
+            return -1, None  # removed since listed (gc running): skip it
         except DigestMismatchError as e:
-            corrupt.add(digest)
-            repaired = repair and _delete_corrupt(store.delete_blob, digest, report)
-            report.problems.append(Problem(ProblemKind.CORRUPT_BLOB, digest, str(e), repaired=repaired))
-        report.blobs += 1
-        report.blob_bytes += size
-    return corrupt
+            return read, e
+        return read, None
+
+    workers = max(1, min(store.read_concurrency, len(chosen)))
+    with ThreadPoolExecutor(workers, thread_name_prefix="fsck") as pool:
+        for (digest, _size), (read, err) in zip(
+            chosen, pool.map(lambda b: rehash(b[0]), chosen), strict=True
+        ):
+            if read < 0:
+                continue
+            report.blobs_hashed += 1
+            report.blob_bytes_hashed += read
+            if err is not None:
+                corrupt.add(digest)
+                repaired = repair and _delete_corrupt(store.delete_blob, digest, report)
+                report.problems.append(Problem(ProblemKind.CORRUPT_BLOB, digest, str(err), repaired=repaired))
+    return corrupt, sizes
 
 
 def _delete_corrupt(delete: Callable[[Digest], None], digest: Digest, report: FsckReport) -> bool:
@@ -226,26 +279,41 @@ def _delete_corrupt(delete: Callable[[Digest], None], digest: Digest, report: Fs
 
 
 def _check_manifests(
-    store: ArtifactStore, report: FsckReport, corrupt_blobs: set[Digest], repair: bool, progress: ProgressFn
+    store: ArtifactStore,
+    report: FsckReport,
+    corrupt_blobs: set[Digest],
+    blob_sizes: dict[Digest, int],
+    repair: bool,
+    progress: ProgressFn,
 ) -> dict[Digest, str]:
-    """Verify, parse and follow every manifest; returns {digest: problem} for the bad ones."""
+    """Verify, parse and follow every manifest (read `store.read_concurrency` at a time);
+    returns {digest: problem} for the bad ones."""
     digests = list(store.iter_manifests())
     bad: dict[Digest, str] = {}
     sizes: dict[Digest, int] = {}
     parsed: dict[Digest, Manifest] = {}
     progress("manifests", 0, len(digests))
-    for i, digest in enumerate(digests, 1):
+
+    def read(digest: Digest) -> bytes | Exception:
         try:
-            data = store.get_manifest(digest)
-        except NotFoundError:
+            return store.get_manifest(digest)
+        except (NotFoundError, DigestMismatchError) as e:
+            return e
+
+    workers = max(1, min(store.read_concurrency, len(digests)))
+    with ThreadPoolExecutor(workers, thread_name_prefix="fsck") as pool:
+        fetched = list(zip(digests, pool.map(read, digests), strict=True))
+    for i, (digest, got) in enumerate(fetched, 1):
+        progress("manifests", i, len(digests))
+        if isinstance(got, NotFoundError):
             continue
-        except DigestMismatchError as e:
+        if isinstance(got, DigestMismatchError):
             repaired = repair and _delete_corrupt(store.delete_manifest, digest, report)
             bad[digest] = "corrupt"
-            report.problems.append(Problem(ProblemKind.CORRUPT_MANIFEST, digest, str(e), repaired=repaired))
+            report.problems.append(Problem(ProblemKind.CORRUPT_MANIFEST, digest, str(got), repaired=repaired))
             continue
-        finally:
-            progress("manifests", i, len(digests))
+        assert isinstance(got, bytes)
+        data = got
         report.manifests += 1
         report.manifest_bytes += len(data)
         sizes[digest] = len(data)
@@ -272,9 +340,10 @@ def _check_manifests(
             )
         refs = references(manifest)
         for desc in refs.blobs:
-            size = None
-            with contextlib.suppress(NotFoundError):
-                size = store.stat_blob(desc.digest)
+            size = blob_sizes.get(desc.digest)
+            if size is None:  # not listed: maybe written since (a HEAD/stat says)
+                with contextlib.suppress(NotFoundError):
+                    size = store.stat_blob(desc.digest)
             if desc.digest in corrupt_blobs or size is None:
                 if desc.digest in report.deleted:
                     why = "was corrupt and has been deleted"
@@ -391,14 +460,22 @@ def fsck(
     progress: ProgressFn | None = None,
     *,
     stale_after: float = DEFAULT_STALE_AFTER,
+    sample: float = 1.0,
+    rng: random.Random | None = None,
 ) -> FsckReport:
     """Check every blob, manifest and tag of `store`; with `repair`, remove abandoned temp files
-    and corrupt content (see the module docstring for exactly what is removed)."""
+    and corrupt content (see the module docstring for exactly what is removed).
+
+    `sample`: the share of blobs re-hashed (1: every one, the default; 0.05: a random 5%, for
+    routine scrubbing of a large store; 0: none). Every blob is still listed with its size and
+    every reference checked against the listing; manifests are always re-hashed (small)."""
+    if not 0 <= sample <= 1:
+        raise ClawstoreError(f"sample must be a fraction between 0 and 1, not {sample}")
     started = time.monotonic()
-    report = FsckReport()
+    report = FsckReport(sample=sample)
     prog = progress or _noop
-    corrupt_blobs = _check_blobs(store, report, repair, prog)
-    bad_manifests = _check_manifests(store, report, corrupt_blobs, repair, prog)
+    corrupt_blobs, blob_sizes = _check_blobs(store, report, repair, prog, sample, rng or random.Random())
+    bad_manifests = _check_manifests(store, report, corrupt_blobs, blob_sizes, repair, prog)
     _check_tags(store, report, bad_manifests, prog)
     _check_temp_files(store, report, repair, stale_after)
     report.seconds = time.monotonic() - started
