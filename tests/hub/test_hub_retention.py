@@ -85,3 +85,38 @@ def test_invalid_policies_rejected() -> None:
         Policy("x", keep_last=-1)
     with pytest.raises(ClawstoreError):
         Policy("x", keep_tags="(")
+
+
+def test_one_run_over_many_repositories(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One policy over 12 repositories: one apply untags across all of them (catalog removals
+    batched, several transactions here), and one GC sweep collects every dropped manifest;
+    the catalog's tags equal the store's afterwards, each removal in the tag history."""
+    from clawstore.hub import retention
+
+    monkeypatch.setattr(retention, "UNTAG_BATCH", 5)
+    kept = {}
+    for r in range(12):
+        repo = f"fleet/agent{r}"
+        with hub.session(ADMIN, repo) as s:
+            for i in range(3):
+                d = push_artifact(s, repo, f"snap-{i}", [f"{repo} {i}".encode()])
+                _age_tag(hub, repo, f"snap-{i}", 1000 * (3 - i))
+        kept[repo] = d.digest  # snap-2, the newest
+    _age_everything(hub, 100_000)
+    hub.set_policy(ADMIN, Policy("fleet/*", keep_last=1))
+    dry = hub.apply_retention(ADMIN, dry_run=True, grace=0)
+    r = hub.apply_retention(ADMIN, grace=0)
+    assert len(r.tags) == 24 and sorted(r.tags) == sorted(dry.tags)
+    assert (r.gc_manifests, r.bytes) == (dry.gc_manifests, dry.bytes) and r.gc_manifests == 24
+    manifests, _blobs = store_objects(hub.store)
+    assert manifests == set(kept.values())
+    for repo, digest in kept.items():
+        assert hub.store.list_tags(repo) == ["snap-2"] and hub.store.resolve(repo, "snap-2") == digest
+    with hub.catalog.tx() as conn:
+        cat = {(t.repository, t.tag) for t in conn.execute(c.tags.select())}
+        history = conn.execute(
+            c.tag_history.select().where(c.tag_history.c.actor == "retention:local-admin")
+        ).all()
+    assert cat == {(repo, "snap-2") for repo in kept}
+    assert len(history) == 24 and all(h.new_digest is None for h in history)
+    assert hub.fsck(ADMIN).ok

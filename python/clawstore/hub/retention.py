@@ -11,8 +11,10 @@ nowhere and pushed longer ago than that, even inside GC's own grace period (the 
 the matching policies applies). It can only shorten GC's grace, never extend it: everything
 unreachable is collected by GC after GC's grace anyway.
 
-`apply` untags in the store and catalog, then runs GC with the untagged manifests forced, so a
-run reclaims the bytes it reports. `dry_run` changes nothing and reports the same plan and the
+`apply` plans every repository in one pass over the catalog, untags in the store (several at a
+time) and in the catalog (hundreds per transaction), then runs GC once with the untagged
+manifests forced, so a run reclaims the bytes it reports, through GC's batched sweep.
+`dry_run` changes nothing and reports the same plan and the
 bytes that run would reclaim (GC's mark in a rolled-back transaction with the plan applied);
 `retention_bytes` is the part due to the plan alone (the same mark without the plan subtracted).
 """
@@ -20,6 +22,7 @@ bytes that run would reclaim (GC's mark in a rolled-back transaction with the pl
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,6 +35,9 @@ from clawstore.hub.permissions import pattern_matches, pattern_regex
 
 if TYPE_CHECKING:
     from clawstore.store import ArtifactStore
+
+#: Catalog tag removals per transaction.
+UNTAG_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -177,27 +183,50 @@ class Retention:
             return report
         gc.reconcile_tags()
         tags, untagged = self.plan()
-        for repo, tag, digest in tags:
-            try:
-                store.untag(repo, tag, expect=digest)  # moved meanwhile: leave it
-            except (TagConflictError, RefNotFoundError):
-                continue
-            with self.catalog.tx() as conn:
-                # Re-read the store's tag inside the catalog transaction: a replica's tag() that
-                # landed after our untag wins in both (its own catalog write then agrees),
-                # instead of our catalog write erasing a tag the store has.
-                try:
-                    now: str | None = str(store.resolve(repo, tag))
-                except RefNotFoundError:
-                    now = None
-                c.set_tag(conn, repo, tag, now, actor=f"retention:{actor}")
-            if now is None:
-                report.tags.append((repo, tag, digest))
+        report.tags = self._untag(store, tags, actor)
         r = gc.run(grace=grace, force=untagged, scan_store=False, reconcile=False)
-        report.manifests = [d for k, d, _s in r.garbage if k == "manifest" and d in set(untagged)]
+        forced = set(untagged)
+        report.manifests = [d for k, d, _s in r.garbage if k == "manifest" and d in forced]
         report.bytes = r.bytes
         report.gc_manifests, report.gc_blobs = r.manifests, r.blobs
         return report
+
+    def _untag(
+        self, store: ArtifactStore, tags: list[tuple[str, str, str]], actor: str
+    ) -> list[tuple[str, str, str]]:
+        """Remove `tags` from the store (compare-and-swap against the planned digest: a tag moved
+        meanwhile stays), `store.remove_concurrency`-ish at a time, then from the catalog in
+        batches of UNTAG_BATCH per transaction. Returns the tags removed."""
+        workers = max(1, min(8, store.read_concurrency, len(tags)))
+
+        def untag(t: tuple[str, str, str]) -> bool:
+            repo, tag, digest = t
+            try:
+                store.untag(repo, tag, expect=digest)  # moved meanwhile: leave it
+            except (TagConflictError, RefNotFoundError):
+                return False
+            return True
+
+        def now_in_store(t: tuple[str, str, str]) -> str | None:
+            try:
+                return str(store.resolve(t[0], t[1]))
+            except RefNotFoundError:
+                return None
+
+        removed: list[tuple[str, str, str]] = []
+        with ThreadPoolExecutor(workers, thread_name_prefix="retention") as pool:
+            done = [t for t, ok in zip(tags, pool.map(untag, tags), strict=True) if ok]
+            for i in range(0, len(done), UNTAG_BATCH):
+                chunk = done[i : i + UNTAG_BATCH]
+                with self.catalog.tx() as conn:
+                    # Re-read the store's tags inside the catalog transaction: a replica's tag()
+                    # that landed after our untag wins in both (its own catalog write then
+                    # agrees), instead of our catalog write erasing a tag the store has.
+                    for (repo, tag, digest), now in zip(chunk, pool.map(now_in_store, chunk), strict=True):
+                        c.set_tag(conn, repo, tag, now, actor=f"retention:{actor}")
+                        if now is None:
+                            removed.append((repo, tag, digest))
+        return removed
 
 
 __all__ = ["Policy", "Retention", "RetentionReport"]
