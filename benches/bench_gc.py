@@ -7,10 +7,13 @@
 GC: the catalog is populated directly (bulk INSERT on SQLite, COPY on PostgreSQL) with N
 manifests, each referencing K blobs of its own (N*K blob rows and N*K manifest->blob edges);
 every other manifest is tagged, so half the manifests and half the blobs are garbage. The store
-is an empty local store: the sweep really runs (gc_trash drained in batches, one delete call per
-object) but every delete finds nothing, so the timing is the catalog's plus the per-object
-delete call, not disk unlinks. Reported: populate time, dry-run time, full run time (mark and
-sweep separately) and the benchmark process' peak RSS.
+is an empty local store: the sweep really runs (gc_trash drained in batches, one batched delete
+call per chunk of 1,000 objects) but every delete finds nothing, so the timing is the catalog's
+plus the delete calls, not disk unlinks. Reported: populate time, dry-run time, full run time
+(mark and sweep separately), the CPU seconds (user+sys) of this process for the whole run and
+for the sweep, of PostgreSQL's processes (a PostgreSQL catalog; other clients' work on a shared
+machine counts too), the bytes this process wrote (SQLite's WAL and database file) and the
+benchmark process' peak RSS.
 
 Checkpoint: a 10,000-file session (sizes 16-112 KiB, mtimes an hour old), checkpoint 1, then
 change 1% of the files and checkpoint 2 (parent = 1). Reported: time and bytes uploaded (data
@@ -33,7 +36,7 @@ from pathlib import Path
 
 import clawstore
 from clawstore import checkpoints as cp
-from clawstore.hub import Catalog, Hub, Principal
+from clawstore.hub import Catalog, GarbageCollector, Hub, Principal
 from clawstore.hub import catalog as c
 
 PG_URL = os.environ.get("CLAWSTORE_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -42,6 +45,29 @@ ADMIN = Principal.local_admin()
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def pg_cpu() -> float:
+    """CPU seconds of every PostgreSQL process on this machine (the server's share of a run;
+    other clients' work counts too on a shared machine)."""
+    import psutil
+
+    total = 0.0
+    for p in psutil.process_iter(["name"]):
+        if (p.info["name"] or "").startswith("postgres"):
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+    return total
+
+
+def written() -> int:
+    """Bytes this process has written to storage (SQLite's WAL and database file)."""
+    import psutil
+
+    return int(psutil.Process().io_counters().write_bytes)
 
 
 def fake_digest(kind: str, i: int) -> str:
@@ -114,7 +140,23 @@ def bench_gc(kind: str, n_manifests: int, per: int) -> dict[str, float | int | s
         t_pop = time.perf_counter() - t0
         hub = Hub(clawstore.open(tmp / "store"), cat)
         dry = hub.gc(ADMIN, grace=3600, dry_run=True, scan_store=False, reconcile=False, list_limit=0)
-        real = hub.gc(ADMIN, grace=3600, scan_store=False, reconcile=False, list_limit=0)
+        sweep_cpu: list[float] = []
+        real_drain = GarbageCollector.drain
+
+        def timed_drain(self: GarbageCollector, *a: object, **kw: object) -> tuple[int, int]:
+            c0 = time.process_time()
+            try:
+                return real_drain(self, *a, **kw)  # type: ignore[arg-type]
+            finally:
+                sweep_cpu.append(time.process_time() - c0)
+
+        GarbageCollector.drain = timed_drain  # type: ignore[method-assign]
+        c0, pg0, io0 = time.process_time(), pg_cpu(), written()
+        try:
+            real = hub.gc(ADMIN, grace=3600, scan_store=False, reconcile=False, list_limit=0)
+        finally:
+            GarbageCollector.drain = real_drain  # type: ignore[method-assign]
+        gc_cpu, gc_pg_cpu, gc_written = time.process_time() - c0, pg_cpu() - pg0, written() - io0
         assert dry.manifests == real.manifests == n_manifests // 2, (dry.manifests, real.manifests)
         assert real.blobs == n_manifests // 2 * per
         with cat.tx() as conn:
@@ -135,6 +177,10 @@ def bench_gc(kind: str, n_manifests: int, per: int) -> dict[str, float | int | s
             "gc_s": round(real.seconds, 1),
             "mark_s": round(real.mark_seconds, 1),
             "sweep_s": round(real.seconds - real.mark_seconds, 1),
+            "gc_cpu_s": round(gc_cpu, 1),
+            "sweep_cpu_s": round(sweep_cpu[0], 1),
+            "postgres_cpu_s": round(gc_pg_cpu, 1) if kind != "sqlite" else "",
+            "gc_written_mib": round(gc_written / 2**20),
             "deleted": real.manifests + real.blobs,
             "peak_rss_mib": round(peak_rss_mib()),
         }

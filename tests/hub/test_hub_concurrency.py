@@ -95,7 +95,10 @@ def _collector(store_dir: str, catalog: str, stop: str, out: str) -> None:
     runs = deleted = 0
     deadline = time.monotonic() + 240
     while not Path(stop).exists() and time.monotonic() < deadline:
-        r = hub.gc(ADMIN, grace=0)
+        # Small sweep batches on every other run: many transactions, several chunks each, deletes
+        # in flight while pushes rescue from the trash (the default sizes take all at once here).
+        small = {"sweep_batch": 5, "sweep_chunk": 2} if runs % 2 else {}
+        r = hub.gc(ADMIN, grace=0, **small)
         runs += 1
         deleted += r.manifests + r.blobs
     Path(out).write_text(json.dumps({"runs": runs, "deleted": deleted}))

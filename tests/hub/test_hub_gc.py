@@ -260,10 +260,12 @@ class GCMachine(RuleBasedStateMachine):
             del self.tags[tag]
         self._collected(1000)
 
-    @rule(dry=st.booleans())
-    def gc(self, dry: bool) -> None:
+    @rule(dry=st.booleans(), sweep=st.sampled_from([None, (1, 1), (3, 2), (4, 4)]))
+    def gc(self, dry: bool, sweep: tuple[int, int] | None) -> None:
         before = store_objects(self.hub.store)
-        r = self.hub.gc(ADMIN, grace=1000, dry_run=dry)
+        # The batched sweep with tiny batches: several transactions, several chunks each.
+        sizes = {"sweep_batch": sweep[0], "sweep_chunk": sweep[1]} if sweep else {}
+        r = self.hub.gc(ADMIN, grace=1000, dry_run=dry, **sizes)
         if dry:
             assert store_objects(self.hub.store) == before
             live_m = {d for d, (_p, y) in self.manifests.items() if y or d in self.tags.values()}
