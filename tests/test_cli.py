@@ -289,6 +289,22 @@ def test_fsck_cli(cs, url: str, pushed: str) -> None:
     assert r.code == 0, r
 
 
+def test_fsck_sample_cli(cs, url: str, pushed: str) -> None:
+    """--sample 0 lists and sizes every blob and checks references but re-hashes none, so a
+    corrupt blob goes unseen; --sample 1 (the default) re-hashes all; out of range is refused."""
+    store = clawstore.open(url)
+    blob = next(d for d in store.iter_blobs() if d != mt.EMPTY_DIGEST)
+    path = store.backend.layout.blob(blob)
+    path.write_bytes(b"X" + path.read_bytes()[1:])
+    r = cs("fsck", "--sample", "0", "--json")
+    report = json.loads(r.out)
+    assert r.code == 0 and report["blobs_hashed"] == 0 and report["blobs"] >= 2 and report["sample"] == 0
+    r = cs("fsck", "--sample", "1")
+    assert_error(r, "fsck found 2 error(s)")
+    r = cs("fsck", "--sample", "1.5")
+    assert r.code == 2 and "1.5" in r.err
+
+
 # -- the installed entry point -----------------------------------------------------------------
 def _entry_point() -> list[str]:
     script = Path(sys.executable).parent / "clawstore"
