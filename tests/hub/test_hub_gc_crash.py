@@ -63,6 +63,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(s3_url(request.getfixturevalue("s3_endpoint"), request.getfixturevalue("s3_bucket")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "nth"), [("manifest", 2), ("blob", 5)])
 def test_gc_killed_mid_batch_then_run_again(store_url: str, catalog_url: str, kind: str, nth: int) -> None:
     hub = Hub(clawstore.open(store_url), catalog_url, create_catalog=True)

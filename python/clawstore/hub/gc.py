@@ -332,7 +332,8 @@ class GarbageCollector:
         drain deletes them again (absent objects are no error).
         Returns (rows drained, objects removed)."""
         store = self._need_store()
-        batch = max(1, batch or BATCH)
+        # Enough rows per transaction to keep every delete worker busy with a full request.
+        batch = max(1, batch or max(BATCH, store.remove_batch * store.remove_concurrency))
         chunk = max(1, min(chunk or store.remove_batch, batch))
         drained = removed = 0
         with ThreadPoolExecutor(max(1, store.remove_concurrency), thread_name_prefix="gc-sweep") as pool:
