@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import delete, select
 
-from clawstore.errors import ClawstoreError, DigestMismatchError, RefNotFoundError
+from clawstore.errors import ClawstoreError, DigestMismatchError, NotFoundError, RefNotFoundError
 from clawstore.hub import catalog as c
 from clawstore.manifest import parse_manifest, references
 from clawstore.store import ArtifactStore
@@ -40,6 +40,9 @@ def fsck(
     catalog: c.Catalog, store: ArtifactStore, *, rebuild: bool = False, verify_blobs: bool = False
 ) -> FsckReport:
     report = FsckReport()
+    # Listed with sizes first (S3: the fanout's prefixes in parallel, no HEAD per blob): the
+    # manifests' references are checked against it.
+    listed = {str(d): size for d, size in store.iter_blob_sizes()}
     store_manifests: dict[str, object] = {}
     for d in store.iter_manifests():
         report.manifests += 1
@@ -52,7 +55,9 @@ def fsck(
         store_manifests[str(d)] = (m, len(data))
         refs = references(m)
         for b in refs.blobs:
-            size = store.backend.blob_size(b.digest)
+            size = listed.get(str(b.digest))
+            if size is None:  # written since the listing?
+                size = store.backend.blob_size(b.digest)
             if size is None:
                 report.add("dangling", f"manifest {d} references missing blob {b.digest}")
             elif size != b.size:
@@ -61,12 +66,9 @@ def fsck(
             if not store.has_manifest(ch.digest):
                 report.add("dangling", f"index {d} references missing manifest {ch.digest}")
     store_blobs: dict[str, int] = {}
-    for d in store.iter_blobs():
+    for d, size in listed.items():
         report.blobs += 1
-        size = store.backend.blob_size(d)
-        if size is None:
-            continue
-        store_blobs[str(d)] = size
+        store_blobs[d] = size
         if verify_blobs:
             try:
                 with store.get_blob(d) as r:
@@ -74,6 +76,8 @@ def fsck(
                         pass
             except DigestMismatchError as e:
                 report.add("bad-blob", f"{d}: {e}")
+            except NotFoundError:
+                del store_blobs[d]  # removed since listed (gc running)
     store_tags: dict[tuple[str, str], str] = {}
     for repo in store.list_repos():
         for tag in store.list_tags(repo):
