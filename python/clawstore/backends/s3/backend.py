@@ -324,11 +324,15 @@ class S3Backend:
                 with contextlib.suppress(Exception):
                     self.transport.call("abort_multipart_upload", Key=up["Key"], UploadId=up["UploadId"])
                     removed += 1
-        for obj in list(self.transport.iter_keys(self.layout.uploads)):
-            if obj["LastModified"].timestamp() <= cutoff:
-                self.transport.delete(obj["Key"])
-                removed += 1
-                nbytes += int(obj.get("Size", 0))
+        stale = [
+            o
+            for o in self.transport.iter_keys(self.layout.uploads)
+            if o["LastModified"].timestamp() <= cutoff
+        ]
+        if stale:  # in batches (DeleteObjects), like GC's sweep
+            self.deleter.delete([o["Key"] for o in stale])
+            removed += len(stale)
+            nbytes += sum(int(o.get("Size", 0)) for o in stale)
         return CleanupReport(removed, nbytes)
 
     def with_options(self, **changes: Any) -> S3Backend:
