@@ -106,16 +106,17 @@ class GarbageCollector:
 
     # -- 1. tags -----------------------------------------------------------------------------
     def reconcile_tags(self, conn: Connection | None = None) -> int:
-        """Make catalog tags equal the store's tags. Returns how many catalog tags changed."""
+        """Make catalog tags equal the store's tags. Returns how many catalog tags changed.
+        The store's tags are read in parallel first; only those that differ from the catalog
+        get a transaction, in which the tag is read again (a writer may have moved it since)."""
         store = self._need_store()
-        store_refs: set[tuple[str, str]] = set()
-        for repo in store.list_repos():
-            for tag in store.list_tags(repo):
-                store_refs.add((repo, tag))
+        seen = self._store_tags(store)
         with self._tx(conn) as cx:
             cat = {(r.repository, r.tag): r.digest for r in cx.execute(select(c.tags))}
         changed = 0
-        for repo, tag in sorted(store_refs | set(cat)):
+        for repo, tag in sorted(set(seen) | set(cat)):
+            if (repo, tag) in seen and seen[(repo, tag)] == cat.get((repo, tag)):
+                continue
             with self._tx(conn, exclusive=True) as cx:
                 current = cx.execute(
                     select(c.tags.c.digest).where(c.tags.c.repository == repo, c.tags.c.tag == tag)
@@ -131,6 +132,23 @@ class GarbageCollector:
                 c.set_tag(cx, repo, tag, target, actor="gc-reconcile")
                 changed += 1
         return changed
+
+    @staticmethod
+    def _store_tags(store: ArtifactStore) -> dict[tuple[str, str], str]:
+        """Every tag of the store and what it names, read `store.read_concurrency` at a time
+        (S3: one GET each)."""
+        refs = [(repo, tag) for repo in store.list_repos() for tag in store.list_tags(repo)]
+
+        def resolve(ref: tuple[str, str]) -> str | None:
+            try:
+                return str(store.resolve(*ref))
+            except RefNotFoundError:
+                return None
+
+        if not refs:
+            return {}
+        with ThreadPoolExecutor(max(1, min(store.read_concurrency, len(refs)))) as pool:
+            return {ref: d for ref, d in zip(refs, pool.map(resolve, refs), strict=True) if d is not None}
 
     # -- 2. orphans --------------------------------------------------------------------------
     def adopt_orphans(self, conn: Connection | None = None) -> int:
@@ -300,19 +318,14 @@ class GarbageCollector:
             return 0  # nothing queued for deletion: nothing to protect
         store = self._need_store()
         rescued = 0
-        for repo in store.list_repos():
-            for tag in store.list_tags(repo):
-                try:
-                    target = str(store.resolve(repo, tag))
-                except RefNotFoundError:
-                    continue
-                n = rescue(conn, [target])
-                rescued += n
-                current = conn.execute(
-                    select(c.tags.c.digest).where(c.tags.c.repository == repo, c.tags.c.tag == tag)
-                ).scalar()
-                if current != target and ensure_recorded(conn, store, target):
-                    c.set_tag(conn, repo, tag, target, actor="gc-reconcile")
+        for (repo, tag), target in sorted(self._store_tags(store).items()):
+            n = rescue(conn, [target])
+            rescued += n
+            current = conn.execute(
+                select(c.tags.c.digest).where(c.tags.c.repository == repo, c.tags.c.tag == tag)
+            ).scalar()
+            if current != target and ensure_recorded(conn, store, target):
+                c.set_tag(conn, repo, tag, target, actor="gc-reconcile")
         return rescued
 
     # -- 4. sweep ----------------------------------------------------------------------------
