@@ -450,3 +450,21 @@ def test_put_during_server_restart_completes_verified_or_fails_clearly(
         assert result.digest == oracle(data)
         assert s3_store.read_blob(result.digest) == data
     assert assert_digest_keys_verify(s3_client, s3_bucket) == (0 if isinstance(result, BaseException) else 1)
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_batched_deletes_survive_faults(
+    faulty: Any, s3_store: clawstore.ArtifactStore, s3_client: Any, s3_bucket: str, seed: int
+) -> None:
+    """GC's batched deletes through 500s, SlowDowns, resets and lost responses (a DeleteObjects
+    that ran but whose answer never came is sent again: deleting absent keys is no error):
+    every chosen blob goes, every other stays."""
+    store, proxy = faulty(
+        rate=0.3, seed=seed, max_faults=30, faults=("500", "503", "reset", "lost"), store={"delete_batch": 40}
+    )
+    made = [s3_store.put_blob(b"doomed %d %d" % (seed, i)).digest for i in range(300)]
+    keep = [s3_store.put_blob(b"kept %d %d" % (seed, i)).digest for i in range(20)]
+    proxy.counts.clear()
+    store.delete_blobs(made)
+    assert proxy.injected() > 0, proxy.counts
+    assert set(s3_store.iter_blobs()) == set(keep)
