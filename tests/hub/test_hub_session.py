@@ -167,6 +167,10 @@ SURFACE: dict[str, Check] = {
     "delete_manifest": refused(lambda s, w: s.delete_manifest(w.manifest)),
     "iter_blobs": refused(lambda s, w: list(s.iter_blobs())),
     "iter_manifests": refused(lambda s, w: list(s.iter_manifests())),
+    "delete_blobs": refused(lambda s, w: s.delete_blobs([w.blob])),
+    "delete_manifests": refused(lambda s, w: s.delete_manifests([w.manifest])),
+    "iter_blob_sizes": refused(lambda s, w: list(s.iter_blob_sizes())),
+    "iter_manifest_sizes": refused(lambda s, w: list(s.iter_manifest_sizes())),
     "cleanup": refused(lambda s, w: s.cleanup(0)),
     # the session itself
     "close": check_close,
@@ -176,6 +180,8 @@ SURFACE: dict[str, Check] = {
     "repo": plain(lambda s: s.repo == REPO),
     "lease": plain(lambda s: bool(s.lease.id)),
     "read_concurrency": plain(lambda s: s.read_concurrency >= 1),
+    "remove_batch": plain(lambda s: s.remove_batch >= 1),
+    "remove_concurrency": plain(lambda s: s.remove_concurrency >= 1),
 }
 
 
