@@ -675,14 +675,19 @@ def test_s3_requests_per_checkpoint(
         assert first == {"GET": 1, "HEAD": 3, "PUT": 7}
         assert sum(first.values()) <= 10 + 2
         (src / "d3" / "f3.bin").write_bytes(b"changed")
+        cp.forget_recent()  # as a new process would: the parent's index comes from the store
         second = checkpoint()
         # GET the tag, the parent's manifest, config and index blob; PUT the new pack, the config,
         # the manifest and the tag (If-Match the ETag of the GET).
         assert sent.take() == {"GET": 4, "PUT": 4}
         assert second.hashed_files == 1 and second.reused_files == 301
-        third = checkpoint()  # nothing changed: a config and a manifest (created time differs)
-        assert sent.take() == {"GET": 4, "PUT": 3}
-        assert third.packs == 0
+        (src / "d4" / "f4.bin").write_bytes(b"changed too")
+        third = checkpoint()  # the same process: the parent it just wrote is not read back
+        assert sent.take() == {"GET": 2, "PUT": 4}
+        assert third.hashed_files == 1
+        fourth = checkpoint()  # nothing changed: a config and a manifest (created time differs)
+        assert sent.take() == {"GET": 2, "PUT": 3}
+        assert fourth.packs == 0
         out = tmp_path / "out"
         cp.restore(s3_store, "ck/r:latest", out)
         assert tree_state(out) == tree_state(src)

@@ -61,6 +61,7 @@ import json
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -315,10 +316,45 @@ def _validate(
     return tuple(packs), tuple(raw_entries)
 
 
+#: Checkpoints this process created or loaded lately, by manifest digest: the next checkpoint of
+#: a session (a hub checkpoints the same sessions again and again) then neither downloads nor
+#: decodes and validates its parent's index. Sound because the key is the digest of the
+#: verified manifest bytes, which name the config and index blobs by digest: the same key always
+#: means the same index. The manifest itself is still read from the store every time (the
+#: permission check, a hub session's lease, proof that it is still stored).
+RECENT_MAX: Final = 8
+_recent: dict[str, Checkpoint] = {}
+_recent_lock = threading.Lock()
+
+
+def _remember(ck: Checkpoint) -> None:
+    with _recent_lock:
+        _recent.pop(str(ck.digest), None)
+        _recent[str(ck.digest)] = ck
+        while len(_recent) > RECENT_MAX:
+            del _recent[next(iter(_recent))]
+
+
+def forget_recent() -> None:
+    """Drop the in-process cache of recent checkpoints (tests; memory)."""
+    with _recent_lock:
+        _recent.clear()
+
+
 def load(store: ArtifactStore, ref: str | Digest) -> Checkpoint:
     """Read and validate a checkpoint by REPO:TAG, REPO@DIGEST or digest."""
     digest = resolve_ref(store, ref)
-    m = parse_manifest(store.get_manifest(digest))
+    data = store.get_manifest(digest)  # verified against the digest
+    with _recent_lock:
+        known = _recent.get(str(digest))
+    if known is not None:
+        return known
+    ck = _load(digest, ref, store, parse_manifest(data))
+    _remember(ck)
+    return ck
+
+
+def _load(digest: Digest, ref: str | Digest, store: ArtifactStore, m: Any) -> Checkpoint:
     if not isinstance(m, ImageManifest) or m.artifact_type != ARTIFACT_TYPE:
         raise InvalidManifestError(
             f"{ref} is not a checkpoint (artifactType {getattr(m, 'artifact_type', None)})"
@@ -729,8 +765,9 @@ def _create(
         "removed": [],
     }
     index_layer: Descriptor | None = None
+    base: dict[str, dict[str, Any]] = {}
     if len(entries) > INLINE_MAX:
-        index_layer = _write_index(store, prev if not result.compacted else None, config, level, result)
+        index_layer, base = _write_index(store, prev if not result.compacted else None, config, level, result)
     config_bytes = _core.zstd_compress(json.dumps(config, separators=(",", ":")).encode(), level)
     cfg_digest = "sha256:" + _core.digest_bytes(config_bytes)
     cfg = store.put_blob(config_bytes, expected=cfg_digest, media_type=CONFIG_TYPE)
@@ -767,6 +804,8 @@ def _create(
     store.tag(target.repository, target.tag, desc.digest, expect=expect)
     result.descriptor = desc
     result.config = config
+    packs = tuple(Descriptor(Digest.parse(p["digest"]), p["size"], PACK_TYPE) for p in pack_table)
+    _remember(Checkpoint(desc.digest, manifest, config, packs, tuple(entries), base))
     return result
 
 
@@ -776,19 +815,21 @@ def _write_index(
     config: dict[str, Any],
     level: int,
     result: CheckpointResult,
-) -> Descriptor:
+) -> tuple[Descriptor, dict[str, dict[str, Any]]]:
     """Put a large index out of the config: keep using the parent's index blob with only what
     differs from it in the config (a few records per checkpoint instead of every digest), or, once
     the differences pass 1/8 of the index, write a new index blob. Changes `config` in place and
-    returns the index blob's descriptor (a layer of the manifest)."""
+    returns the index blob's descriptor (a layer of the manifest) and its records, numbered as
+    this config's packs (`Checkpoint.base`)."""
     entries: list[dict[str, Any]] = config["entries"]
     if prev is not None and isinstance(prev.config.get("index"), dict):
         pos = {p["digest"]: i for i, p in enumerate(config["packs"])}
-        base: dict[str, dict[str, Any] | None] = {}
+        base: dict[str, dict[str, Any]] = {}
         for path, e in prev.base.items():
             if "k" in e:
                 k = pos.get(prev.config["packs"][e["k"]]["digest"]) if e["k"] >= 0 else None
-                base[path] = None if k is None else {**e, "k": k}
+                # -1: a pack this checkpoint no longer lists (the record is then in the delta)
+                base[path] = {**e, "k": -1 if k is None else k}
             else:
                 base[path] = e
         delta = [e for e in entries if base.get(e["p"]) != e]
@@ -796,14 +837,14 @@ def _write_index(
         if len(delta) + len(removed) <= max(INLINE_MAX, len(entries) // 8):
             idx = prev.config["index"]
             config.update(index=idx, entries=delta, removed=removed)
-            return Descriptor(Digest.parse(idx["digest"]), idx["size"], INDEX_TYPE)
+            return Descriptor(Digest.parse(idx["digest"]), idx["size"], INDEX_TYPE), base
     blob = {"version": FORMAT_VERSION, "packs": [p["digest"] for p in config["packs"]], "entries": entries}
     data = _core.zstd_compress(json.dumps(blob, separators=(",", ":")).encode(), level)
     d = store.put_blob(data, expected="sha256:" + _core.digest_bytes(data), media_type=INDEX_TYPE)
     result.uploaded_blobs += 1
     result.uploaded_bytes += len(data)
     config.update(index={"digest": str(d.digest), "size": d.size}, entries=[], removed=[])
-    return Descriptor(d.digest, d.size, INDEX_TYPE)
+    return Descriptor(d.digest, d.size, INDEX_TYPE), {e["p"]: e for e in entries}
 
 
 # -- reading files -------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ class ArtifactStore:
                 if self._operations > 0:
                     self._known.update((d, (n, now)) for d, n in items.items())
 
-    def known_size(self, digest: Digest | str) -> int | None:
+    def _known_size(self, digest: Digest | str) -> int | None:
         """The size of `digest` if an open operation saw it stored (see `operation`), else None."""
         if self._operations == 0:
             return None
@@ -251,7 +251,7 @@ class ArtifactStore:
         recording = self.backend if isinstance(self.backend, Recording) else None
         if recording is not None:  # hold it and what it references before checking they exist
             recording.hold([digest, *(d.digest for d in refs.blobs), *(d.digest for d in refs.manifests)])
-        check_references(self.backend, manifest, self.known_size)
+        check_references(self.backend, manifest, self._known_size)
         self.backend.write_manifest(digest, data)  # keeps a stored one (same digest, same bytes)
         if recording is not None:
             recording.manifest_stored(digest, manifest, len(data))
@@ -330,7 +330,7 @@ class ArtifactStore:
         validate_tag(tag)
         d = Digest.parse(digest)
         exp = _expectation(expect)
-        if self.known_size(d) is None and self.backend.manifest_size(d) is None:
+        if self._known_size(d) is None and self.backend.manifest_size(d) is None:
             raise ManifestNotFoundError(f"cannot tag {repo}:{tag}: manifest {d} not found")
         return self.backend.swap_tag(repo, tag, d, exp)
 
