@@ -56,6 +56,7 @@ leases them without a catalog transaction per blob.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -211,6 +212,11 @@ class Checkpoint:
 
     def files(self) -> Iterator[dict[str, Any]]:
         return (e for e in self.entries if e["t"] == "file")
+
+    @functools.cached_property
+    def by_path(self) -> dict[str, dict[str, Any]]:
+        """Every record by its path (built once per checkpoint)."""
+        return {e["p"]: e for e in self.entries}
 
 
 # -- reading and validating ----------------------------------------------------------------------
@@ -537,27 +543,41 @@ def _create(
         raise ClawstoreError(str(e)) from None
     result = CheckpointResult(Descriptor(Digest(mt.EMPTY_DIGEST), 0), {})
 
-    prev_files: dict[str, dict[str, Any]] = {}
-    racy_before = -(1 << 63)
-    if prev is not None:
-        prev_files = {e["p"]: e for e in prev.files()}
-        racy_before = prev.created_ns - RACY_NS
+    # Records are shared, never changed in place: an unchanged file's record *is* its parent's
+    # (the index delta below then skips it by identity); anything that differs is a new dict.
+    prev_by_path: dict[str, dict[str, Any]] = prev.by_path if prev is not None else {}
+    racy_before = prev.created_ns - RACY_NS if prev is not None else -(1 << 63)
+    coarse_before = racy_before - RACY_COARSE_NS
 
     entries: list[dict[str, Any]] = []
     small: list[tuple[dict[str, Any], int, int]] = []  # (entry, dev, ino) to pack
     large: list[tuple[dict[str, Any], int]] = []  # (entry, ino) to store as blobs
     reused_in_pack: dict[int, int] = {}  # parent pack number -> live file bytes
     racy: list[tuple[int, dict[str, Any]]] = []  # (entry number, parent record)
+    nfiles = nbytes = reused = 0
+    append = entries.append
     for path, kind, size, mode, mtime, ctime, ino, dev, link in scanned:
+        p = prev_by_path.get(path)
         if kind == "dir":
-            entries.append({"p": path, "t": "dir", "m": mode, "mt": mtime})
+            if p is not None and p["t"] == "dir" and p["m"] == mode and p["mt"] == mtime:
+                append(p)
+            else:
+                append({"p": path, "t": "dir", "m": mode, "mt": mtime})
             continue
         if kind == "symlink":
-            entries.append({"p": path, "t": "symlink", "l": link, "m": mode, "mt": mtime})
+            if (
+                p is not None
+                and p["t"] == "symlink"
+                and p["l"] == link
+                and p["m"] == mode
+                and p["mt"] == mtime
+            ):
+                append(p)
+            else:
+                append({"p": path, "t": "symlink", "l": link, "m": mode, "mt": mtime})
             continue
-        result.files += 1
-        result.bytes += size
-        p = prev_files.get(path)
+        nfiles += 1
+        nbytes += size
         if (
             p is not None
             and p.get("s") == size
@@ -565,21 +585,25 @@ def _create(
             and p.get("ct") == ctime
             and p.get("i") == ino
         ):
-            if max(mtime, ctime) < racy_before - (RACY_COARSE_NS if (mtime | ctime) % 10**9 == 0 else 0):
-                e = dict(p)
-                e["m"] = mode
-                entries.append(e)
-                result.reused_files += 1
-                if "k" in e:
-                    reused_in_pack[e["k"]] = reused_in_pack.get(e["k"], 0) + size
+            if (
+                mtime < racy_before
+                and ctime < racy_before
+                and ((mtime | ctime) % 10**9 or max(mtime, ctime) < coarse_before)
+            ):
+                append(p if p["m"] == mode else {**p, "m": mode})
+                reused += 1
+                k = p.get("k")
+                if k is not None:
+                    reused_in_pack[k] = reused_in_pack.get(k, 0) + size
                 continue
             racy.append((len(entries), p))  # re-hashed below; repacked only if it differs
         e = {"p": path, "t": "file", "m": mode, "mt": mtime, "ct": ctime, "i": ino, "s": size}
-        entries.append(e)
+        append(e)
         if size < threshold:
             small.append((e, dev, ino))
         else:
             large.append((e, ino))
+    result.files, result.bytes, result.reused_files = nfiles, nbytes, reused
 
     if racy:
         # Same metadata as the parent but too close to its creation to trust: hash the content;
@@ -615,23 +639,21 @@ def _create(
         live = sum(reused_in_pack.values())
         if total > 0 and live < compact_below * total:
             result.compacted = True
-            repack = [e for e in entries if e["t"] == "file" and "k" in e]
             dev_of = {s[0]: (s[7], s[6]) for s in scanned if s[1] == "file"}
-            for e in repack:
-                for key in ("k", "f", "n", "o"):
-                    e.pop(key, None)
-                dev, ino = dev_of[e["p"]]
-                small.append((e, dev, ino))
-                result.reused_files -= 1
+            for i, e in enumerate(entries):
+                if e["t"] == "file" and "k" in e:
+                    e = {key: v for key, v in e.items() if key not in ("k", "f", "n", "o")}
+                    entries[i] = e
+                    dev, ino = dev_of[e["p"]]
+                    small.append((e, dev, ino))
+                    result.reused_files -= 1
             small.sort(key=lambda t: t[0]["p"])
         else:
             renumber: dict[int, int] = {}
             for k in sorted(reused_in_pack):
                 renumber[k] = len(pack_table)
                 pack_table.append(dict(prev.config["packs"][k]))
-            for e in entries:
-                if e["t"] == "file" and "k" in e and "f" in e:
-                    e["k"] = renumber[e["k"]]
+            _renumber(entries, renumber)
 
     gone: set[int] = set()
     with ThreadPoolExecutor(workers) as pool:
@@ -731,11 +753,8 @@ def _create(
     # Packs every surviving file left unreferenced (all their files vanished) are dropped.
     used = sorted({e["k"] for e in entries if e["t"] == "file" and "k" in e})
     if len(used) != len(pack_table):
-        renumber = {k: i for i, k in enumerate(used)}
         pack_table = [pack_table[k] for k in used]
-        for e in entries:
-            if e["t"] == "file" and "k" in e:
-                e["k"] = renumber[e["k"]]
+        _renumber(entries, {k: i for i, k in enumerate(used)})
 
     subject: Descriptor | None = None
     volume_name: str | None = None
@@ -809,6 +828,17 @@ def _create(
     return result
 
 
+def _renumber(entries: list[dict[str, Any]], renumber: dict[int, int]) -> None:
+    """Point file records at new pack numbers: records are shared with the parent, so one whose
+    number changes is replaced by a copy, never changed in place."""
+    if all(k == v for k, v in renumber.items()):
+        return
+    for i, e in enumerate(entries):
+        k = e.get("k")
+        if k is not None and e["t"] == "file" and renumber[k] != k:
+            entries[i] = {**e, "k": renumber[k]}
+
+
 def _write_index(
     store: ArtifactStore,
     prev: Checkpoint | None,
@@ -824,15 +854,19 @@ def _write_index(
     entries: list[dict[str, Any]] = config["entries"]
     if prev is not None and isinstance(prev.config.get("index"), dict):
         pos = {p["digest"]: i for i, p in enumerate(config["packs"])}
-        base: dict[str, dict[str, Any]] = {}
-        for path, e in prev.base.items():
-            if "k" in e:
-                k = pos.get(prev.config["packs"][e["k"]]["digest"]) if e["k"] >= 0 else None
-                # -1: a pack this checkpoint no longer lists (the record is then in the delta)
-                base[path] = {**e, "k": -1 if k is None else k}
-            else:
-                base[path] = e
-        delta = [e for e in entries if base.get(e["p"]) != e]
+        # the parent's pack numbers -> this config's (-1: a pack it no longer lists; a record
+        # there is then in the delta)
+        remap = [pos.get(p["digest"], -1) for p in prev.config["packs"]]
+        base: dict[str, dict[str, Any]]
+        if all(k == i for i, k in enumerate(remap)):
+            base = prev.base  # the usual case: the same numbers, the same records
+        else:
+            base = {}
+            for path, e in prev.base.items():
+                k = e.get("k")
+                base[path] = {**e, "k": remap[k] if k >= 0 else -1} if k is not None else e
+        # Unchanged records are the base's own objects: compared by identity first.
+        delta = [e for e in entries if (b := base.get(e["p"])) is not e and b != e]
         removed = sorted(set(base) - {e["p"] for e in entries})
         if len(delta) + len(removed) <= max(INLINE_MAX, len(entries) // 8):
             idx = prev.config["index"]
