@@ -222,7 +222,8 @@ def part_requests(args: argparse.Namespace, server: MotoProcess) -> None:
                 print(
                     f"| {via} | first: {summary(c1)}, {large} files over the threshold "
                     f"(target <= 10 + {large}) | after 1 change: {summary(c2)} (target <= 8); "
-                    f"same process: {summary(c3)} | bytes sent {first.uploaded_bytes} -> {second.uploaded_bytes} |"
+                    f"same process: {summary(c3)} "
+                    f"| bytes sent {first.uploaded_bytes} -> {second.uploaded_bytes} |"
                 )
                 if args.verbose:
                     for c in (c1, c2, c3):
