@@ -408,19 +408,24 @@ def _read_base(
         if isinstance(packs, list)
         else {}
     )
+    # The index blob's pack numbers -> this config's (-1: a pack it no longer lists; fine if the
+    # config replaces the record, validation refuses it otherwise). Usually the same numbers:
+    # then the records are taken as they are, not copied.
+    remap = [pos.get(d, -1) if isinstance(d, str) else -1 for d in base["packs"]]
+    same = all(k == i for i, k in enumerate(remap))
+    npacks = len(remap)
     out: dict[str, dict[str, Any]] = {}
     for e in base["entries"]:
-        if not isinstance(e, dict) or not isinstance(e.get("p"), str):
+        if type(e) is not dict or type(e.get("p")) is not str:
             raise _bad(digest, f"index record is not an object with a path: {str(e)[:80]!r}")
         if e["p"] in out:
             raise _bad(digest, f"duplicate path in index: {e['p']!r}")
-        if "k" in e:
-            k = e["k"]
-            if not _is_int(k) or not 0 <= k < len(base["packs"]):
+        k = e.get("k")
+        if k is not None:
+            if type(k) is not int or not 0 <= k < npacks:
                 raise _bad(digest, f"{e['p']!r}: pack {k!r} is not in the index blob's pack list")
-            # -1: a pack this checkpoint no longer lists; fine if the config replaces the record
-            # (validation refuses it otherwise)
-            e = {**e, "k": pos.get(base["packs"][k], -1)}
+            if not same:
+                e = {**e, "k": remap[k]}
         out[e["p"]] = e
     return out
 
