@@ -661,6 +661,9 @@ def _create(
             _renumber(entries, renumber)
 
     gone: set[int] = set()
+    # Sizes as scanned of the files read below (reading may find another size).
+    new_files = [e for e, _dev, _ino in small] + [e for e, _ino in large]
+    scanned_new = sum(e["s"] for e in new_files)
     with ThreadPoolExecutor(workers) as pool:
         uploads: list[Future[Any]] = []
 
@@ -754,12 +757,14 @@ def _create(
         kept = [e for e in entries if id(e) not in gone]
         result.files -= len(entries) - len(kept)
         entries = kept
-    result.bytes = sum(e["s"] for e in entries if e["t"] == "file")
-    # Packs every surviving file left unreferenced (all their files vanished) are dropped.
-    used = sorted({e["k"] for e in entries if e["t"] == "file" and "k" in e})
-    if len(used) != len(pack_table):
-        pack_table = [pack_table[k] for k in used]
-        _renumber(entries, {k: i for i, k in enumerate(used)})
+        result.bytes = sum(e["s"] for e in entries if e["t"] == "file")
+        # Packs every surviving file left unreferenced (all their files vanished) are dropped.
+        used = sorted({e["k"] for e in entries if e["t"] == "file" and "k" in e})
+        if len(used) != len(pack_table):
+            pack_table = [pack_table[k] for k in used]
+            _renumber(entries, {k: i for i, k in enumerate(used)})
+    else:
+        result.bytes += sum(e["s"] for e in new_files) - scanned_new
 
     subject: Descriptor | None = None
     volume_name: str | None = None
