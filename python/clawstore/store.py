@@ -53,8 +53,8 @@ class ArtifactStore:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        # What open operations know to be stored: digest -> (size, when learnt).
-        self._known: dict[str, tuple[int, float]] = {}
+        # What open operations know to be stored: (kind, digest) -> (size, when learnt).
+        self._known: dict[tuple[str, str], tuple[int, float]] = {}
         self._operations = 0
         self._known_lock = threading.Lock()
 
@@ -79,18 +79,23 @@ class ArtifactStore:
                 if self._operations == 0:
                     self._known.clear()
 
-    def _learn(self, items: Mapping[str, int]) -> None:
+    def _learn(self, items: Mapping[str, int], kind: str = "blob") -> None:
         if self._operations > 0:
             now = time.monotonic()
             with self._known_lock:
                 if self._operations > 0:
-                    self._known.update((d, (n, now)) for d, n in items.items())
+                    self._known.update(((kind, d), (n, now)) for d, n in items.items())
 
-    def _known_size(self, digest: Digest | str) -> int | None:
-        """The size of `digest` if an open operation saw it stored (see `operation`), else None."""
+    def _forget(self, digest: Digest | str, kind: str) -> None:
+        with self._known_lock:
+            self._known.pop((kind, str(digest)), None)
+
+    def _known_size(self, kind: str, digest: Digest | str) -> int | None:
+        """The size of blob or manifest (`kind`) `digest` if an open operation saw it stored
+        (see `operation`), else None."""
         if self._operations == 0:
             return None
-        hit = self._known.get(str(digest))
+        hit = self._known.get((kind, str(digest)))
         if hit is None or time.monotonic() - hit[1] > KNOWN_TTL:
             return None
         return hit[0]
@@ -227,6 +232,7 @@ class ArtifactStore:
 
     def delete_blob(self, digest: Digest | str) -> None:
         """Remove a blob (GC uses this; artifact kinds never do)."""
+        self._forget(digest, "blob")
         if not self.backend.remove_blob(Digest.parse(digest)):
             raise BlobNotFoundError(f"blob {digest} not found")
 
@@ -255,7 +261,7 @@ class ArtifactStore:
         self.backend.write_manifest(digest, data)  # keeps a stored one (same digest, same bytes)
         if recording is not None:
             recording.manifest_stored(digest, manifest, len(data))
-        self._learn({str(digest): len(data)})
+        self._learn({str(digest): len(data)}, "manifest")
         return Descriptor(digest, len(data), manifest.media_type, artifact_type=manifest.artifact_type)
 
     def get_manifest(self, digest: Digest | str) -> bytes:
@@ -271,14 +277,13 @@ class ArtifactStore:
 
     def _learn_manifest(self, digest: Digest, data: bytes) -> None:
         """A verified stored manifest: it, and what it references (checked when it was put)."""
-        learnt = {str(digest): len(data)}
+        self._learn({str(digest): len(data)}, "manifest")
         try:
             refs = references(parse_manifest(data))
         except (InvalidManifestError, ValueError):
-            refs = None
-        if refs is not None:
-            learnt.update((str(x.digest), x.size) for x in (*refs.blobs, *refs.manifests))
-        self._learn(learnt)
+            return
+        self._learn({str(x.digest): x.size for x in refs.blobs}, "blob")
+        self._learn({str(x.digest): x.size for x in refs.manifests}, "manifest")
 
     def get_manifest_typed(self, digest: Digest | str) -> Manifest:
         return parse_manifest(self.get_manifest(digest))
@@ -293,6 +298,7 @@ class ArtifactStore:
         return size
 
     def delete_manifest(self, digest: Digest | str) -> None:
+        self._forget(digest, "manifest")
         if not self.backend.remove_manifest(Digest.parse(digest)):
             raise ManifestNotFoundError(f"manifest {digest} not found")
 
@@ -330,7 +336,7 @@ class ArtifactStore:
         validate_tag(tag)
         d = Digest.parse(digest)
         exp = _expectation(expect)
-        if self._known_size(d) is None and self.backend.manifest_size(d) is None:
+        if self._known_size("manifest", d) is None and self.backend.manifest_size(d) is None:
             raise ManifestNotFoundError(f"cannot tag {repo}:{tag}: manifest {d} not found")
         return self.backend.swap_tag(repo, tag, d, exp)
 
@@ -367,19 +373,19 @@ class ArtifactStore:
 
 
 def check_references(
-    backend: Backend, manifest: Manifest, known: Callable[[Digest], int | None] | None = None
+    backend: Backend, manifest: Manifest, known: Callable[[str, Digest], int | None] | None = None
 ) -> None:
     """InvalidManifestError unless every blob and manifest `manifest` references is stored with
     the size its descriptor says. `subject` may dangle, as in the OCI distribution spec:
-    referrers can be pushed first. `known(digest)`: the size of a digest the caller has just
-    seen stored (the backend is not asked again), or None."""
+    referrers can be pushed first. `known(kind, digest)` ("blob" or "manifest"): the size of
+    what the caller has just seen stored (the backend is not asked again), or None."""
     refs = references(manifest)
     for descs, size_of, referrer, kind in (
         (refs.blobs, backend.blob_size, "manifest", "blob"),
         (refs.manifests, backend.manifest_size, "index", "manifest"),
     ):
         for d in descs:
-            size = known(d.digest) if known is not None else None
+            size = known(kind, d.digest) if known is not None else None
             if size is None:
                 size = size_of(d.digest)
             if size is None:
