@@ -244,6 +244,11 @@ def part_10k(args: argparse.Namespace, server: MotoProcess) -> None:
             with tempfile.TemporaryDirectory(dir=args.work) as tmp:
                 src = Path(tmp) / "src"
                 shutil.copytree(pristine, src, symlinks=True)
+                # A session's files were not all written in the 100 ms before its checkpoint:
+                # without this, the files copied last are racy for the first checkpoint and
+                # the second re-reads them (hundreds on a loaded machine), which is the copy's
+                # doing, not the session's.
+                time.sleep(0.2)
                 with contextlib.ExitStack() as stack:
                     url = (
                         stack.enter_context(s3_url(server))
