@@ -51,6 +51,14 @@ bits are dropped unless asked for.
 
 Built only on `ArtifactStore` (a hub session is one): uploads pass their digest, so a session
 leases them without a catalog transaction per blob.
+
+Requests: `create` runs as one `store.operation()`, in which the store does not ask again about
+what it has just written or read (the parent's packs, the index blob, the new config, the
+manifest before its tag). On S3 a first checkpoint is GET tag, HEAD + PUT pack (small packs: one
+conditional PUT), PUT index blob, config, manifest and tag; a later one GET tag, manifest, config
+and index blob, PUT pack, config, manifest and tag (If-Match with the ETag of the GET). A process
+remembers the checkpoints it created or loaded lately (`load`, by manifest digest), so the next
+checkpoint of a session it made skips the config and index GETs and their decoding.
 """
 
 from __future__ import annotations
