@@ -694,3 +694,28 @@ def test_s3_requests_per_checkpoint(
     finally:
         if hub is not None:
             hub.close()
+
+
+def test_recent_checkpoints_are_bounded_and_exact(
+    local_store: clawstore.ArtifactStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The in-process memory of recent checkpoints gives what a fresh load gives, and stays within
+    its bounds (count and records)."""
+    src = tmp_path / "src"
+    make_tree(src)
+    cp.forget_recent()
+    digests = []
+    for i in range(3):
+        (src / f"n{i}").write_bytes(b"%d" % i)
+        digests.append(cp.create(local_store, "ck/m:latest", src, **SMALL).digest)
+    remembered = [cp.load(local_store, d) for d in digests]
+    cp.forget_recent()
+    for d, ck in zip(digests, remembered, strict=True):
+        fresh = cp.load(local_store, d)
+        assert fresh is not ck
+        assert (fresh.entries, fresh.packs, fresh.config) == (ck.entries, ck.packs, ck.config)
+    monkeypatch.setattr(cp, "RECENT_MAX_RECORDS", len(remembered[1].entries) + len(remembered[2].entries))
+    cp.forget_recent()
+    for d in digests:
+        cp.load(local_store, d)
+    assert list(cp._recent) == [str(d) for d in digests[1:]]  # the oldest went first

@@ -337,16 +337,21 @@ def _validate(
 #: means the same index. The manifest itself is still read from the store every time (the
 #: permission check, a hub session's lease, proof that it is still stored).
 RECENT_MAX: Final = 8
+#: ... and at most this many index records in all (about 1 KB of memory each).
+RECENT_MAX_RECORDS: Final = 100_000
 _recent: dict[str, Checkpoint] = {}
 _recent_lock = threading.Lock()
 
 
 def _remember(ck: Checkpoint) -> None:
+    if len(ck.entries) > RECENT_MAX_RECORDS:
+        return
     with _recent_lock:
         _recent.pop(str(ck.digest), None)
         _recent[str(ck.digest)] = ck
-        while len(_recent) > RECENT_MAX:
-            del _recent[next(iter(_recent))]
+        records = sum(len(c.entries) for c in _recent.values())
+        while len(_recent) > RECENT_MAX or records > RECENT_MAX_RECORDS:
+            records -= len(_recent.pop(next(iter(_recent))).entries)
 
 
 def forget_recent() -> None:
