@@ -100,7 +100,8 @@ fn scan_dir(root: &Path, rel: &str, out: &mut Vec<ScanEntry>) -> Result<(), CkEr
         let de = de.map_err(|e| CkError::Io(dir.display().to_string(), e))?;
         let full = de.path();
         let name = utf8_name(&de.file_name(), &full)?;
-        let md = match fs::symlink_metadata(&full) {
+        // fstatat(dirfd, name, AT_SYMLINK_NOFOLLOW) (std on Linux): no path walk per entry.
+        let md = match de.metadata() {
             Ok(md) => md,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // deleted meanwhile
             Err(e) => return Err(CkError::Io(full.display().to_string(), e)),

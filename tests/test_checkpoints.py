@@ -604,3 +604,118 @@ def test_property_edit_sequences_local(
 @given(edits=st.lists(EDIT, max_size=15))
 def test_property_edit_sequences_s3(s3_store: clawstore.ArtifactStore, tmp_path: Path, edits: Any) -> None:
     _property(s3_store, tmp_path, edits)
+
+
+# -- S3 requests per checkpoint ------------------------------------------------------------------
+
+
+class Sent:
+    """The HTTP requests an S3 store's client sends (botocore's before-send hook: after retries
+    are split into attempts, so every request on the wire is one entry)."""
+
+    def __init__(self, store: clawstore.ArtifactStore) -> None:
+        self.requests: list[tuple[str, str]] = []
+        store.backend.client.meta.events.register("before-send.s3", self)  # type: ignore[attr-defined]
+
+    def __call__(self, request: Any, **_: Any) -> None:
+        self.requests.append((request.method, request.url.split("?")[0]))
+
+    def take(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for method, _url in self.requests:
+            out[method] = out.get(method, 0) + 1
+        self.requests = []
+        return out
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("via", ["store", "hub session as admin", "hub session as a user"])
+def test_s3_requests_per_checkpoint(
+    s3_store: clawstore.ArtifactStore, tmp_path: Path, via: str, no_racy: None
+) -> None:
+    """A first checkpoint costs at most 10 requests plus one per file over the threshold, one after
+    changing a file at most 8 (issue 13), through the store and through a hub session: nothing is
+    asked about twice (a blob just written, the parent's packs, the manifest before its tag), small
+    blobs go as one conditional PUT, and the tag's compare-and-swap uses the ETag read with it."""
+    from clawstore.hub import Hub, Principal
+
+    src = tmp_path / "src"
+    for i in range(300):  # > INLINE_MAX records (an index blob), a pack > 1 MiB (HEAD + PUT)
+        p = src / f"d{i % 10}" / f"f{i}.bin"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(hashlib.shake_256(b"%d" % i).digest(4000 + i))
+        os.utime(p, ns=(OLD_NS, OLD_NS))
+    for i in range(2):  # over the threshold: one blob each
+        (src / f"big{i}").write_bytes(hashlib.shake_256(b"big%d" % i).digest(100_000))
+        os.utime(src / f"big{i}", ns=(OLD_NS, OLD_NS))
+    hub = None
+    store: Any = s3_store
+    if via != "store":
+        hub = Hub(s3_store, f"sqlite:///{tmp_path / 'catalog.sqlite'}")
+        principal = Principal.local_admin()
+        if via.endswith("user"):
+            token = hub.issue_token(principal, "alice")
+            hub.grant(principal, "alice", "push", "ck/**")
+            hub.grant(principal, "alice", "pull", "ck/**")
+            principal = hub.authenticate(token)
+    sent = Sent(s3_store)
+
+    def checkpoint() -> cp.CheckpointResult:
+        if hub is None:
+            return cp.create(store, "ck/r:latest", src, threshold=65536)
+        with hub.session(principal, "ck/r", kind="checkpoint") as s:
+            return cp.create(s, "ck/r:latest", src, threshold=65536)
+
+    try:
+        sent.take()
+        checkpoint()
+        # GET the tag (absent); HEAD + PUT the pack (> 1 MiB: it may be stored already) and each
+        # large file; PUT the index blob, the config, the manifest (each If-None-Match) and the tag.
+        first = sent.take()
+        assert first == {"GET": 1, "HEAD": 3, "PUT": 7}
+        assert sum(first.values()) <= 10 + 2
+        (src / "d3" / "f3.bin").write_bytes(b"changed")
+        cp.forget_recent()  # as a new process would: the parent's index comes from the store
+        second = checkpoint()
+        # GET the tag, the parent's manifest, config and index blob; PUT the new pack, the config,
+        # the manifest and the tag (If-Match the ETag of the GET).
+        assert sent.take() == {"GET": 4, "PUT": 4}
+        assert second.hashed_files == 1 and second.reused_files == 301
+        (src / "d4" / "f4.bin").write_bytes(b"changed too")
+        third = checkpoint()  # the same process: the parent it just wrote is not read back
+        assert sent.take() == {"GET": 2, "PUT": 4}
+        assert third.hashed_files == 1
+        fourth = checkpoint()  # nothing changed: a config and a manifest (created time differs)
+        assert sent.take() == {"GET": 2, "PUT": 3}
+        assert fourth.packs == 0
+        out = tmp_path / "out"
+        cp.restore(s3_store, "ck/r:latest", out)
+        assert tree_state(out) == tree_state(src)
+    finally:
+        if hub is not None:
+            hub.close()
+
+
+def test_recent_checkpoints_are_bounded_and_exact(
+    local_store: clawstore.ArtifactStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The in-process memory of recent checkpoints gives what a fresh load gives, and stays within
+    its bounds (count and records)."""
+    src = tmp_path / "src"
+    make_tree(src)
+    cp.forget_recent()
+    digests = []
+    for i in range(3):
+        (src / f"n{i}").write_bytes(b"%d" % i)
+        digests.append(cp.create(local_store, "ck/m:latest", src, **SMALL).digest)
+    remembered = [cp.load(local_store, d) for d in digests]
+    cp.forget_recent()
+    for d, ck in zip(digests, remembered, strict=True):
+        fresh = cp.load(local_store, d)
+        assert fresh is not ck
+        assert (fresh.entries, fresh.packs, fresh.config) == (ck.entries, ck.packs, ck.config)
+    monkeypatch.setattr(cp, "RECENT_MAX_RECORDS", len(remembered[1].entries) + len(remembered[2].entries))
+    cp.forget_recent()
+    for d in digests:
+        cp.load(local_store, d)
+    assert list(cp._recent) == [str(d) for d in digests[1:]]  # the oldest went first

@@ -582,6 +582,37 @@ def test_dangling_references_refused(store: ArtifactStore) -> None:
     assert (set(store.iter_blobs()) - {blob.digest}, set(store.iter_manifests())) == before
 
 
+def test_operation_skips_only_checks_it_can(store: ArtifactStore) -> None:
+    """Within `store.operation()` the store does not re-check what it has just seen stored, but
+    what it has not seen, a blob named as a manifest, a wrong size or a deleted blob still fail."""
+    empty_config(store)
+    with store.operation():
+        blob = store.put_blob(b"seen in this operation")
+        a = push_artifact(store, b"x")
+        store.get_manifest(a.digest)  # learnt: it and what it references
+        ok = ImageManifest(
+            EMPTY_CONFIG, (Descriptor(blob.digest, blob.size, mt.VOLUME_LAYER),), artifact_type=mt.VOLUME
+        )
+        assert store.put_manifest(ok.to_json()).digest == sha256(ok.to_json())
+        ghost = Descriptor(Digest(sha256(b"ghost")), 5, mt.VOLUME_LAYER)
+        with pytest.raises(InvalidManifestError, match="missing"):
+            store.put_manifest(ImageManifest(EMPTY_CONFIG, (ghost,), artifact_type=mt.VOLUME).to_json())
+        as_manifest = Descriptor(blob.digest, blob.size, mt.OCI_MANIFEST)
+        with pytest.raises(InvalidManifestError, match="missing"):
+            store.put_manifest(Index((as_manifest,)).to_json())
+        wrong = Descriptor(blob.digest, blob.size + 1, mt.VOLUME_LAYER)
+        with pytest.raises(InvalidManifestError, match="bytes"):
+            store.put_manifest(ImageManifest(EMPTY_CONFIG, (wrong,), artifact_type=mt.VOLUME).to_json())
+        store.delete_blob(blob.digest)
+        gone = ImageManifest(
+            EMPTY_CONFIG, (Descriptor(blob.digest, blob.size, mt.VOLUME_LAYER),), artifact_type=mt.VOLUME
+        )
+        with pytest.raises(InvalidManifestError, match="missing"):
+            store.put_manifest(gone.to_json())
+        store.tag("op/repo", "t", a.digest)
+    assert store.resolve("op/repo", "t") == a.digest
+
+
 def test_size_mismatch_refused(store: ArtifactStore) -> None:
     empty_config(store)
     layer = store.put_blob(b"twelve bytes")

@@ -51,15 +51,26 @@ bits are dropped unless asked for.
 
 Built only on `ArtifactStore` (a hub session is one): uploads pass their digest, so a session
 leases them without a catalog transaction per blob.
+
+Requests: `create` runs as one `store.operation()`, in which the store does not ask again about
+what it has just written or read (the parent's packs, the index blob, the new config, the
+manifest before its tag). On S3 a first checkpoint is GET tag, HEAD + PUT pack (small packs: one
+conditional PUT), PUT index blob, config, manifest and tag; a later one GET tag, manifest, config
+and index blob, PUT pack, config, manifest and tag (If-Match with the ETag of the GET). A process
+remembers the checkpoints it created or loaded lately (`load`, by manifest digest), so the next
+checkpoint of a session it made skips the config and index GETs and their decoding.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
+import re
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -210,6 +221,11 @@ class Checkpoint:
     def files(self) -> Iterator[dict[str, Any]]:
         return (e for e in self.entries if e["t"] == "file")
 
+    @functools.cached_property
+    def by_path(self) -> dict[str, dict[str, Any]]:
+        """Every record by its path (built once per checkpoint)."""
+        return {e["p"]: e for e in self.entries}
+
 
 # -- reading and validating ----------------------------------------------------------------------
 
@@ -227,6 +243,12 @@ def _bad(digest: Digest, msg: str) -> UnsafeArchiveError:
     return UnsafeArchiveError(f"checkpoint {digest}: {msg}")
 
 
+#: sha256 content digests (the format's own), matched without building a Digest per record.
+_SHA256: Final = re.compile(r"sha256:[0-9a-f]{64}")
+#: Relative paths whose components are all ordinary names (no "", ".", ".." and no NUL).
+_PLAIN_PATH: Final = re.compile(r"(?:(?!\.\.?(?:/|\Z))[^/\x00]+/)*(?!\.\.?\Z)[^/\x00]+")
+
+
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -234,7 +256,10 @@ def _is_int(v: object) -> bool:
 def _check_path(digest: Digest, p: object) -> str:
     if not isinstance(p, str) or not p:
         raise _bad(digest, f"index path {p!r} is not a non-empty string")
-    if "\x00" in p or any(part in ("", ".", "..") for part in p.split("/")):  # also "/x", "x/", "a//b"
+    # also "/x", "x/", "a//b"; the regex is the fast path, the split says exactly what is wrong
+    if _PLAIN_PATH.fullmatch(p) is None and (
+        "\x00" in p or any(part in ("", ".", "..") for part in p.split("/"))
+    ):
         raise _bad(digest, f"unsafe path in index: {p!r}")
     return p
 
@@ -271,9 +296,10 @@ def _validate(
             # Also refuses anything below a symlink or a file, and implied directories.
             raise _bad(digest, f"{path!r}: parent {parent!r} is not a directory listed before it")
         mode, mtime = e.get("m"), e.get("mt")
-        if not _is_int(mode) or not 0 <= mode <= 0o7777:
+        # (type() is int, not _is_int: the same test, inlined on the hot path of every record)
+        if type(mode) is not int or not 0 <= mode <= 0o7777:
             raise _bad(digest, f"{path!r}: bad mode {mode!r}")
-        if not _is_int(mtime) or abs(mtime) >= 1 << 62:
+        if type(mtime) is not int or abs(mtime) >= 1 << 62:
             raise _bad(digest, f"{path!r}: bad mtime {mtime!r}")
         if kind == "symlink":
             target = e.get("l")
@@ -281,17 +307,18 @@ def _validate(
                 raise _bad(digest, f"{path!r}: bad symlink target {target!r}")
         elif kind == "file":
             size, h = e.get("s"), e.get("h")
-            if not _is_int(size) or size < 0:
+            if type(size) is not int or size < 0:
                 raise _bad(digest, f"{path!r}: bad size {size!r}")
             if not isinstance(h, str):
                 raise _bad(digest, f"{path!r}: file without a content digest")
-            try:
-                Digest.parse(h)
-            except ClawstoreError:
-                raise _bad(digest, f"{path!r}: bad content digest {h!r}") from None
+            if _SHA256.fullmatch(h) is None:  # the usual case, checked fast; else the full parser
+                try:
+                    Digest.parse(h)
+                except ClawstoreError:
+                    raise _bad(digest, f"{path!r}: bad content digest {h!r}") from None
             if "k" in e:
                 k, f, n, o = e.get("k"), e.get("f"), e.get("n"), e.get("o")
-                if not all(_is_int(x) for x in (k, f, n, o)):
+                if type(k) is not int or type(f) is not int or type(n) is not int or type(o) is not int:
                     raise _bad(digest, f"{path!r}: bad pack location")
                 if not 0 <= k < len(packs):
                     raise _bad(digest, f"{path!r}: pack {k} is not in the pack table")
@@ -303,10 +330,50 @@ def _validate(
     return tuple(packs), tuple(raw_entries)
 
 
+#: Checkpoints this process created or loaded lately, by manifest digest: the next checkpoint of
+#: a session (a hub checkpoints the same sessions again and again) then neither downloads nor
+#: decodes and validates its parent's index. Sound because the key is the digest of the
+#: verified manifest bytes, which name the config and index blobs by digest: the same key always
+#: means the same index. The manifest itself is still read from the store every time (the
+#: permission check, a hub session's lease, proof that it is still stored).
+RECENT_MAX: Final = 8
+#: ... and at most this many index records in all (about 1 KB of memory each).
+RECENT_MAX_RECORDS: Final = 100_000
+_recent: dict[str, Checkpoint] = {}
+_recent_lock = threading.Lock()
+
+
+def _remember(ck: Checkpoint) -> None:
+    if len(ck.entries) > RECENT_MAX_RECORDS:
+        return
+    with _recent_lock:
+        _recent.pop(str(ck.digest), None)
+        _recent[str(ck.digest)] = ck
+        records = sum(len(c.entries) for c in _recent.values())
+        while len(_recent) > RECENT_MAX or records > RECENT_MAX_RECORDS:
+            records -= len(_recent.pop(next(iter(_recent))).entries)
+
+
+def forget_recent() -> None:
+    """Drop the in-process cache of recent checkpoints (tests; memory)."""
+    with _recent_lock:
+        _recent.clear()
+
+
 def load(store: ArtifactStore, ref: str | Digest) -> Checkpoint:
     """Read and validate a checkpoint by REPO:TAG, REPO@DIGEST or digest."""
     digest = resolve_ref(store, ref)
-    m = parse_manifest(store.get_manifest(digest))
+    data = store.get_manifest(digest)  # verified against the digest
+    with _recent_lock:
+        known = _recent.get(str(digest))
+    if known is not None:
+        return known
+    ck = _load(digest, ref, store, parse_manifest(data))
+    _remember(ck)
+    return ck
+
+
+def _load(digest: Digest, ref: str | Digest, store: ArtifactStore, m: Any) -> Checkpoint:
     if not isinstance(m, ImageManifest) or m.artifact_type != ARTIFACT_TYPE:
         raise InvalidManifestError(
             f"{ref} is not a checkpoint (artifactType {getattr(m, 'artifact_type', None)})"
@@ -354,19 +421,24 @@ def _read_base(
         if isinstance(packs, list)
         else {}
     )
+    # The index blob's pack numbers -> this config's (-1: a pack it no longer lists; fine if the
+    # config replaces the record, validation refuses it otherwise). Usually the same numbers:
+    # then the records are taken as they are, not copied.
+    remap = [pos.get(d, -1) if isinstance(d, str) else -1 for d in base["packs"]]
+    same = all(k == i for i, k in enumerate(remap))
+    npacks = len(remap)
     out: dict[str, dict[str, Any]] = {}
     for e in base["entries"]:
-        if not isinstance(e, dict) or not isinstance(e.get("p"), str):
+        if type(e) is not dict or type(e.get("p")) is not str:
             raise _bad(digest, f"index record is not an object with a path: {str(e)[:80]!r}")
         if e["p"] in out:
             raise _bad(digest, f"duplicate path in index: {e['p']!r}")
-        if "k" in e:
-            k = e["k"]
-            if not _is_int(k) or not 0 <= k < len(base["packs"]):
+        k = e.get("k")
+        if k is not None:
+            if type(k) is not int or not 0 <= k < npacks:
                 raise _bad(digest, f"{e['p']!r}: pack {k!r} is not in the index blob's pack list")
-            # -1: a pack this checkpoint no longer lists; fine if the config replaces the record
-            # (validation refuses it otherwise)
-            e = {**e, "k": pos.get(base["packs"][k], -1)}
+            if not same:
+                e = {**e, "k": remap[k]}
         out[e["p"]] = e
     return out
 
@@ -427,6 +499,40 @@ def create(
     if anything; the tag then moves by compare-and-swap from it), a reference/digest, or None.
     `volume`: a volume snapshot reference this checkpoint goes with (its manifest is the
     checkpoint's `subject`)."""
+    with store.operation():  # what it writes and reads it need not ask the store about again
+        return _create(
+            store,
+            ref,
+            directory,
+            session=session,
+            parent=parent,
+            volume=volume,
+            threshold=threshold,
+            pack_limit=pack_limit,
+            group_bytes=group_bytes,
+            compact_below=compact_below,
+            level=level,
+            workers=workers,
+            progress=progress,
+        )
+
+
+def _create(
+    store: ArtifactStore,
+    ref: str,
+    directory: str | os.PathLike[str],
+    *,
+    session: dict[str, Any] | None,
+    parent: str | None,
+    volume: str | None,
+    threshold: int,
+    pack_limit: int,
+    group_bytes: int,
+    compact_below: float,
+    level: int,
+    workers: int | None,
+    progress: Callable[[int], None] | None,
+) -> CheckpointResult:
     target = Reference.parse(ref)
     if target.tag is None:
         raise ClawstoreError("checkpoint reference needs a tag: REPO:TAG")
@@ -455,27 +561,41 @@ def create(
         raise ClawstoreError(str(e)) from None
     result = CheckpointResult(Descriptor(Digest(mt.EMPTY_DIGEST), 0), {})
 
-    prev_files: dict[str, dict[str, Any]] = {}
-    racy_before = -(1 << 63)
-    if prev is not None:
-        prev_files = {e["p"]: e for e in prev.files()}
-        racy_before = prev.created_ns - RACY_NS
+    # Records are shared, never changed in place: an unchanged file's record *is* its parent's
+    # (the index delta below then skips it by identity); anything that differs is a new dict.
+    prev_by_path: dict[str, dict[str, Any]] = prev.by_path if prev is not None else {}
+    racy_before = prev.created_ns - RACY_NS if prev is not None else -(1 << 63)
+    coarse_before = racy_before - RACY_COARSE_NS
 
     entries: list[dict[str, Any]] = []
     small: list[tuple[dict[str, Any], int, int]] = []  # (entry, dev, ino) to pack
     large: list[tuple[dict[str, Any], int]] = []  # (entry, ino) to store as blobs
     reused_in_pack: dict[int, int] = {}  # parent pack number -> live file bytes
     racy: list[tuple[int, dict[str, Any]]] = []  # (entry number, parent record)
+    nfiles = nbytes = reused = 0
+    append = entries.append
     for path, kind, size, mode, mtime, ctime, ino, dev, link in scanned:
+        p = prev_by_path.get(path)
         if kind == "dir":
-            entries.append({"p": path, "t": "dir", "m": mode, "mt": mtime})
+            if p is not None and p["t"] == "dir" and p["m"] == mode and p["mt"] == mtime:
+                append(p)
+            else:
+                append({"p": path, "t": "dir", "m": mode, "mt": mtime})
             continue
         if kind == "symlink":
-            entries.append({"p": path, "t": "symlink", "l": link, "m": mode, "mt": mtime})
+            if (
+                p is not None
+                and p["t"] == "symlink"
+                and p["l"] == link
+                and p["m"] == mode
+                and p["mt"] == mtime
+            ):
+                append(p)
+            else:
+                append({"p": path, "t": "symlink", "l": link, "m": mode, "mt": mtime})
             continue
-        result.files += 1
-        result.bytes += size
-        p = prev_files.get(path)
+        nfiles += 1
+        nbytes += size
         if (
             p is not None
             and p.get("s") == size
@@ -483,21 +603,25 @@ def create(
             and p.get("ct") == ctime
             and p.get("i") == ino
         ):
-            if max(mtime, ctime) < racy_before - (RACY_COARSE_NS if (mtime | ctime) % 10**9 == 0 else 0):
-                e = dict(p)
-                e["m"] = mode
-                entries.append(e)
-                result.reused_files += 1
-                if "k" in e:
-                    reused_in_pack[e["k"]] = reused_in_pack.get(e["k"], 0) + size
+            if (
+                mtime < racy_before
+                and ctime < racy_before
+                and ((mtime | ctime) % 10**9 or max(mtime, ctime) < coarse_before)
+            ):
+                append(p if p["m"] == mode else {**p, "m": mode})
+                reused += 1
+                k = p.get("k")
+                if k is not None:
+                    reused_in_pack[k] = reused_in_pack.get(k, 0) + size
                 continue
             racy.append((len(entries), p))  # re-hashed below; repacked only if it differs
         e = {"p": path, "t": "file", "m": mode, "mt": mtime, "ct": ctime, "i": ino, "s": size}
-        entries.append(e)
+        append(e)
         if size < threshold:
             small.append((e, dev, ino))
         else:
             large.append((e, ino))
+    result.files, result.bytes, result.reused_files = nfiles, nbytes, reused
 
     if racy:
         # Same metadata as the parent but too close to its creation to trust: hash the content;
@@ -533,25 +657,26 @@ def create(
         live = sum(reused_in_pack.values())
         if total > 0 and live < compact_below * total:
             result.compacted = True
-            repack = [e for e in entries if e["t"] == "file" and "k" in e]
             dev_of = {s[0]: (s[7], s[6]) for s in scanned if s[1] == "file"}
-            for e in repack:
-                for key in ("k", "f", "n", "o"):
-                    e.pop(key, None)
-                dev, ino = dev_of[e["p"]]
-                small.append((e, dev, ino))
-                result.reused_files -= 1
+            for i, e in enumerate(entries):
+                if e["t"] == "file" and "k" in e:
+                    e = {key: v for key, v in e.items() if key not in ("k", "f", "n", "o")}
+                    entries[i] = e
+                    dev, ino = dev_of[e["p"]]
+                    small.append((e, dev, ino))
+                    result.reused_files -= 1
             small.sort(key=lambda t: t[0]["p"])
         else:
             renumber: dict[int, int] = {}
             for k in sorted(reused_in_pack):
                 renumber[k] = len(pack_table)
                 pack_table.append(dict(prev.config["packs"][k]))
-            for e in entries:
-                if e["t"] == "file" and "k" in e and "f" in e:
-                    e["k"] = renumber[e["k"]]
+            _renumber(entries, renumber)
 
     gone: set[int] = set()
+    # Sizes as scanned of the files read below (reading may find another size).
+    new_files = [e for e, _dev, _ino in small] + [e for e, _ino in large]
+    scanned_new = sum(e["s"] for e in new_files)
     with ThreadPoolExecutor(workers) as pool:
         uploads: list[Future[Any]] = []
 
@@ -579,7 +704,9 @@ def create(
                 if store.has_blob(e["h"]):
                     return
                 try:
-                    store.put_blob(full, expected=e["h"], media_type=FILE_TYPE)
+                    # Just hashed here and found missing: trust_size, so that the store neither
+                    # reads it again nor asks again whether it is stored.
+                    store.put_blob(full, expected=e["h"], media_type=FILE_TYPE, trust_size=True)
                 except DigestMismatchError:
                     hash_large(e, ino)  # changed since it was hashed: hash again
                     continue
@@ -643,15 +770,14 @@ def create(
         kept = [e for e in entries if id(e) not in gone]
         result.files -= len(entries) - len(kept)
         entries = kept
-    result.bytes = sum(e["s"] for e in entries if e["t"] == "file")
-    # Packs every surviving file left unreferenced (all their files vanished) are dropped.
-    used = sorted({e["k"] for e in entries if e["t"] == "file" and "k" in e})
-    if len(used) != len(pack_table):
-        renumber = {k: i for i, k in enumerate(used)}
-        pack_table = [pack_table[k] for k in used]
-        for e in entries:
-            if e["t"] == "file" and "k" in e:
-                e["k"] = renumber[e["k"]]
+        result.bytes = sum(e["s"] for e in entries if e["t"] == "file")
+        # Packs every surviving file left unreferenced (all their files vanished) are dropped.
+        used = sorted({e["k"] for e in entries if e["t"] == "file" and "k" in e})
+        if len(used) != len(pack_table):
+            pack_table = [pack_table[k] for k in used]
+            _renumber(entries, {k: i for i, k in enumerate(used)})
+    else:
+        result.bytes += sum(e["s"] for e in new_files) - scanned_new
 
     subject: Descriptor | None = None
     volume_name: str | None = None
@@ -681,8 +807,9 @@ def create(
         "removed": [],
     }
     index_layer: Descriptor | None = None
+    base: dict[str, dict[str, Any]] = {}
     if len(entries) > INLINE_MAX:
-        index_layer = _write_index(store, prev if not result.compacted else None, config, level, result)
+        index_layer, base = _write_index(store, prev if not result.compacted else None, config, level, result)
     config_bytes = _core.zstd_compress(json.dumps(config, separators=(",", ":")).encode(), level)
     cfg_digest = "sha256:" + _core.digest_bytes(config_bytes)
     cfg = store.put_blob(config_bytes, expected=cfg_digest, media_type=CONFIG_TYPE)
@@ -719,7 +846,20 @@ def create(
     store.tag(target.repository, target.tag, desc.digest, expect=expect)
     result.descriptor = desc
     result.config = config
+    packs = tuple(Descriptor(Digest.parse(p["digest"]), p["size"], PACK_TYPE) for p in pack_table)
+    _remember(Checkpoint(desc.digest, manifest, config, packs, tuple(entries), base))
     return result
+
+
+def _renumber(entries: list[dict[str, Any]], renumber: dict[int, int]) -> None:
+    """Point file records at new pack numbers: records are shared with the parent, so one whose
+    number changes is replaced by a copy, never changed in place."""
+    if all(k == v for k, v in renumber.items()):
+        return
+    for i, e in enumerate(entries):
+        k = e.get("k")
+        if k is not None and e["t"] == "file" and renumber[k] != k:
+            entries[i] = {**e, "k": renumber[k]}
 
 
 def _write_index(
@@ -728,34 +868,40 @@ def _write_index(
     config: dict[str, Any],
     level: int,
     result: CheckpointResult,
-) -> Descriptor:
+) -> tuple[Descriptor, dict[str, dict[str, Any]]]:
     """Put a large index out of the config: keep using the parent's index blob with only what
     differs from it in the config (a few records per checkpoint instead of every digest), or, once
     the differences pass 1/8 of the index, write a new index blob. Changes `config` in place and
-    returns the index blob's descriptor (a layer of the manifest)."""
+    returns the index blob's descriptor (a layer of the manifest) and its records, numbered as
+    this config's packs (`Checkpoint.base`)."""
     entries: list[dict[str, Any]] = config["entries"]
     if prev is not None and isinstance(prev.config.get("index"), dict):
         pos = {p["digest"]: i for i, p in enumerate(config["packs"])}
-        base: dict[str, dict[str, Any] | None] = {}
-        for path, e in prev.base.items():
-            if "k" in e:
-                k = pos.get(prev.config["packs"][e["k"]]["digest"]) if e["k"] >= 0 else None
-                base[path] = None if k is None else {**e, "k": k}
-            else:
-                base[path] = e
-        delta = [e for e in entries if base.get(e["p"]) != e]
+        # the parent's pack numbers -> this config's (-1: a pack it no longer lists; a record
+        # there is then in the delta)
+        remap = [pos.get(p["digest"], -1) for p in prev.config["packs"]]
+        base: dict[str, dict[str, Any]]
+        if all(k == i for i, k in enumerate(remap)):
+            base = prev.base  # the usual case: the same numbers, the same records
+        else:
+            base = {}
+            for path, e in prev.base.items():
+                k = e.get("k")
+                base[path] = {**e, "k": remap[k] if k >= 0 else -1} if k is not None else e
+        # Unchanged records are the base's own objects: compared by identity first.
+        delta = [e for e in entries if (b := base.get(e["p"])) is not e and b != e]
         removed = sorted(set(base) - {e["p"] for e in entries})
         if len(delta) + len(removed) <= max(INLINE_MAX, len(entries) // 8):
             idx = prev.config["index"]
             config.update(index=idx, entries=delta, removed=removed)
-            return Descriptor(Digest.parse(idx["digest"]), idx["size"], INDEX_TYPE)
+            return Descriptor(Digest.parse(idx["digest"]), idx["size"], INDEX_TYPE), base
     blob = {"version": FORMAT_VERSION, "packs": [p["digest"] for p in config["packs"]], "entries": entries}
     data = _core.zstd_compress(json.dumps(blob, separators=(",", ":")).encode(), level)
     d = store.put_blob(data, expected="sha256:" + _core.digest_bytes(data), media_type=INDEX_TYPE)
     result.uploaded_blobs += 1
     result.uploaded_bytes += len(data)
     config.update(index={"digest": str(d.digest), "size": d.size}, entries=[], removed=[])
-    return Descriptor(d.digest, d.size, INDEX_TYPE)
+    return Descriptor(d.digest, d.size, INDEX_TYPE), {e["p"]: e for e in entries}
 
 
 # -- reading files -------------------------------------------------------------------------------

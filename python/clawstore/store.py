@@ -8,10 +8,13 @@ bytes, atomicity and compare-and-swap.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
@@ -49,11 +52,61 @@ def _expectation(expect: Expectation | str) -> Expectation:
     return Digest.parse(expect)  # type: ignore[arg-type]
 
 
+#: Longest an operation's knowledge of what is stored is trusted (see `ArtifactStore.operation`).
+KNOWN_TTL = 300.0
+
+
 class ArtifactStore:
     """A content-addressed store of blobs and manifests with tags, over one backend."""
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
+        # What open operations know to be stored: (kind, digest) -> (size, when learnt).
+        self._known: dict[tuple[str, str], tuple[int, float]] = {}
+        self._operations = 0
+        self._known_lock = threading.Lock()
+
+    # -- what an operation knows is stored ---------------------------------------------------
+    @contextlib.contextmanager
+    def operation(self) -> Iterator[None]:
+        """One unit of work (a checkpoint, a push): while it lasts, the store remembers what it
+        has just seen stored (blobs it wrote or read whole and verified, manifests it wrote or
+        read verified, and what those manifests reference, which the store checked when they
+        were put) so that `put_manifest` and `tag` do not ask the backend again about them.
+        Nothing is remembered outside an operation, and everything is forgotten when the last
+        open one ends (or after KNOWN_TTL). A hub session holds each of those digests in its
+        lease before relying on it, so GC cannot take them meanwhile; on a plain store the
+        window is the one any existence check leaves anyway (the object can go right after)."""
+        with self._known_lock:
+            self._operations += 1
+        try:
+            yield
+        finally:
+            with self._known_lock:
+                self._operations -= 1
+                if self._operations == 0:
+                    self._known.clear()
+
+    def _learn(self, items: Mapping[str, int], kind: str = "blob") -> None:
+        if self._operations > 0:
+            now = time.monotonic()
+            with self._known_lock:
+                if self._operations > 0:
+                    self._known.update(((kind, d), (n, now)) for d, n in items.items())
+
+    def _forget(self, digest: Digest | str, kind: str) -> None:
+        with self._known_lock:
+            self._known.pop((kind, str(digest)), None)
+
+    def _known_size(self, kind: str, digest: Digest | str) -> int | None:
+        """The size of blob or manifest (`kind`) `digest` if an open operation saw it stored
+        (see `operation`), else None."""
+        if self._operations == 0:
+            return None
+        hit = self._known.get((kind, str(digest)))
+        if hit is None or time.monotonic() - hit[1] > KNOWN_TTL:
+            return None
+        return hit[0]
 
     @property
     def url(self) -> str:
@@ -105,8 +158,10 @@ class ArtifactStore:
                             f"{os.fspath(src)}: content hashes to {got}, expected {exp}"
                         )
                     if size == stored:
+                        self._learn({str(exp): size})
                         return Descriptor(exp, size, media_type)
         digest, size = self.backend.write_blob(src, alg, exp)
+        self._learn({str(digest): size})
         return Descriptor(digest, size, media_type)
 
     def get_blob(self, digest: Digest | str) -> VerifyingReader:
@@ -160,7 +215,9 @@ class ArtifactStore:
     def read_blob(self, digest: Digest | str) -> bytes:
         """Whole blob in memory, verified. For small blobs (configs, indexes)."""
         with self.get_blob(digest) as r:
-            return r.read()
+            data = r.read()
+        self._learn({str(digest): len(data)})
+        return data
 
     def blob_local_path(self, digest: Digest | str) -> Path | None:
         """Path of a stored blob on a local filesystem, for zero-copy readers that verify the bytes
@@ -183,6 +240,7 @@ class ArtifactStore:
 
     def delete_blob(self, digest: Digest | str) -> None:
         """Remove a blob (GC uses this; artifact kinds never do)."""
+        self._forget(digest, "blob")
         if not self.backend.remove_blob(Digest.parse(digest)):
             raise BlobNotFoundError(f"blob {digest} not found")
 
@@ -232,11 +290,11 @@ class ArtifactStore:
         recording = self.backend if isinstance(self.backend, Recording) else None
         if recording is not None:  # hold it and what it references before checking they exist
             recording.hold([digest, *(d.digest for d in refs.blobs), *(d.digest for d in refs.manifests)])
-        check_references(self.backend, manifest)
-        if self.backend.manifest_size(digest) is None:
-            self.backend.write_manifest(digest, data)
+        check_references(self.backend, manifest, self._known_size)
+        self.backend.write_manifest(digest, data)  # keeps a stored one (same digest, same bytes)
         if recording is not None:
             recording.manifest_stored(digest, manifest, len(data))
+        self._learn({str(digest): len(data)}, "manifest")
         return Descriptor(digest, len(data), manifest.media_type, artifact_type=manifest.artifact_type)
 
     def get_manifest(self, digest: Digest | str) -> bytes:
@@ -246,7 +304,19 @@ class ArtifactStore:
         actual = digest_bytes(data, d.algorithm)
         if actual != d:
             raise DigestMismatchError(f"manifest {d} hashes to {actual}")
+        if self._operations > 0:
+            self._learn_manifest(d, data)
         return data
+
+    def _learn_manifest(self, digest: Digest, data: bytes) -> None:
+        """A verified stored manifest: it, and what it references (checked when it was put)."""
+        self._learn({str(digest): len(data)}, "manifest")
+        try:
+            refs = references(parse_manifest(data))
+        except (InvalidManifestError, ValueError):
+            return
+        self._learn({str(x.digest): x.size for x in refs.blobs}, "blob")
+        self._learn({str(x.digest): x.size for x in refs.manifests}, "manifest")
 
     def get_manifest_typed(self, digest: Digest | str) -> Manifest:
         return parse_manifest(self.get_manifest(digest))
@@ -261,6 +331,7 @@ class ArtifactStore:
         return size
 
     def delete_manifest(self, digest: Digest | str) -> None:
+        self._forget(digest, "manifest")
         if not self.backend.remove_manifest(Digest.parse(digest)):
             raise ManifestNotFoundError(f"manifest {digest} not found")
 
@@ -309,7 +380,7 @@ class ArtifactStore:
         validate_tag(tag)
         d = Digest.parse(digest)
         exp = _expectation(expect)
-        if self.backend.manifest_size(d) is None:
+        if self._known_size("manifest", d) is None and self.backend.manifest_size(d) is None:
             raise ManifestNotFoundError(f"cannot tag {repo}:{tag}: manifest {d} not found")
         return self.backend.swap_tag(repo, tag, d, exp)
 
@@ -354,17 +425,22 @@ def _with_sizes(
             yield d, size
 
 
-def check_references(backend: Backend, manifest: Manifest) -> None:
+def check_references(
+    backend: Backend, manifest: Manifest, known: Callable[[str, Digest], int | None] | None = None
+) -> None:
     """InvalidManifestError unless every blob and manifest `manifest` references is stored with
     the size its descriptor says. `subject` may dangle, as in the OCI distribution spec:
-    referrers can be pushed first."""
+    referrers can be pushed first. `known(kind, digest)` ("blob" or "manifest"): the size of
+    what the caller has just seen stored (the backend is not asked again), or None."""
     refs = references(manifest)
     for descs, size_of, referrer, kind in (
         (refs.blobs, backend.blob_size, "manifest", "blob"),
         (refs.manifests, backend.manifest_size, "index", "manifest"),
     ):
         for d in descs:
-            size = size_of(d.digest)
+            size = known(kind, d.digest) if known is not None else None
+            if size is None:
+                size = size_of(d.digest)
             if size is None:
                 raise InvalidManifestError(f"{referrer} references missing {kind} {d.digest}")
             if size != d.size:

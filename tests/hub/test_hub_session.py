@@ -16,6 +16,7 @@ from clawstore import mediatypes as mt
 from clawstore.hub import Hub, HubSession
 from clawstore.hub import catalog as c
 from clawstore.hub.session import SessionBackend
+from clawstore.manifest import ImageManifest
 from hubutil import ADMIN, push_artifact
 from sqlalchemy import select
 
@@ -79,6 +80,21 @@ def check_put_manifest(w: World, s: HubSession) -> None:
     with w.hub.catalog.tx() as conn:
         repos = {r[0] for r in conn.execute(select(c.repo_manifests.c.repository))}
     assert s.repo in repos  # recorded in the session's repository
+
+
+def check_operation(w: World, s: HubSession) -> None:
+    """Within an operation the store does not ask the backend again about what it has just
+    written or read (existence checks), but it still holds and records everything."""
+    with s.operation():
+        m = s.get_manifest_typed(w.manifest)  # learnt: it and the blobs it references
+        assert isinstance(m, ImageManifest) and str(m.layers[0].digest) == w.blob
+        assert w.blob not in _held(w.hub, s)
+        layer = s.put_blob(b"operation layer")
+        d = s.put_manifest(ImageManifest(m.config, (*m.layers, layer), artifact_type="a/b").to_json())
+        assert {str(d.digest), str(layer.digest), w.blob} <= _held(w.hub, s)
+        assert w.hub.catalog_manifest(ADMIN, REPO, d.digest) is not None
+        s.tag(REPO, "op", d.digest)
+        assert [h["new_digest"] for h in w.hub.tag_history(ADMIN, REPO, "op")] == [str(d.digest)]
 
 
 def check_tag(w: World, s: HubSession) -> None:
@@ -154,6 +170,7 @@ SURFACE: dict[str, Check] = {
     "resolve": leased_read(lambda s, d: s.resolve(REPO, "v1"), "manifest"),
     "resolve_ref": leased_read(lambda s, d: s.resolve_ref(f"{REPO}:v1"), "manifest"),
     "hold": check_hold,
+    "operation": check_operation,
     # recorded writes
     "put_blob": check_put_blob,
     "put_manifest": check_put_manifest,

@@ -25,7 +25,10 @@ class Backend(Protocol):
     # blobs
     def write_blob(self, src: BlobSource, algorithm: str, expected: Digest | None) -> tuple[Digest, int]:
         """Store `src`, hashing as it is written; commit under its digest only when verified
-        (DigestMismatchError if `expected` is given and differs). An existing blob is kept."""
+        (DigestMismatchError if `expected` is given and differs). An existing blob is kept.
+        A buffer (bytes, bytearray, memoryview) is always hashed in full, even when the blob is
+        stored already (hub sessions rely on it as proof of possession); a file or stream named
+        by an `expected` digest that is stored with the same size may be skipped unread."""
         ...
 
     def open_blob(self, digest: Digest) -> tuple[BinaryIO, int]:
@@ -45,7 +48,10 @@ class Backend(Protocol):
     def iter_blobs(self) -> Iterator[Digest]: ...
 
     # manifests (bytes already validated and digest-checked by the store)
-    def write_manifest(self, digest: Digest, data: bytes) -> None: ...
+    def write_manifest(self, digest: Digest, data: bytes) -> None:
+        """Store a manifest (validated and digest-checked by the store); a stored one is kept."""
+        ...
+
     def read_manifest(self, digest: Digest) -> bytes:
         """ManifestNotFoundError when absent."""
         ...

@@ -147,7 +147,18 @@ class SessionBackend:
         if expected is not None:
             # Held before the write: GC keeps whatever is (or lands) at this digest.
             self.hold([expected])
-            if not self._may(expected) and self.inner.blob_size(expected) is not None:
+            # A buffer is hashed whole by every backend (the Backend contract), so writing it
+            # proves possession even when the blob is stored already: no need to ask first.
+            in_memory = isinstance(src, bytes | bytearray | memoryview)
+            if (
+                not in_memory
+                and not self._may(expected)
+                and (
+                    # A file: write it as of unknown digest (hashed whole, whether stored or not)
+                    # rather than ask whether it is stored first. A stream: ask.
+                    isinstance(src, str | os.PathLike) or self.inner.blob_size(expected) is not None
+                )
+            ):
                 # Stored, but not ours to read: a backend would skip the bytes it already has,
                 # and the caller would get the digest linked to its repository without proving
                 # it holds the content. Hash every byte (an existing object is not rewritten).

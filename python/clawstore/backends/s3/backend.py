@@ -13,7 +13,13 @@ from typing import Any, BinaryIO
 
 from clawstore import _core
 from clawstore.digest import Digest
-from clawstore.errors import BlobNotFoundError, ClawstoreError, ManifestNotFoundError, TagConflictError
+from clawstore.errors import (
+    BlobNotFoundError,
+    ClawstoreError,
+    DigestMismatchError,
+    ManifestNotFoundError,
+    TagConflictError,
+)
 from clawstore.types import ANY, MISSING, BlobSource, CleanupReport, Expectation
 
 from .delete import BatchDeleter
@@ -27,6 +33,10 @@ from .upload import Uploader
 
 #: Attempts of a compare-and-swap without expectation (only ANY loops, while others keep winning).
 MAX_CAS_ROUNDS = 100
+#: Buffers up to this size are written with one conditional PUT (If-None-Match: *) instead of a
+#: HEAD and a PUT: a request saved on every new blob (checkpoint packs and configs are nearly
+#: always new), for at most this many bytes sent again when the blob was there already.
+BLIND_PUT_MAX = 1 << 20
 
 
 class S3Backend:
@@ -70,6 +80,10 @@ class S3Backend:
             concurrency=self.options.concurrency,
             supported=caps.delete_objects,
         )
+        # (repo, tag) -> (digest, ETag) of the tag as this backend last read or wrote it: a
+        # compare-and-swap from that digest sends If-Match with it straight away (no re-read;
+        # a stale ETag only fails the precondition, and the tag is then read again).
+        self._tag_etags: dict[tuple[str, str], tuple[Digest, str]] = {}
 
     @classmethod
     def from_url(cls, bucket: str, prefix: str, query: dict[str, str], **options: Any) -> S3Backend:
@@ -94,7 +108,41 @@ class S3Backend:
 
     # -- blobs ---------------------------------------------------------------------------------
     def write_blob(self, src: BlobSource, algorithm: str, expected: Digest | None) -> tuple[Digest, int]:
+        if isinstance(src, bytes | bytearray | memoryview) and len(src) <= BLIND_PUT_MAX:
+            return self._put_buffer(bytes(src), algorithm, expected)
+        if isinstance(src, str | os.PathLike) and expected is not None:
+            size = os.stat(src).st_size
+            if size <= self.options.multipart_threshold:
+                # A file named by its digest: the store has just asked whether that is stored
+                # (ArtifactStore.put_blob, unless the caller vouched with trust_size, having
+                # asked itself), so one conditional PUT rather than another HEAD and a PUT.
+                with open(src, "rb") as f:
+                    data = f.read(size + 1)
+                if len(data) != size:
+                    raise ClawstoreError(f"{os.fspath(src)} changed size while being read")
+                try:
+                    return self._put_buffer(data, algorithm, expected)
+                except DigestMismatchError:
+                    # As before this shortcut: a blob stored under the digest the caller vouches
+                    # for (put_blob with trust_size), with the file's size, is taken as it is.
+                    head = self.transport.head(self.layout.blob(expected))
+                    if head is not None and int(head["ContentLength"]) == size:
+                        return expected, size
+                    raise
         return self.uploader.write_blob(src, algorithm, expected)
+
+    def _put_buffer(self, data: bytes, algorithm: str, expected: Digest | None) -> tuple[Digest, int]:
+        """A small buffer: hashed, then one PUT with If-None-Match: * (a failed precondition
+        means the digest key is stored already: content-addressed, so the same bytes)."""
+        digest = Digest.from_hex(algorithm, _core.digest_bytes(data, algorithm))
+        if expected is not None and digest != expected:
+            raise DigestMismatchError(f"content hashes to {digest}, expected {expected}")
+        try:
+            self.uploader.put_small(self.layout.blob(digest), data, IfNoneMatch="*")
+        except Exception as e:
+            if not precondition_failed(e):
+                raise
+        return digest, len(data)
 
     def open_blob(self, digest: Digest) -> tuple[BinaryIO, int]:
         key = self.layout.blob(digest)
@@ -229,23 +277,42 @@ class S3Backend:
                 raise
             return Digest.parse(text), str(resp["ETag"])
 
-        return self.transport.run(f"GET {key}", once)
+        current, etag = self.transport.run(f"GET {key}", once)
+        self._remember_tag(repo, tag, current, etag)
+        return current, etag
 
     def read_tag(self, repo: str, tag: str) -> Digest | None:
         return self._read_tag_versioned(repo, tag)[0]
+
+    def _remember_tag(self, repo: str, tag: str, digest: Digest | None, etag: str | None) -> None:
+        if digest is not None and etag:
+            self._tag_etags[(repo, tag)] = (digest, etag)
+        else:
+            self._tag_etags.pop((repo, tag), None)
 
     def swap_tag(self, repo: str, tag: str, new: Digest | None, expect: Expectation) -> Digest | None:
         key = self.layout.tag(repo, tag)
         body = f"{new}\n".encode() if new is not None else b""
         md5 = _core.content_md5(body)
         t = self.transport
+        written: list[str] = []  # the ETag of our successful PUT
 
         def is_new() -> bool:
             return self.read_tag(repo, tag) == new
 
+        def put(**cond: str) -> None:
+            resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentMD5=md5, **cond)
+            written.append(str(resp.get("ETag", "")))
+
+        # The ETag this backend last saw the expected digest under: If-Match it without a read.
+        cached = self._tag_etags.get((repo, tag))
+        from_cache = cached is not None and new is not None and new != expect and cached[0] == expect
+        first_etag = cached[1] if from_cache and cached is not None else None
         for _ in range(MAX_CAS_ROUNDS):
             if expect is MISSING:
                 current, etag = None, None
+            elif first_etag is not None:
+                current, etag, first_etag = expect, first_etag, None  # type: ignore[assignment]
             else:
                 current, etag = self._read_tag_versioned(repo, tag)
                 if expect is not ANY and current != expect:
@@ -253,29 +320,22 @@ class S3Backend:
             if expect is MISSING or current is None:
                 if new is None:
                     return None
-                ok = t.conditional(
-                    f"PUT {key}",
-                    lambda: self.client.put_object(
-                        Bucket=self.bucket, Key=key, Body=body, ContentMD5=md5, IfNoneMatch="*"
-                    ),
-                    is_new,
-                )
+                ok = t.conditional(f"PUT {key}", lambda: put(IfNoneMatch="*"), is_new)
             elif new is None:
                 ok = self._delete_tag(key, etag or "", lambda: self.read_tag(repo, tag) is None)
             else:
                 if current == new:
                     return current
                 if_match = self.caps.if_match(etag or "")
-                ok = t.conditional(
-                    f"PUT {key}",
-                    lambda if_match=if_match: self.client.put_object(
-                        Bucket=self.bucket, Key=key, Body=body, ContentMD5=md5, IfMatch=if_match
-                    ),
-                    is_new,
-                )
+                ok = t.conditional(f"PUT {key}", lambda if_match=if_match: put(IfMatch=if_match), is_new)
             if ok:
+                if new is None or written:
+                    self._remember_tag(repo, tag, new, written[-1] if written else None)
                 return current
             if expect is not ANY:
+                if from_cache:
+                    from_cache = False
+                    continue  # the remembered ETag was stale: read the tag, and try again if it holds
                 now = self.read_tag(repo, tag)
                 raise TagConflictError(f"{repo}:{tag} changed concurrently (now {now})")
         raise TagConflictError(f"{repo}:{tag}: gave up after {MAX_CAS_ROUNDS} conflicting concurrent updates")
