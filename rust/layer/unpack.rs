@@ -1,13 +1,17 @@
 //! Apply tar+zstd layers, in order, to a target directory: OCI whiteouts, type changes, and
 //! parallel file writes, refusing anything that would touch the world outside the target.
 //!
-//! The decoding thread walks the tar stream sequentially and does everything that depends on
-//! order or on the namespace (path checks, removals, mkdir, creating each file with
-//! `O_CREAT|O_EXCL|O_NOFOLLOW`, symlinks, hard links). Bodies of small files go, with their
-//! already-open descriptor, to a pool of writer threads that write the bytes and set mode,
-//! owner and times through the descriptor, so a later rename, removal or hard link of the same
-//! path in the stream is safe whenever the pool gets to it. Directory modes and times are set
-//! at `finish`, deepest first, after every layer, through `O_NOFOLLOW|O_DIRECTORY` descriptors.
+//! The tar thread walks the stream sequentially and does everything that depends on order or
+//! on the namespace (path checks, removals, mkdir, symlinks, hard links). Small files go to a
+//! pool of writer threads (the files of one directory to one writer) that write the bytes and
+//! set mode, owner and times through the descriptor. In the first layer applied to an empty
+//! target (a restore), a writer also creates the file (`O_CREAT|O_EXCL|O_NOFOLLOW` under its
+//! parent's handle): creating inodes is most of the cost of many small files, and writers in
+//! different directories do it in parallel. A name the stream already used, a hard link and a
+//! whiteout first wait for the writers, so the tree is the stream applied in order. Elsewhere
+//! the tar thread creates each file and hands over the open descriptor. Directory modes and
+//! times are set at `finish`, deepest first, after every layer, through
+//! `O_NOFOLLOW|O_DIRECTORY` descriptors.
 //!
 //! Nothing is reached by path: the target is a directory handle (see `SafeRoot`), every
 //! directory below it is opened relative to its parent's handle without following symlinks,
