@@ -30,6 +30,7 @@ TREE is made with `make_volume.py TREE --many-files 100000` and is only read.
 from __future__ import annotations
 
 import argparse
+import compileall
 import hashlib
 import json
 import os
@@ -163,6 +164,9 @@ def timed_cli(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
 def many_files(tree: Path, data: Path, repeat: int) -> dict[str, object]:
     """Issue 17's figures for a many-small-files tree: whole CLI processes, paired runs."""
     cli = str(Path(sys.executable).with_name("clawstore"))
+    # Bytecode as an installed wheel has it: with PYTHONDONTWRITEBYTECODE set (this machine) an
+    # editable install would otherwise compile every module on every CLI start (~50 ms).
+    compileall.compile_dir(Path(clawstore.__file__).parent, quiet=1)
     work = Path(tempfile.mkdtemp(prefix="many-", dir=data))
     env = dict(os.environ, CLAWSTORE_URL=f"file://{work / 'store'}")
     nfiles, nbytes = tree_bytes(tree)

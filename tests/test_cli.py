@@ -475,7 +475,7 @@ def test_read_only_commands_carry_existing_store() -> None:
     for path in EXISTING_STORE_COMMANDS:
         cmd: click.Command | None = cli
         for name in path.split():
-            cmd = cmd.commands.get(name) if isinstance(cmd, click.Group) else None
+            cmd = cmd.get_command(click.Context(cmd), name) if isinstance(cmd, click.Group) else None
         assert cmd is not None, f"`clawstore {path}` no longer exists: update the list"
         assert _needs_existing_store(click.Context(cmd)), f"`clawstore {path}` is not marked existing_store"
 
@@ -523,3 +523,70 @@ def test_progress_reader_does_not_turn_would_block_into_end_of_data(tmp_path: Pa
         store.put_blob(_ProgressReader(WouldBlock(), bar))  # type: ignore[arg-type]
     assert list(store.iter_blobs()) == []
     assert not store.has_blob(clawstore.digest_bytes(b"head"))
+
+
+def test_every_listed_command_loads_and_help_lists_it() -> None:
+    from clawstore.cli import _COMMANDS, load_command
+
+    for name in _COMMANDS:
+        assert load_command(name).name == name
+    r = run(["--help"])
+    assert r.code == 0
+    for name in _COMMANDS:
+        assert f"  {name} " in r.text
+
+
+#: What a local-store command without a catalog must not import: the catalog (SQLAlchemy,
+#: Alembic, a PostgreSQL driver), S3, the terminal UI (rich: only on a terminal), test tools,
+#: and the areas it does not use.
+HEAVY_MODULES = (
+    "sqlalchemy",
+    "alembic",
+    "psycopg",
+    "psycopg2",
+    "boto3",
+    "botocore",
+    "rich",
+    "hypothesis",
+    "zstandard",
+    "clawstore.hub",
+    "clawstore.backends.s3",
+    "clawstore.logs",
+    "clawstore.caches",
+    "clawstore.checkpoints",
+    "clawstore.cli.hub",
+)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["volume", "snapshot", "{tree}", "vol/x:latest"],
+        ["volume", "snapshot", "{tree}", "vol/x:latest"],  # the no-change path
+        ["volume", "restore", "vol/x:latest", "{dest}"],
+        ["blob", "put", "{tree}/f"],
+        ["tags", "vol/x"],
+    ],
+)
+def test_local_commands_import_nothing_heavy(tmp_path: Path, args: list[str]) -> None:
+    """The CLI starts fast: a local-store command without a catalog imports only what it uses."""
+    tree = tmp_path / "tree"
+    if not tree.exists():
+        tree.mkdir()
+        (tree / "f").write_bytes(b"data\n")
+    store = tmp_path / "store"
+    if args[:2] != ["volume", "snapshot"]:
+        run(["--store", store.as_uri(), "volume", "snapshot", str(tree), "vol/x:latest"])
+    argv = [a.format(tree=tree, dest=tmp_path / "dest") for a in args]
+    code = (
+        "import sys\n"
+        "from clawstore.cli import cli\n"
+        f"cli.main({['--store', store.as_uri(), *argv]!r}, standalone_mode=False)\n"
+        "print('\\n'.join(sorted(sys.modules)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CLAWSTORE_CATALOG"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    loaded = set(p.stdout.split())
+    assert "clawstore._core" in loaded  # the command did run
+    heavy = sorted(m for m in loaded if m.split(".")[0] in HEAVY_MODULES or m.startswith(HEAVY_MODULES))
+    assert heavy == []

@@ -29,12 +29,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 from clawstore import _core
 from clawstore import mediatypes as mt
@@ -83,6 +84,7 @@ class ProgressEvent:
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +200,33 @@ class _PackReader:
 
     def close(self) -> None:
         self._stream.close()
+
+
+class _InBackground(Generic[T]):
+    """`fn()` run on a thread now; `result()` waits for it and returns (or raises) what it did."""
+
+    def __init__(self, fn: Callable[[], T]) -> None:
+        self._fn = fn
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="clawstore-volume-index", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._fn()
+        except BaseException as e:  # handed to whoever calls result()
+            self._error = e
+
+    def result(self) -> T:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+
+def _put_index(store: ArtifactStore, scan: Any) -> Descriptor:
+    return store.put_blob(scan.encode(), media_type=mt.VOLUME_INDEX_V2_ZSTD)
 
 
 def _is_volume(manifest: ImageManifest) -> bool:
@@ -319,7 +348,10 @@ def snapshot(
             if not too_long and not outweighs:
                 delta = d
 
+        # The new index is stored while the layer packs (encoding it and its fsync overlap the
+        # pack instead of following it).
         stream = _core.PackStream(scan, delta, level=level, threads=threads)
+        index_put = _InBackground(lambda s=scan: _put_index(store, s))
         total_files = delta.changed if delta is not None else scan.files
         total_bytes = delta.changed_bytes if delta is not None else scan.bytes
         reader = _PackReader(stream, report, total_files, total_bytes)
@@ -329,6 +361,8 @@ def snapshot(
         except OSError as e:
             # A file was replaced (or resized) between the scan and its read: the packer never
             # reads through what replaced it. Scan again (a live tree settles) a few times.
+            with contextlib.suppress(Exception):
+                index_put.result()  # (an unreferenced index blob is left to gc)
             if CHANGED_WHILE_PACKING not in str(e):
                 raise
             if attempt == PACK_ATTEMPTS:
@@ -336,6 +370,10 @@ def snapshot(
                     f"{root}: files kept changing while packing ({attempt} attempts): {e}"
                 ) from None
             continue
+        except BaseException:
+            with contextlib.suppress(Exception):
+                index_put.result()
+            raise
         finally:
             stream.close()
         break
@@ -358,7 +396,7 @@ def snapshot(
     )
     layers = (*prev.layers, layer) if delta is not None and prev is not None else (layer,)
 
-    index_desc = store.put_blob(scan.encode(), media_type=mt.VOLUME_INDEX_V2_ZSTD)
+    index_desc = index_put.result()
     config: dict[str, Any] = {
         "version": CONFIG_VERSION,
         "entries": len(scan),

@@ -8,7 +8,7 @@
 //! sit on the byte streams themselves (`LimitedReader`), so a bomb hidden anywhere (in a body,
 //! a PAX header, or after the end-of-archive marker) is stopped as it is decompressed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
@@ -119,6 +119,9 @@ pub struct SafeRoot {
     /// Handles of directories verified to be real directories (opened nofollow or created by
     /// us), by relative path; bounded (cleared when full) so huge trees keep few descriptors.
     dirs: HashMap<String, Arc<Dir>>,
+    /// Directories this root created as missing parents (`dir` with `create`), never forgotten:
+    /// with the entries written, what may exist in a target that started empty.
+    created: HashSet<String>,
 }
 
 /// At most this many directory handles are kept open.
@@ -148,7 +151,13 @@ impl SafeRoot {
             root: Arc::new(Dir::from_std_file(file)),
             shown,
             dirs: HashMap::new(),
+            created: HashSet::new(),
         }
+    }
+
+    /// Did `dir(.., create)` make the directory `rel` (as a missing parent)?
+    pub fn created(&self, rel: &str) -> bool {
+        self.created.contains(rel)
     }
 
     /// The root's handle.
@@ -211,7 +220,9 @@ impl SafeRoot {
                         return Ok(None);
                     }
                     match cur.create_dir(name) {
-                        Ok(()) => {}
+                        Ok(()) => {
+                            self.created.insert(sub.to_owned());
+                        }
                         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                         Err(e) => return Err(UnpackError::Io(self.shown(sub), e)),
                     }

@@ -1,13 +1,17 @@
 //! Apply tar+zstd layers, in order, to a target directory: OCI whiteouts, type changes, and
 //! parallel file writes, refusing anything that would touch the world outside the target.
 //!
-//! The decoding thread walks the tar stream sequentially and does everything that depends on
-//! order or on the namespace (path checks, removals, mkdir, creating each file with
-//! `O_CREAT|O_EXCL|O_NOFOLLOW`, symlinks, hard links). Bodies of small files go, with their
-//! already-open descriptor, to a pool of writer threads that write the bytes and set mode,
-//! owner and times through the descriptor, so a later rename, removal or hard link of the same
-//! path in the stream is safe whenever the pool gets to it. Directory modes and times are set
-//! at `finish`, deepest first, after every layer, through `O_NOFOLLOW|O_DIRECTORY` descriptors.
+//! The tar thread walks the stream sequentially and does everything that depends on order or
+//! on the namespace (path checks, removals, mkdir, symlinks, hard links). Small files go to a
+//! pool of writer threads (the files of one directory to one writer) that write the bytes and
+//! set mode, owner and times through the descriptor. In the first layer applied to an empty
+//! target (a restore), a writer also creates the file (`O_CREAT|O_EXCL|O_NOFOLLOW` under its
+//! parent's handle): creating inodes is most of the cost of many small files, and writers in
+//! different directories do it in parallel. A name the stream already used, a hard link and a
+//! whiteout first wait for the writers, so the tree is the stream applied in order. Elsewhere
+//! the tar thread creates each file and hands over the open descriptor. Directory modes and
+//! times are set at `finish`, deepest first, after every layer, through
+//! `O_NOFOLLOW|O_DIRECTORY` descriptors.
 //!
 //! Nothing is reached by path: the target is a directory handle (see `SafeRoot`), every
 //! directory below it is opened relative to its parent's handle without following symlinks,
@@ -21,12 +25,13 @@ use std::io::{self, BufReader, Read, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use cap_fs_ext::{FollowSymlinks, OpenOptionsFollowExt};
 use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
-use crossbeam_channel::{bounded, Sender};
+use crossbeam_channel::{bounded, unbounded, Sender};
+use rustix::fs::Mode;
 use rustix::fs::{AtFlags, Gid, OFlags, Timespec, Timestamps, Uid};
 use rustix::io::Errno;
 use tar::EntryType;
@@ -41,8 +46,10 @@ use crate::digest::{validate_digest, StreamHasher};
 
 /// File bodies up to this size are handed to the writer pool; larger ones are written inline.
 pub const POOL_MAX: u64 = 1 << 20;
-/// Jobs queued for the writer pool (bounds memory to about POOL_QUEUE x POOL_MAX).
-pub const POOL_QUEUE: usize = 64;
+/// Jobs in flight in the writer pool, at most (enough for several directories at once).
+pub const POOL_QUEUE_JOBS: usize = 4096;
+/// Body bytes in flight in the writer pool, at most (bounds its memory).
+pub const POOL_QUEUE_BYTES: u64 = 64 << 20;
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Meta {
@@ -103,11 +110,47 @@ pub struct UnpackStats {
     pub bytes: u64,
 }
 
+/// Where a job's bytes go: a file the tar thread created, or a fresh name the worker creates
+/// (`O_CREAT|O_EXCL|O_NOFOLLOW`, relative to its parent's handle).
+enum Target {
+    Open(File),
+    Create(Arc<Dir>, String),
+}
+
 struct Job {
-    file: File,
+    target: Target,
     data: Vec<u8>,
     meta: Meta,
     path: String,
+}
+
+impl Job {
+    fn run(self, same_owner: bool) -> Result<(), UnpackError> {
+        let Job {
+            target,
+            data,
+            meta,
+            path,
+        } = self;
+        let file = match target {
+            Target::Open(f) => f,
+            Target::Create(dir, name) => {
+                let flags = OFlags::WRONLY
+                    | OFlags::CREATE
+                    | OFlags::EXCL
+                    | OFlags::NOFOLLOW
+                    | OFlags::CLOEXEC;
+                match rustix::fs::openat(&*dir, name.as_str(), flags, Mode::from_raw_mode(0o600)) {
+                    Ok(fd) => File::from(fd),
+                    Err(e) => return Err(UnpackError::Io(path, e.into())),
+                }
+            }
+        };
+        (&file)
+            .write_all(&data)
+            .and_then(|_| set_file_meta(&file, &meta, same_owner))
+            .map_err(|e| UnpackError::Io(path, e))
+    }
 }
 
 type SharedError = Arc<Mutex<Option<UnpackError>>>;
@@ -134,60 +177,131 @@ fn set_file_meta<F: AsFd>(file: F, meta: &Meta, same_owner: bool) -> io::Result<
     Ok(())
 }
 
+/// Jobs and body bytes handed to the pool and not finished yet.
+#[derive(Default)]
+struct InFlight {
+    state: Mutex<(usize, u64)>,
+    changed: Condvar,
+}
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, u64)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wait until a job of `bytes` fits in the bounds (always, when nothing is in flight), then
+    /// count it.
+    fn acquire(&self, bytes: u64) {
+        let mut g = self.lock();
+        while g.0 > 0 && (g.0 >= POOL_QUEUE_JOBS || g.1 + bytes > POOL_QUEUE_BYTES) {
+            g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        g.0 += 1;
+        g.1 += bytes;
+    }
+
+    fn release(&self, bytes: u64) {
+        let mut g = self.lock();
+        g.0 -= 1;
+        g.1 -= bytes;
+        self.changed.notify_all();
+    }
+
+    /// Wait until every job handed over so far is done.
+    fn drain(&self) {
+        let mut g = self.lock();
+        while g.0 > 0 {
+            g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Counts a job as finished when dropped (also if its worker panics).
+struct Done<'a>(&'a InFlight, u64);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        self.0.release(self.1);
+    }
+}
+
+/// Writer threads, one queue each: the files of one directory go to one worker (`shard`), so
+/// workers create files in different directories at once instead of queueing on one
+/// directory's lock. Memory is bounded by `POOL_QUEUE_BYTES` of bodies in flight.
 struct WriterPool {
-    tx: Option<Sender<Job>>,
+    txs: Vec<Sender<Job>>,
     handles: Vec<JoinHandle<()>>,
     error: SharedError,
+    inflight: Arc<InFlight>,
 }
 
 impl WriterPool {
     fn new(workers: usize, same_owner: bool) -> Self {
-        let (tx, rx) = bounded::<Job>(POOL_QUEUE);
         let error: SharedError = Arc::new(Mutex::new(None));
+        let inflight = Arc::new(InFlight::default());
+        let mut txs = Vec::new();
         let handles = (0..workers.max(1))
             .map(|_| {
-                let rx = rx.clone();
+                let (tx, rx) = unbounded::<Job>();
+                txs.push(tx);
                 let error = error.clone();
+                let inflight = inflight.clone();
                 std::thread::spawn(move || {
-                    for mut job in rx.iter() {
-                        let r = job
-                            .file
-                            .write_all(&job.data)
-                            .and_then(|_| set_file_meta(&job.file, &job.meta, same_owner));
-                        if let Err(e) = r {
-                            record(&error, UnpackError::Io(job.path.clone(), e));
+                    for job in rx.iter() {
+                        let _done = Done(&inflight, job.data.len() as u64);
+                        let failed = error.lock().map_or(true, |g| g.is_some());
+                        if failed {
+                            continue; // the unpack fails anyway: drain the queue
+                        }
+                        if let Err(e) = job.run(same_owner) {
+                            record(&error, e);
                         }
                     }
                 })
             })
             .collect();
         WriterPool {
-            tx: Some(tx),
+            txs,
             handles,
             error,
+            inflight,
         }
     }
 
-    fn submit(&self, job: Job) -> Result<(), UnpackError> {
+    /// Queue a job on worker `shard` (modulo the pool size), waiting while the pool is full.
+    fn submit(&self, job: Job, shard: u64) -> Result<(), UnpackError> {
         if let Some(e) = take(&self.error) {
             return Err(e);
         }
-        match &self.tx {
-            Some(tx) => tx.send(job).map_err(|_| {
-                UnpackError::Io(
-                    "writer pool".into(),
-                    io::Error::other("writer pool stopped"),
-                )
-            }),
-            None => Err(UnpackError::Io(
+        if self.txs.is_empty() {
+            return Err(UnpackError::Io(
                 "writer pool".into(),
                 io::Error::other("writer pool closed"),
-            )),
+            ));
+        }
+        let bytes = job.data.len() as u64;
+        self.inflight.acquire(bytes);
+        let tx = &self.txs[(shard % self.txs.len() as u64) as usize];
+        tx.send(job).map_err(|_| {
+            self.inflight.release(bytes);
+            UnpackError::Io(
+                "writer pool".into(),
+                io::Error::other("writer pool stopped"),
+            )
+        })
+    }
+
+    /// Wait for every queued job (so that the namespace is what the stream said so far).
+    fn barrier(&self) -> Result<(), UnpackError> {
+        self.inflight.drain();
+        match take(&self.error) {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     }
 
     fn join(&mut self) -> Result<(), UnpackError> {
-        self.tx = None;
+        self.txs.clear();
         for h in self.handles.drain(..) {
             if h.join().is_err() {
                 return Err(UnpackError::Io(
@@ -207,6 +321,14 @@ impl Drop for WriterPool {
     fn drop(&mut self) {
         let _ = self.join();
     }
+}
+
+/// Which writer a file in directory `parent` goes to.
+fn shard_of(parent: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    parent.hash(&mut h);
+    h.finish()
 }
 
 /// Hashes (optionally) and counts the compressed side of a layer.
@@ -312,6 +434,9 @@ pub struct Unpacker {
     dirs: HashMap<String, Meta>,
     root_meta: Option<Meta>,
     stats: UnpackStats,
+    /// The target was empty when we started: in the first layer, a name is free unless this
+    /// layer wrote it or `SafeRoot` created it as a parent, so a writer can create it.
+    fresh: bool,
 }
 
 fn pax_mtime(value: &str) -> Option<i64> {
@@ -363,7 +488,12 @@ impl Unpacker {
 
     fn with_root(root: SafeRoot, limits: Limits, workers: usize) -> Self {
         let same_owner = limits.same_owner;
+        let fresh = root
+            .root()
+            .entries()
+            .is_ok_and(|mut it| it.next().is_none());
         Unpacker {
+            fresh,
             root,
             limits,
             budget: Arc::new(Budget::default()),
@@ -592,7 +722,8 @@ impl Unpacker {
         // blob digest, and limits apply to it as well.
         let mut rest = archive.into_inner();
         io::copy(&mut rest, &mut io::sink()).map_err(self.stream_err("zstd"))?;
-        Ok(())
+        // The next layer starts from the namespace this one left.
+        self.pool.barrier()
     }
 
     fn sync_stats(&mut self) {
@@ -643,6 +774,13 @@ impl Unpacker {
             Some(i) => (&rel[..i], &rel[i + 1..]),
             None => ("", rel.as_str()),
         };
+        // A name the stream already wrote (or a parent made for it) may still be in a writer's
+        // hands; so may a hard link's target, and whatever a whiteout removes: let the writers
+        // finish before anything looks at or changes such names.
+        let seen = written.contains(&rel) || self.root.created(&rel);
+        if seen || etype == EntryType::Link || name.starts_with(WHITEOUT_PREFIX) {
+            self.pool.barrier()?;
+        }
         if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
             // Deleting through a symlinked parent would delete outside the target.
             if self.root.parent(&rel, false)?.is_none() {
@@ -686,6 +824,29 @@ impl Unpacker {
                 }
                 self.dirs.insert(rel.clone(), meta);
             }
+            EntryType::Regular | EntryType::Continuous
+                if !seen && self.fresh && self.stats.layers == 0 && entry.size() <= POOL_MAX =>
+            {
+                // The usual case of a restore: a new name in a target that started empty. A
+                // writer creates it (`O_CREAT|O_EXCL|O_NOFOLLOW` under the parent's handle),
+                // in parallel with the other writers' directories.
+                let size = entry.size();
+                let mut data = Vec::with_capacity(size as usize);
+                entry
+                    .read_to_end(&mut data)
+                    .map_err(self.stream_err(&rel))?;
+                self.pool.submit(
+                    Job {
+                        target: Target::Create(dir, name),
+                        data,
+                        meta,
+                        path: shown,
+                    },
+                    shard_of(parent),
+                )?;
+                self.budget.files.fetch_add(1, Ordering::Relaxed);
+                self.budget.file_bytes.fetch_add(size, Ordering::Relaxed);
+            }
             EntryType::Regular | EntryType::Continuous => {
                 let mut opts = OpenOptions::new();
                 opts.write(true)
@@ -708,12 +869,15 @@ impl Unpacker {
                     entry
                         .read_to_end(&mut data)
                         .map_err(self.stream_err(&rel))?;
-                    self.pool.submit(Job {
-                        file,
-                        data,
-                        meta,
-                        path: shown,
-                    })?;
+                    self.pool.submit(
+                        Job {
+                            target: Target::Open(file),
+                            data,
+                            meta,
+                            path: shown,
+                        },
+                        shard_of(parent),
+                    )?;
                 } else {
                     let mut w = io::BufWriter::with_capacity(1 << 20, &mut file);
                     io::copy(entry, &mut w).map_err(self.stream_err(&rel))?;
@@ -1106,6 +1270,76 @@ mod tests {
             ..Limits::default()
         };
         refused(&[zeros], limits);
+    }
+
+    /// One first layer (into an empty target, so writers create the files) that reuses names:
+    /// the result must be what applying the entries one by one in order gives.
+    #[test]
+    fn reused_names_in_a_first_layer_apply_in_stream_order() {
+        let file = |b: &mut tar::Builder<Vec<u8>>, name: &[u8], body: &[u8]| {
+            let mut h = hdr(EntryType::Regular, body.len() as u64);
+            set_raw_name(&mut h, name);
+            h.set_cksum();
+            b.append(&h, body).expect("append");
+        };
+        let l = raw_layer(|b| {
+            // many files over many directories (several writers at once)
+            for d in 0..40 {
+                let mut h = hdr(EntryType::Directory, 0);
+                h.set_mode(0o755);
+                set_raw_name(&mut h, format!("d{d}").as_bytes());
+                h.set_cksum();
+                b.append(&h, io::empty()).expect("append");
+                for f in 0..50 {
+                    file(
+                        b,
+                        format!("d{d}/f{f}").as_bytes(),
+                        format!("{d}/{f}").as_bytes(),
+                    );
+                }
+            }
+            // a hard link to a file just handed to a writer
+            file(b, b"d0/src", b"linked");
+            let mut h = hdr(EntryType::Link, 0);
+            set_raw_name(&mut h, b"d1/hard");
+            set_raw_link(&mut h, b"d0/src");
+            h.set_cksum();
+            b.append(&h, io::empty()).expect("append");
+            // a file, then the same name as a directory with a file in it
+            file(b, b"d2/x", b"first");
+            let mut h = hdr(EntryType::Directory, 0);
+            h.set_mode(0o755);
+            set_raw_name(&mut h, b"d2/x");
+            h.set_cksum();
+            b.append(&h, io::empty()).expect("append");
+            file(b, b"d2/x/inner", b"inner");
+            // a file under a parent made implicitly, then that parent replaced by a file
+            file(b, b"p/q", b"q");
+            file(b, b"p", b"p is a file");
+            // the same file twice: the second wins
+            file(b, b"d3/twice", b"one");
+            file(b, b"d3/twice", b"two");
+        });
+        let base = tempfile::tempdir().expect("tmp");
+        let dest = base.path().join("dest");
+        fs::create_dir(&dest).expect("mkdir");
+        unpack_all(&[l], &dest, Limits::default()).expect("unpack");
+        for d in 0..40 {
+            for f in 0..50 {
+                let got = fs::read(dest.join(format!("d{d}/f{f}"))).expect("read");
+                assert_eq!(got, format!("{d}/{f}").as_bytes());
+            }
+        }
+        assert_eq!(fs::read(dest.join("d1/hard")).expect("hard"), b"linked");
+        let (a, b) = (
+            fs::metadata(dest.join("d0/src")).expect("src"),
+            fs::metadata(dest.join("d1/hard")).expect("hard"),
+        );
+        assert_eq!((a.dev(), a.ino()), (b.dev(), b.ino()));
+        assert!(dest.join("d2/x").is_dir());
+        assert_eq!(fs::read(dest.join("d2/x/inner")).expect("inner"), b"inner");
+        assert_eq!(fs::read(dest.join("p")).expect("p"), b"p is a file");
+        assert_eq!(fs::read(dest.join("d3/twice")).expect("twice"), b"two");
     }
 
     #[test]

@@ -185,7 +185,3 @@ def _referrers(ctx: CliContext, blob: Digest) -> list[Digest]:
         if any(desc.digest == blob for desc in refs.blobs):
             out.append(m)
     return out
-
-
-def register(group: click.Group) -> None:
-    group.add_command(blob_group)

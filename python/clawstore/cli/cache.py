@@ -231,7 +231,3 @@ def evict_cmd(cli: CliContext, scope: str | None, dry_run: bool, catalog_url: st
             + (f" (budget {human_size(r.budget)})" if r.budget is not None else " (no budget)"),
             err=True,
         )
-
-
-def register(group: click.Group) -> None:
-    group.add_command(cache_group)

@@ -1,7 +1,7 @@
 """What every `clawstore` subcommand shares: the store option, one-line errors, progress bars.
 
-Subcommand modules (`clawstore/cli/<area>.py`) define click commands and a `register(group)`
-function; `clawstore/cli/__init__.py` calls each module's `register`.
+Subcommand modules (`clawstore/cli/<area>.py`) define click commands; `clawstore/cli/__init__.py`
+names each top-level command in `_COMMANDS` and imports its module when the command is used.
 """
 
 from __future__ import annotations

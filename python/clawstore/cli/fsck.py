@@ -81,7 +81,3 @@ def fsck_cmd(ctx: CliContext, repair: bool, stale_after: float, sample: float, a
         click.echo(report.summary())
     if not report.ok:
         fail(f"fsck found {len(report.errors)} error(s) in {ctx.store.url}")
-
-
-def register(group: click.Group) -> None:
-    group.add_command(fsck_cmd)

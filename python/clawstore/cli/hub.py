@@ -538,9 +538,4 @@ def catalog_history(hub: Any, principal: Any, ref: str) -> None:
         )
 
 
-def register(group: click.Group) -> None:
-    for cmd in (gc_cmd, checkpoint, retention, export_cmd, import_cmd, token, grant, lease, catalog):
-        group.add_command(cmd)
-
-
-__all__ = ["parse_duration", "register"]
+__all__ = ["parse_duration"]

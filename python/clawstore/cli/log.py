@@ -157,7 +157,3 @@ def ls_cmd(cli: CliContext, repo: str | None) -> None:
             f"{lg.ref}  {lg.state:6}  {human_size(lg.bytes):>10}  {lg.lines:>9} lines  "
             f"{len(lg.segments):>5} segments  {human_size(lg.stored_size)} stored"
         )
-
-
-def register(group: click.Group) -> None:
-    group.add_command(log_group)

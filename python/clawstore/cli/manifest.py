@@ -63,7 +63,3 @@ def manifest_get(ctx: CliContext, digest: str, output: str | None) -> None:
     else:
         with atomic_file(output) as out:
             out.write(data)
-
-
-def register(group: click.Group) -> None:
-    group.add_command(manifest_group)

@@ -91,8 +91,3 @@ def repos_cmd(ctx: CliContext) -> None:
     """List repositories that have tags, one per line."""
     for r in ctx.store.list_repos():
         click.echo(r)
-
-
-def register(group: click.Group) -> None:
-    for cmd in (tag_cmd, untag_cmd, resolve_cmd, tags_cmd, repos_cmd):
-        group.add_command(cmd)

@@ -193,7 +193,3 @@ def history_cmd(cli: CliContext, ref: str, limit: int | None) -> None:
     """Show the snapshot at REF and its parents, newest first."""
     for s in volumes.history(cli.store, ref, limit=limit):
         click.echo(_snapshot_line(s))
-
-
-def register(group: click.Group) -> None:
-    group.add_command(volume_group)
