@@ -418,11 +418,9 @@ def test_stager_rejects_bad_input(tmp_path: Path) -> None:
 def test_file_shrinking_during_upload_fails_cleanly(
     s3_store: clawstore.ArtifactStore, s3_client: Any, s3_bucket: str, tmp_path: Path
 ) -> None:
-    from clawstore import _core
-
     p = tmp_path / "f"
     p.write_bytes(rand(12 * MiB, 13))
-    st = _core.PartStager(str(p), 5 * MiB)
+    st = backend(s3_store).uploader._stager(str(p), 5 * MiB, "sha256")
     os.truncate(p, 6 * MiB)
     with pytest.raises(OSError):
         backend(s3_store).uploader.multipart("store/blobs/sha256/00/" + "0" * 64, st, None)

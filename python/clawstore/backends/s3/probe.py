@@ -79,6 +79,7 @@ def probe(t: Transport, probe_key: Any, part_checksum: str) -> S3Capabilities:
         )
     if part_checksum == "auto":
         mode = "signed" if signed else found
+        md5_with_crc32 = md5_with_crc32 and mode == "md5"
     else:
         mode, md5_with_crc32 = part_checksum, False  # a forced mode sends exactly what is asked
     return S3Capabilities(
