@@ -80,43 +80,56 @@ def make_file(path: Path, size: int) -> None:
             i += 1
 
 
+#: Per contender: wall times, client CPU times (user + system of this process, all threads),
+#: peak RSS growth.
+Results = dict[str, tuple[list[float], list[float], int]]
+
+
 def rounds(
     contenders: dict[str, Callable[[], Any]],
     repeat: int,
     before: dict[str, Callable[[], None]] | None = None,
-) -> dict[str, tuple[list[float], int]]:
+) -> Results:
     """Run every contender once per round, rotating the order each round (the machine's state
-    drifts: page cache, writeback, moto's heap); times and the peak RSS growth of each."""
+    drifts: page cache, writeback, moto's heap); wall and CPU times and the peak RSS growth of
+    each."""
     names = list(contenders)
-    out: dict[str, tuple[list[float], int]] = {n: ([], 0) for n in names}
+    out: Results = {n: ([], [], 0) for n in names}
     for r in range(repeat):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             if before and name in before:
                 before[name]()
             with PeakRSS() as rss:
+                cpu = os.times()
                 t = time.perf_counter()
                 contenders[name]()
                 dt = time.perf_counter() - t
-            times, mem = out[name]
+                after = os.times()
+            dcpu = (after.user + after.system) - (cpu.user + cpu.system)
+            times, cpus, mem = out[name]
             times.append(dt)
-            out[name] = (times, max(mem, rss.growth))
-            print(f"  {name}: {dt:.2f} s", file=sys.stderr, flush=True)
+            cpus.append(dcpu)
+            out[name] = (times, cpus, max(mem, rss.growth))
+            print(f"  {name}: {dt:.2f} s, CPU {dcpu:.2f} s", file=sys.stderr, flush=True)
     return out
 
 
-def table(title: str, res: dict[str, tuple[list[float], int]], size: int) -> None:
+def table(title: str, res: Results, size: int) -> None:
     print(f"\n{title}\n")
-    print("| operation | best s | median s | MiB/s (best) | peak RSS growth (MiB) |")
-    print("|---|---:|---:|---:|---:|")
-    for name, (times, mem) in res.items():
+    print(
+        "| operation | best s | median s | MiB/s (best) | client CPU s/GiB (median) | peak RSS growth (MiB) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, (times, cpus, mem) in res.items():
         best = min(times)
         print(
             f"| {name} | {best:.2f} | {statistics.median(times):.2f} "
-            f"| {size / MiB / best:.0f} | {mem / MiB:.0f} |"
+            f"| {size / MiB / best:.0f} | {statistics.median(cpus) * (1 << 30) / size:.2f} "
+            f"| {mem / MiB:.0f} |"
         )
 
 
-def ratio(res: dict[str, tuple[list[float], int]], ours: str, what: str) -> None:
+def ratio(res: Results, ours: str, what: str) -> None:
     peers = {n: v for n, v in res.items() if n.startswith("boto3")}
     if not peers or ours not in res:
         return
@@ -126,7 +139,8 @@ def ratio(res: dict[str, tuple[list[float], int]], ours: str, what: str) -> None
     print(
         f"\n{what}: best boto3 ({best_peer}) {min(peers[best_peer][0]):.2f} s / clawstore "
         f"{min(t):.2f} s = **{min(peers[best_peer][0]) / min(t):.2f}x** (best of each); medians: "
-        f"{statistics.median(peers[med_peer][0]) / statistics.median(t):.2f}x"
+        f"{statistics.median(peers[med_peer][0]) / statistics.median(t):.2f}x; client CPU (medians) "
+        f"{statistics.median(res[ours][1]):.2f} s vs {statistics.median(peers[best_peer][1]):.2f} s"
     )
 
 
@@ -137,7 +151,13 @@ def main() -> None:
     ap.add_argument("--part-size", default=None, help="clawstore part_size (default: the backend's)")
     ap.add_argument("--concurrency", type=int, default=None)
     ap.add_argument("--only", choices=("upload", "download"), default=None)
-    ap.add_argument("--part-checksum", choices=("auto", "crc32", "md5", "sha256"), default=None)
+    ap.add_argument("--part-checksum", choices=("auto", "crc32", "md5", "sha256", "signed"), default=None)
+    ap.add_argument(
+        "--compare-checksum",
+        choices=("crc32", "md5", "sha256", "signed"),
+        default=None,
+        help="also time put_blob(path) with this part_checksum (e.g. md5: the previous default on RGW)",
+    )
     ap.add_argument(
         "--endpoint",
         default=None,
@@ -203,10 +223,17 @@ def main() -> None:
                 f"load {os.getloadavg()[0]:.2f}"
             )
             ours_up = "clawstore put_blob(path) (hashes, verifies)"
+            ours_extra: dict[str, Callable[[], Any]] = {}
+            if args.compare_checksum:
+                other = clawstore.open(url, **{**overrides, "part_checksum": args.compare_checksum})
+                ours_extra[f"clawstore put_blob(path), part_checksum={args.compare_checksum}"] = lambda: (
+                    other.put_blob(src)
+                )
             if args.only in (None, "upload"):
                 up = rounds(
                     {
                         ours_up: lambda: store.put_blob(src),
+                        **ours_extra,
                         "boto3 upload_file, default TransferConfig (8 MiB x 10, CRC32)": lambda: (
                             default_client.upload_file(str(src), bucket, "b3/default", Config=default)
                         ),
@@ -218,13 +245,13 @@ def main() -> None:
                         ),
                     },
                     args.repeat,
-                    {ours_up: drop_blob},
+                    dict.fromkeys([ours_up, *ours_extra], drop_blob),
                 )
                 table("Upload", up, size)
                 ratio(up, ours_up, "upload")
                 limit = opts.concurrency * opts.part_size + 64 * MiB
                 print(
-                    f"clawstore upload peak RSS growth {up[ours_up][1] / MiB:.0f} MiB "
+                    f"clawstore upload peak RSS growth {up[ours_up][2] / MiB:.0f} MiB "
                     f"(bound {limit / MiB:.0f} MiB)"
                 )
                 for key in ("b3/default", "b3/tuned", "b3/plain"):

@@ -86,6 +86,118 @@ impl PartChecksum {
     }
 }
 
+/// A part checksum computed incrementally (`hash_file_parts` reads a part in chunks).
+enum PartHasher {
+    Md5(Md5),
+    Sha256(sha2::Sha256),
+    Crc32(crc32fast::Hasher),
+}
+
+impl PartHasher {
+    fn new(checksum: PartChecksum) -> Self {
+        match checksum {
+            PartChecksum::Md5 => PartHasher::Md5(Md5::new()),
+            PartChecksum::Sha256 => PartHasher::Sha256(sha2::Sha256::new()),
+            PartChecksum::Crc32 => PartHasher::Crc32(crc32fast::Hasher::new()),
+        }
+    }
+
+    fn update(&mut self, data: &[u8]) {
+        match self {
+            PartHasher::Md5(h) => h.update(data),
+            PartHasher::Sha256(h) => h.update(data),
+            PartHasher::Crc32(h) => h.update(data),
+        }
+    }
+
+    /// The checksum so far, base64 (as `PartChecksum::base64`), and a fresh hasher for the next part.
+    fn take_base64(&mut self, checksum: PartChecksum) -> String {
+        let b64 = &base64::engine::general_purpose::STANDARD;
+        match std::mem::replace(self, PartHasher::new(checksum)) {
+            PartHasher::Md5(h) => b64.encode(h.finalize()),
+            PartHasher::Sha256(h) => b64.encode(h.finalize()),
+            PartHasher::Crc32(h) => b64.encode(h.finalize().to_be_bytes()),
+        }
+    }
+}
+
+/// Bytes read at a time by `hash_file_parts` (a chunk never spans two parts).
+const PARTS_CHUNK: u64 = 8 << 20;
+
+/// The whole-object digest of a file and the checksum of each of its parts, from one read of
+/// the file: while the calling thread adds a chunk to the whole digest, a second thread adds it
+/// to its part's checksum and a third reads the next chunk, so the pass takes about one hash's
+/// time where two cores are free. Returns (hex, size, part checksums in base64); the size is
+/// the file's when opened, and a file that shrinks meanwhile is an error.
+pub fn hash_file_parts(
+    path: &std::path::Path,
+    algorithm: Algorithm,
+    part_size: u64,
+    checksum: PartChecksum,
+) -> io::Result<(String, u64, Vec<String>)> {
+    if part_size == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "part_size must be > 0",
+        ));
+    }
+    let file = File::open(path)?;
+    let size = file.metadata()?.len();
+    let mut whole = StreamHasher::new(algorithm);
+    let mut part = PartHasher::new(checksum);
+    let mut sums = Vec::with_capacity(part_count(size, part_size) as usize);
+    // The chunk starting at `pos`: up to PARTS_CHUNK bytes, never past its part's end.
+    let chunk_at = |pos: u64| -> (u64, bool) {
+        let part_end = size.min((pos / part_size + 1) * part_size);
+        let end = part_end.min(pos + PARTS_CHUNK);
+        (end - pos, end == part_end)
+    };
+    let cap = PARTS_CHUNK.min(part_size).min(size.max(1)) as usize;
+    let mut cur = vec![0u8; cap];
+    let mut next = vec![0u8; cap];
+    let mut pos = 0u64;
+    let (len, _) = chunk_at(pos);
+    read_exact_at(&file, &mut cur[..len as usize], pos)?;
+    while pos < size {
+        let (len, ends_part) = chunk_at(pos);
+        let next_pos = pos + len;
+        let data = &cur[..len as usize];
+        let read_next = std::thread::scope(|s| -> io::Result<()> {
+            let reader = (next_pos < size).then(|| {
+                let (n, _) = chunk_at(next_pos);
+                let buf = &mut next[..n as usize];
+                let file = &file;
+                s.spawn(move || read_exact_at(file, buf, next_pos))
+            });
+            let part = &mut part;
+            let sums = &mut sums;
+            let parter = s.spawn(move || {
+                part.update(data);
+                if ends_part {
+                    sums.push(part.take_base64(checksum));
+                }
+            });
+            whole.update(data);
+            parter
+                .join()
+                .map_err(|_| io::Error::other("part hasher thread panicked"))?;
+            match reader {
+                Some(r) => r
+                    .join()
+                    .map_err(|_| io::Error::other("reader thread panicked"))?,
+                None => Ok(()),
+            }
+        });
+        read_next?;
+        std::mem::swap(&mut cur, &mut next);
+        pos = next_pos;
+    }
+    if size == 0 {
+        sums.push(part.take_base64(checksum)); // one empty part
+    }
+    Ok((whole.hex(), size, sums))
+}
+
 /// Byte range `[start, end)` of part `index` (0-based) of an object of `size` bytes.
 pub fn part_range(size: u64, part_size: u64, index: u64) -> Option<(u64, u64)> {
     let start = index.checked_mul(part_size)?;
@@ -235,6 +347,20 @@ impl Turns {
         Ok(())
     }
 
+    /// Count part `idx` of `len` bytes as done without hashing it (its checksum and the whole
+    /// digest were computed beforehand); parts may come in any order.
+    pub fn count_unhashed(&self, idx: u64, len: usize) -> Result<(), Stop> {
+        let mut g = self.lock();
+        if let Some(msg) = &g.failed {
+            return Err(Stop::Failed(msg.clone()));
+        }
+        debug_assert!(idx < g.total.unwrap_or(u64::MAX));
+        g.hash_turn += 1;
+        g.size += len as u64;
+        self.cv.notify_all();
+        Ok(())
+    }
+
     /// (hex digest, size, parts) once every part has been hashed; `None` before that.
     pub fn finished(&self) -> Result<Option<(String, u64, u64)>, String> {
         let g = self.lock();
@@ -324,6 +450,8 @@ pub struct PartStager {
     algorithm: Algorithm,
     checksum: PartChecksum,
     turns: Turns,
+    /// (hex, part checksums) from `digest_file_parts` over the same file: nothing is hashed.
+    precomputed: Option<(String, Vec<String>)>,
 }
 
 /// An uninitialised `bytes` of `len` bytes and its writable storage. The object is not yet
@@ -407,12 +535,13 @@ impl PartStager {
 #[pymethods]
 impl PartStager {
     #[new]
-    #[pyo3(signature = (source, part_size, algorithm = "sha256", checksum = "md5"))]
+    #[pyo3(signature = (source, part_size, algorithm = "sha256", checksum = "md5", precomputed = None))]
     fn new(
         source: &Bound<'_, PyAny>,
         part_size: u64,
         algorithm: &str,
         checksum: &str,
+        precomputed: Option<(String, u64, Vec<String>)>,
     ) -> PyResult<Self> {
         let alg = parse_algorithm(algorithm)?;
         let part_checksum = PartChecksum::parse(checksum).ok_or_else(|| {
@@ -462,12 +591,39 @@ impl PartStager {
                 )));
             }
         }
+        let precomputed = match precomputed {
+            None => None,
+            Some((hex, size, sums)) => {
+                let Source::File {
+                    size: now, name, ..
+                } = &src
+                else {
+                    return Err(PyValueError::new_err(
+                        "precomputed checksums need a path source",
+                    ));
+                };
+                if *now != size {
+                    return Err(PyValueError::new_err(format!(
+                        "{name} changed size since it was hashed ({size} -> {now} bytes)"
+                    )));
+                }
+                if Some(sums.len() as u64) != total {
+                    return Err(PyValueError::new_err(format!(
+                        "{} precomputed part checksums for {} parts",
+                        sums.len(),
+                        total.unwrap_or(0)
+                    )));
+                }
+                Some((hex, sums))
+            }
+        };
         Ok(PartStager {
             source: src,
             part_size,
             algorithm: alg,
             checksum: part_checksum,
             turns: Turns::new(alg, total),
+            precomputed,
         })
     }
 
@@ -536,6 +692,17 @@ impl PartStager {
         } else {
             bytes
         };
+        if let Some((_, sums)) = &self.precomputed {
+            // Hashed beforehand from the same file; the server checks each part against its
+            // checksum, which ties the bytes sent to the digest.
+            let sum = sums.get(idx as usize).cloned().unwrap_or_default();
+            if let Err(stop) = self.turns.count_unhashed(idx, n) {
+                return stop_to_result(stop);
+            }
+            return Ok(Some(
+                (idx + 1, bytes, sum).into_pyobject(py)?.into_any().unbind(),
+            ));
+        }
         let data_ptr = bytes.as_bytes().as_ptr() as usize;
         let md5 = py.allow_threads(|| -> Result<String, Stop> {
             // SAFETY: `bytes` is alive (we hold it) and immutable for the whole call.
@@ -556,7 +723,10 @@ impl PartStager {
     /// `(hex digest, size, parts)` of the whole source; RuntimeError before every part was staged.
     fn finish(&self) -> PyResult<(String, u64, u64)> {
         match self.turns.finished() {
-            Ok(Some(r)) => Ok(r),
+            Ok(Some((hex, size, parts))) => match &self.precomputed {
+                Some((pre, _)) => Ok((pre.clone(), size, parts)),
+                None => Ok((hex, size, parts)),
+            },
             Ok(None) => Err(PyRuntimeError::new_err(
                 "not every part has been staged yet",
             )),
@@ -622,6 +792,34 @@ impl PartStager {
     }
 }
 
+/// `(hex digest, size, [part checksum base64])` of the file at `path`, in one read (GIL
+/// released): the whole digest and each `part_size` part's checksum, for a `PartStager` given
+/// them as `precomputed`.
+#[pyfunction]
+#[pyo3(signature = (path, algorithm = "sha256", part_size = 8388608, checksum = "sha256"))]
+fn digest_file_parts(
+    py: Python<'_>,
+    path: PathBuf,
+    algorithm: &str,
+    part_size: u64,
+    checksum: &str,
+) -> PyResult<(String, u64, Vec<String>)> {
+    let alg = parse_algorithm(algorithm)?;
+    let part_checksum = PartChecksum::parse(checksum).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "part checksum must be 'md5', 'sha256' or 'crc32', not {checksum:?}"
+        ))
+    })?;
+    if part_size == 0 || part_size > MAX_PART_SIZE {
+        return Err(PyValueError::new_err(format!(
+            "part_size must be 1..={MAX_PART_SIZE} bytes, got {part_size}"
+        )));
+    }
+    let name = path.display().to_string();
+    py.allow_threads(|| hash_file_parts(&path, alg, part_size, part_checksum))
+        .map_err(|e| io_err(&name, e))
+}
+
 /// Base64 MD5 (`Content-MD5`) of a bytes-like object, GIL released for large inputs.
 #[pyfunction]
 fn content_md5(py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<String> {
@@ -639,6 +837,7 @@ fn py_crc32_base64(py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<String> 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PartStager>()?;
     m.add_function(wrap_pyfunction!(content_md5, m)?)?;
+    m.add_function(wrap_pyfunction!(digest_file_parts, m)?)?;
     m.add_function(wrap_pyfunction!(py_crc32_base64, m)?)?;
     m.add("MIN_PART_SIZE", MIN_PART_SIZE)?;
     m.add("MAX_PART_SIZE", MAX_PART_SIZE)?;
@@ -703,6 +902,40 @@ mod tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn file_parts_match_whole_and_part_hashes() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("f");
+        let data: Vec<u8> = (0..20_000_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect();
+        std::fs::write(&p, &data)?;
+        // parts smaller than, equal to and larger than a read chunk; a tail part; one part
+        for part in [999_983u64, PARTS_CHUNK, 9 << 20, 20_000_000, 30_000_000] {
+            for cs in [PartChecksum::Sha256, PartChecksum::Md5, PartChecksum::Crc32] {
+                let (hex, size, sums) = hash_file_parts(&p, Algorithm::Sha256, part, cs)?;
+                assert_eq!(size, data.len() as u64);
+                assert_eq!(hex, hash_reader(Algorithm::Sha256, &data[..])?.0);
+                assert_eq!(sums.len() as u64, part_count(size, part));
+                for (i, sum) in sums.iter().enumerate() {
+                    let (s, e) = part_range(size, part, i as u64)
+                        .ok_or_else(|| io::Error::other("range"))?;
+                    assert_eq!(
+                        sum,
+                        &cs.base64(&data[s as usize..e as usize]),
+                        "part {i} of {part}"
+                    );
+                }
+            }
+        }
+        let e = dir.path().join("empty");
+        std::fs::write(&e, b"")?;
+        let (hex, size, sums) = hash_file_parts(&e, Algorithm::Sha256, 1 << 20, PartChecksum::Md5)?;
+        assert_eq!((size, sums), (0, vec![md5_base64(b"")]));
+        assert_eq!(hex, hash_reader(Algorithm::Sha256, &b""[..])?.0);
         Ok(())
     }
 

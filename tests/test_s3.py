@@ -425,11 +425,9 @@ def test_stager_rejects_bad_input(tmp_path: Path) -> None:
 def test_file_shrinking_during_upload_fails_cleanly(
     s3_store: clawstore.ArtifactStore, s3_client: Any, s3_bucket: str, tmp_path: Path
 ) -> None:
-    from clawstore import _core
-
     p = tmp_path / "f"
     p.write_bytes(rand(12 * MiB, 13))
-    st = _core.PartStager(str(p), 5 * MiB)
+    st = backend(s3_store).uploader._stager(str(p), 5 * MiB, "sha256")
     os.truncate(p, 6 * MiB)
     with pytest.raises(OSError):
         backend(s3_store).uploader.multipart("store/blobs/sha256/00/" + "0" * 64, st, None)
@@ -540,34 +538,38 @@ def verifying_client(endpoint: str) -> Any:
 def test_part_checksum_probe(s3_endpoint: str, s3_bucket: str, s3_client: Any) -> None:
     """part_checksum=auto: CRC-32 only for a server that refuses a part with a wrong CRC (here
     moto behind a hook answering BadDigest, as S3 does); moto itself accepts it and gets
-    Content-MD5; without the probe, md5. The probe leaves no object and no upload behind."""
+    Content-MD5 (RGW, which checks signed payloads, gets signed: test_signed_parts); without the
+    probe, md5. The probe leaves no object and no upload behind."""
     with clawstore.open(store_url(s3_endpoint, s3_bucket), **TEST_OPTIONS) as s:
-        assert backend(s).part_checksum == "md5"
-        assert backend(s).with_options(concurrency=2).part_checksum == "md5"
-        # moto takes declared checksums without checking them: md5 parts carry a CRC-32 too
-        # (declared at Create, repeated at Complete), which spares moto its own full-object pass.
-        assert backend(s).md5_with_crc32 and backend(s).with_options(concurrency=2).md5_with_crc32
-        seen: list[dict[str, Any]] = []
-        declared: list[dict[str, Any]] = []
-        backend(s).client.meta.events.register(
-            "before-call.s3.UploadPart",
-            lambda params, **_: seen.append({**params["headers"], "body": body_bytes(params["body"])}),
-        )
-        backend(s).client.meta.events.register(
-            "before-call.s3.CreateMultipartUpload",
-            lambda params, **_: declared.append(dict(params["headers"])),
-        )
-        data = rand(11 * MiB, 29)
-        d0 = s.put_blob(data)
-        assert s.read_blob(d0.digest) == data
-        assert [h.get("x-amz-checksum-algorithm") for h in declared] == ["CRC32"]
-        for h in seen:
-            assert h["Content-MD5"] == base64.b64encode(hashlib.md5(h["body"]).digest()).decode()
-            assert (
-                h["x-amz-checksum-crc32"]
-                == base64.b64encode(zlib.crc32(h["body"]).to_bytes(4, "big")).decode()
+        signed = backend(s).caps.verifies_signed_payloads
+        want = "signed" if signed else "md5"
+        assert backend(s).part_checksum == want
+        assert backend(s).with_options(concurrency=2).part_checksum == want
+        if not signed:
+            # moto takes declared checksums without checking them: md5 parts carry a CRC-32 too
+            # (declared at Create, repeated at Complete), which spares moto a full-object pass.
+            assert backend(s).md5_with_crc32 and backend(s).with_options(concurrency=2).md5_with_crc32
+            seen: list[dict[str, Any]] = []
+            declared: list[dict[str, Any]] = []
+            backend(s).client.meta.events.register(
+                "before-call.s3.UploadPart",
+                lambda params, **_: seen.append({**params["headers"], "body": body_bytes(params["body"])}),
             )
-        s.delete_blob(d0.digest)
+            backend(s).client.meta.events.register(
+                "before-call.s3.CreateMultipartUpload",
+                lambda params, **_: declared.append(dict(params["headers"])),
+            )
+            data = rand(11 * MiB, 29)
+            d0 = s.put_blob(data)
+            assert s.read_blob(d0.digest) == data
+            assert [h.get("x-amz-checksum-algorithm") for h in declared] == ["CRC32"]
+            for h in seen:
+                assert h["Content-MD5"] == base64.b64encode(hashlib.md5(h["body"]).digest()).decode()
+                assert (
+                    h["x-amz-checksum-crc32"]
+                    == base64.b64encode(zlib.crc32(h["body"]).to_bytes(4, "big")).decode()
+                )
+            s.delete_blob(d0.digest)
     opts = S3Options(endpoint_url=s3_endpoint, region=REGION, **{**TEST_OPTIONS, "read_timeout": 15.0})
     strict = verifying_client(s3_endpoint)
     b = S3Backend(s3_bucket, "store", opts, client=strict)
@@ -581,6 +583,151 @@ def test_part_checksum_probe(s3_endpoint: str, s3_bucket: str, s3_client: Any) -
     assert no_probe.part_checksum == "md5"
     assert keys(s3_client, s3_bucket) == [backend(s).layout.blob(d.digest)]  # no probe left
     assert uploads(s3_client, s3_bucket) == []
+
+
+def signed_payload_client(endpoint: str) -> Any:
+    """A boto3 client that behaves like a server checking signed payloads (S3, MinIO, RGW) on a
+    server that may not (moto): an UploadPart whose signed SHA-256 is not its body's is answered
+    400 XAmzContentSHA256Mismatch. A server that checks them itself answers first."""
+    from clawstore.backends.s3 import signing
+
+    c = make_client(endpoint)
+    signing.install(c)
+
+    def check(params: dict[str, Any], **_: Any) -> Any:
+        claimed = params["context"].get("clawstore_payload_sha256")
+        if claimed and claimed != hashlib.sha256(body_bytes(params["body"])).hexdigest():
+            return _answer(params, 400, "XAmzContentSHA256Mismatch")
+        return None
+
+    c.meta.events.register("before-call.s3.UploadPart", check)
+    return c
+
+
+def signed_store(endpoint: str, bucket: str, **kw: Any) -> clawstore.ArtifactStore:
+    opts = S3Options(endpoint_url=endpoint, region=REGION, **{**TEST_OPTIONS, **kw})
+    return clawstore.ArtifactStore(S3Backend(bucket, "store", opts, client=signed_payload_client(endpoint)))
+
+
+def sent_payload_hashes(store: clawstore.ArtifactStore) -> list[tuple[dict[str, str], bytes]]:
+    """(headers, body) of every UploadPart as sent, signed (after signing, before sending)."""
+    sent: list[tuple[dict[str, str], bytes]] = []
+    backend(store).client.meta.events.register(
+        "before-send.s3.UploadPart",
+        lambda request, **_: sent.append((dict(request.headers), body_bytes(request.body))),
+    )
+    return sent
+
+
+@pytest.mark.parametrize("kind", ["path", "bytes", "stream"])
+def test_signed_parts(s3_endpoint: str, s3_bucket: str, s3_client: Any, tmp_path: Path, kind: str) -> None:
+    """part_checksum=auto on a server that checks signed payloads and not CRC-32 (RGW 16): each
+    part goes without Content-MD5 or x-amz-checksum-*, signed with its SHA-256 (hashlib oracle
+    over the bytes sent). A file is hashed once (digest and part hashes in one read)."""
+    with signed_store(s3_endpoint, s3_bucket) as s:
+        caps = backend(s).caps
+        if caps.verifies_checksums:
+            pytest.skip("the server verifies CRC-32: auto picks crc32")
+        assert caps.verifies_signed_payloads and backend(s).part_checksum == "signed"
+        sent = sent_payload_hashes(s)
+        data = rand(12 * MiB + 7, 41)
+        src: Any = data
+        if kind == "path":
+            src = tmp_path / "f"
+            src.write_bytes(data)
+        elif kind == "stream":
+            src = io.BytesIO(data)
+        d = s.put_blob(src)
+        assert d.digest == oracle(data) and s.read_blob(d.digest) == data
+        assert len(sent) == 3
+        for headers, body in sent:
+            lower = {k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in headers.items()}
+            assert lower["x-amz-content-sha256"] == hashlib.sha256(body).hexdigest()
+            assert not {"content-md5", "x-amz-checksum-crc32", "x-amz-checksum-sha256"} & set(lower)
+        ps = TEST_OPTIONS["part_size"]
+        assert sorted(body for _, body in sent) == sorted(data[i : i + ps] for i in range(0, len(data), ps))
+        with pytest.raises(DigestMismatchError):
+            s.put_blob(rand(11 * MiB, 42), expected=oracle(b"other"))
+    assert uploads(s3_client, s3_bucket) == []
+
+
+def test_file_changed_during_signed_upload_fails_clearly(
+    s3_endpoint: str, s3_bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """A file rewritten (same size) between the read that hashed it and the upload: the server
+    refuses the part whose bytes are not those signed, the put fails with a clear error and
+    leaves no object at either digest and no upload behind."""
+    with signed_store(s3_endpoint, s3_bucket) as s:
+        if backend(s).part_checksum != "signed":
+            pytest.skip("the server verifies CRC-32: auto picks crc32")
+        path = tmp_path / "f"
+        data = rand(11 * MiB, 43)
+        path.write_bytes(data)
+
+        def rewrite(**_: Any) -> None:
+            with open(path, "r+b") as f:
+                f.seek(6 * MiB)
+                f.write(b"changed!")
+
+        backend(s).client.meta.events.register("before-call.s3.CreateMultipartUpload", rewrite)
+        with pytest.raises(S3Error, match="changed while being uploaded"):
+            s.put_blob(path)
+        assert digest_keys(s3_client, s3_bucket) == [] and uploads(s3_client, s3_bucket) == []
+
+
+def test_signed_probe(s3_endpoint: str, s3_bucket: str, s3_client: Any) -> None:
+    """The probe finds whether the server checks signed payloads: a server that stores a part
+    whose signed SHA-256 is wrong (moto) gets md5 under auto and refuses part_checksum=signed at
+    open; without a probe, signed is taken as asked."""
+    with clawstore.open(store_url(s3_endpoint, s3_bucket), **TEST_OPTIONS) as s:
+        checks = backend(s).caps.verifies_signed_payloads
+        if backend(s).caps.verifies_checksums:
+            assert backend(s).part_checksum == "crc32"
+        else:
+            assert backend(s).part_checksum == ("signed" if checks else "md5")
+    if not checks:
+        with pytest.raises(S3ConfigurationError, match="part_checksum=signed"):
+            clawstore.open(store_url(s3_endpoint, s3_bucket), **{**TEST_OPTIONS, "part_checksum": "signed"})
+        forced = clawstore.open(
+            store_url(s3_endpoint, s3_bucket), **{**TEST_OPTIONS, "part_checksum": "signed", "probe": False}
+        )
+        assert backend(forced).part_checksum == "signed"
+        forced.close()
+    assert keys(s3_client, s3_bucket) == [] and uploads(s3_client, s3_bucket) == []
+
+
+def test_file_parts_digest(tmp_path: Path) -> None:
+    """`_core.digest_file_parts`: the whole digest and each part's checksum from one read
+    (hashlib / zlib oracles), and a stager given them hands out the file's parts unhashed."""
+    from clawstore import _core
+
+    data = rand(3 * MiB + 5, 44)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    ps = MiB
+    parts = [data[i : i + ps] for i in range(0, len(data), ps)]
+    for checksum, fn in (
+        ("sha256", lambda b: hashlib.sha256(b).digest()),
+        ("md5", lambda b: hashlib.md5(b).digest()),
+        ("crc32", lambda b: zlib.crc32(b).to_bytes(4, "big")),
+    ):
+        hexd, size, sums = _core.digest_file_parts(path, "sha256", ps, checksum)
+        assert (hexd, size) == (hashlib.sha256(data).hexdigest(), len(data))
+        assert sums == [base64.b64encode(fn(p)).decode() for p in parts]
+    hexd, size, sums = _core.digest_file_parts(path, "sha512", ps, "sha256")
+    assert hexd == hashlib.sha512(data).hexdigest()
+    stager = _core.PartStager(path, ps, "sha512", "sha256", (hexd, size, sums))
+    got = []
+    while (part := stager.next_part()) is not None:
+        got.append(part)
+    assert [(n, bytes(b), c) for n, b, c in got] == [(i + 1, p, sums[i]) for i, p in enumerate(parts)]
+    assert stager.finish() == (hexd, len(data), 4)
+    with pytest.raises(ValueError, match="changed size"):
+        _core.PartStager(path, ps, "sha256", "sha256", (hexd, size + 1, sums))
+    with pytest.raises(ValueError, match="precomputed part checksums"):
+        _core.PartStager(path, ps, "sha256", "sha256", (hexd, size, sums[:-1]))
+    with pytest.raises(ValueError, match="path source"):
+        _core.PartStager(data, ps, "sha256", "sha256", (hexd, size, sums))
 
 
 class Chunky(io.RawIOBase):

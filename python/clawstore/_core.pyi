@@ -87,7 +87,11 @@ class PartStager:
         part_size: int,
         algorithm: str = "sha256",
         checksum: str = "md5",
-    ) -> None: ...
+        precomputed: tuple[str, int, list[str]] | None = None,
+    ) -> None:
+        """`precomputed`: `digest_file_parts(source, algorithm, part_size, checksum)` of the same
+        path: then nothing is hashed; each part comes with its precomputed checksum and `finish`
+        gives the precomputed digest (ValueError if the file's size or part count differs)."""
     @property
     def checksum(self) -> str:
         """ "md5" (Content-MD5), "sha256" (x-amz-checksum-sha256) or "crc32" (x-amz-checksum-crc32):
@@ -103,6 +107,12 @@ class PartStager:
     def finish(self) -> tuple[str, int, int]:
         """(hex digest, size, parts) of the whole source; RuntimeError before every part was staged."""
     def abort(self, reason: str) -> None: ...
+
+def digest_file_parts(
+    path: str | PathLike[str], algorithm: str = "sha256", part_size: int = 8388608, checksum: str = "sha256"
+) -> tuple[str, int, list[str]]:
+    """(hex digest, size, [base64 checksum of each part_size part]) of a file, from one read
+    (GIL released; the whole digest and the part checksums on two threads)."""
 
 def content_md5(data: Buffer) -> str:
     """Base64 MD5 of a bytes-like object (the Content-MD5 header value)."""

@@ -10,6 +10,7 @@ The package, along the lines of obstore's and distribution's:
     transport   the client, error classification, and the one retry policy every request uses
     layout      every key (the shared layout of `clawstore.backends.keys` under a prefix)
     probe       what the server accepts and refuses, found at open time: `S3Capabilities`
+    signing     parts signed with their Rust-computed SHA-256 (part_checksum=signed)
     upload      single PUTs, multipart uploads from the Rust stager, staging + server-side copy
     download    the resuming GET body; verified downloads (hashed and written by the Rust core)
     backend     `S3Backend`: the `Backend` protocol methods

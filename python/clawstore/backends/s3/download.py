@@ -1,7 +1,8 @@
 """Reads: a resuming GET body for the verifying reader, and verified downloads to a path.
 
 `download_to` receives one streamed GET (hashed and written by the Rust core's copy machinery:
-`_core.copy_stream_hashed`, the same `Sink` as local blob writes, O_DIRECT for large files) or
+`_core.copy_stream_hashed`, the same `Sink` as local blob writes, O_DIRECT for large files that
+are to be fsynced) or
 parallel ranged GETs written in place and hashed in order behind them; the file appears (atomic
 rename) only if the whole content hashes to the digest asked for.
 """
@@ -128,7 +129,7 @@ class Downloader:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
                 if o.download_concurrency <= 1 or size <= chunk:
-                    actual = self._single(key, etag, size, fd, digest.algorithm)
+                    actual = self._single(key, etag, size, fd, digest.algorithm, fsync)
                 else:
                     os.ftruncate(fd, size)
                     actual = self._ranges(key, etag, size, chunk, fd, digest.algorithm)
@@ -144,11 +145,16 @@ class Downloader:
                 os.unlink(tmp)
         return size
 
-    def _single(self, key: str, etag: str, size: int, fd: int, algorithm: str) -> Digest:
-        """One streamed GET, received, hashed and written by the Rust core (resuming on breaks)."""
+    def _single(self, key: str, etag: str, size: int, fd: int, algorithm: str, fsync: bool) -> Digest:
+        """One streamed GET, received, hashed and written by the Rust core (resuming on breaks).
+        Written with O_DIRECT (for large files) only when it is to be fsynced: the bytes must
+        reach the disk then anyway, and go there without a page-cache copy or a final flush;
+        otherwise through the page cache, as `cp` and boto3 do (measured on RGW, 1 GiB: 1.9 s
+        buffered against 2.9 s direct, the disk shared with the OSD)."""
         resp = self.t.call("get_object", Key=key, IfMatch=quoted(etag))
         with ResumingBody(self.t, key, resp["Body"], etag, size) as body:
-            hexd, total = _core.copy_stream_hashed(body, fd, algorithm, size)
+            # (the size hint decides O_DIRECT: 0 keeps the page cache)
+            hexd, total = _core.copy_stream_hashed(body, fd, algorithm, size if fsync else 0)
         if total != size:
             raise DigestMismatchError(f"{key}: got {total} bytes, expected {size}")
         return Digest.from_hex(algorithm, hexd)
@@ -162,7 +168,7 @@ class Downloader:
         errors: list[BaseException] = []
         cond = threading.Condition()
 
-        def fetch(start: int, end: int) -> None:
+        def fetch(start: int, end: int, buf: memoryview) -> None:
             pos = start
 
             def attempt(_: int) -> None:
@@ -171,13 +177,21 @@ class Downloader:
                     Bucket=self.t.bucket, Key=key, Range=f"bytes={pos}-{end - 1}", IfMatch=quoted(etag)
                 )
                 body = resp["Body"]
+                # Received straight into this worker's buffer (no per-read allocation and copy).
+                raw = socket_body(body)
                 try:
                     while pos < end:
-                        data = body.read(min(4 * MiB, end - pos))
-                        if not data:
+                        want = buf[: min(len(buf), end - pos)]
+                        if raw is not None:
+                            n = raw.readinto(want)
+                        else:
+                            data = body.read(len(want))
+                            n = len(data)
+                            want[:n] = data
+                        if not n:
                             break
-                        os.pwrite(fd, data, pos)
-                        pos += len(data)
+                        os.pwrite(fd, want[:n], pos)
+                        pos += n
                 finally:
                     body.close()
                 if pos < end:
@@ -187,6 +201,7 @@ class Downloader:
 
         def worker() -> None:
             nonlocal next_idx
+            buf = memoryview(bytearray(4 * MiB))
             while True:
                 with cond:
                     if errors or next_idx >= len(ranges):
@@ -194,7 +209,7 @@ class Downloader:
                     i = next_idx
                     next_idx += 1
                 try:
-                    fetch(*ranges[i])
+                    fetch(*ranges[i], buf)
                 except BaseException as e:
                     with cond:
                         errors.append(e)
@@ -211,6 +226,7 @@ class Downloader:
         for th in threads:
             th.start()
         hasher = _core.Hasher(algorithm)
+        back = memoryview(bytearray(4 * MiB))
         try:
             for i, (start, end) in enumerate(ranges):
                 with cond:
@@ -220,11 +236,11 @@ class Downloader:
                         break
                 pos = start
                 while pos < end:
-                    data = os.pread(fd, min(4 * MiB, end - pos), pos)
-                    if not data:
+                    n = os.preadv(fd, [back[: min(len(back), end - pos)]], pos)
+                    if not n:
                         raise S3Error(f"short read back of downloaded {key} at {pos}")
-                    hasher.update(data)
-                    pos += len(data)
+                    hasher.update(back[:n])
+                    pos += n
         finally:
             with cond:
                 if not all(done):

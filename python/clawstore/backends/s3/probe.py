@@ -59,6 +59,9 @@ class S3Capabilities:
     #: The server implements DeleteObjects (batched deletes, GC's sweep); False: single DELETEs,
     #: several in flight. How many keys one request takes is learned on use (see `delete.py`).
     delete_objects: bool = True
+    #: The server refuses a body that does not hash to its signed x-amz-content-sha256 (S3,
+    #: MinIO, RGW; not moto): what part_checksum=signed relies on.
+    verifies_signed_payloads: bool = False
 
     def if_match(self, etag: str) -> str:
         """`etag` in the form this server's If-Match takes."""
@@ -74,12 +77,29 @@ def probe(t: Transport, probe_key: Any, part_checksum: str) -> S3Capabilities:
     # The checksum probe may leave its key behind (a completed upload): removing it with a
     # DeleteObjects answers whether the server has one, for no extra request.
     delete_objects = probe_delete_objects(t, key, t.delete)
+    # Signed part payloads: cheaper than Content-MD5 for the client, where crc32 is not verified.
+    signed = (
+        found != "crc32" and part_checksum in ("auto", "signed") and probe_signed_payloads(t, probe_key())
+    )
+    if part_checksum == "signed" and not signed:
+        raise S3ConfigurationError(
+            f"s3://{t.bucket}: part_checksum=signed, but the server stores a part whose body does not "
+            "hash to its signed x-amz-content-sha256: nothing would check the parts; use md5"
+        )
     if part_checksum == "auto":
-        mode = found
+        mode = "signed" if signed else found
+        md5_with_crc32 = md5_with_crc32 and mode == "md5"
     else:
         mode, md5_with_crc32 = part_checksum, False  # a forced mode sends exactly what is asked
     return S3Capabilities(
-        if_match_quoted, conditional_delete, mode, md5_with_crc32, reports, found == "crc32", delete_objects
+        if_match_quoted,
+        conditional_delete,
+        mode,
+        md5_with_crc32,
+        reports,
+        found == "crc32",
+        delete_objects=delete_objects,
+        verifies_signed_payloads=signed,
     )
 
 
@@ -226,3 +246,50 @@ def probe_part_checksums(t: Transport, key: str) -> tuple[str, bool, bool]:
         with contextlib.suppress(Exception):
             t.client.abort_multipart_upload(Bucket=t.bucket, **common)
         # The completed probe object (if any) is removed by the caller (`probe_delete_objects`).
+
+
+#: Error codes with which servers refuse a body that does not hash to its signed SHA-256.
+PAYLOAD_REFUSALS = frozenset(
+    {"XAmzContentSHA256Mismatch", "BadDigest", "InvalidDigest", "SignatureDoesNotMatch"}
+)
+
+
+def probe_signed_payloads(t: Transport, key: str) -> bool:
+    """Whether the server refuses a part whose signed x-amz-content-sha256 is wrong and takes
+    it with the right one (S3, MinIO, RGW check the payload hash of a signed request; moto
+    does not): then part_checksum=signed protects every part before it is stored."""
+    import hashlib
+
+    from botocore.exceptions import ClientError
+
+    from .signing import PAYLOAD_PARAM
+
+    body = b"clawstore signed-payload probe\n" * 8
+    try:
+        mpu = t.call("create_multipart_upload", Key=key)
+    except ClientError:
+        return False
+    common = {"Key": key, "UploadId": mpu["UploadId"], "PartNumber": 1, "Body": body}
+
+    def send(sha256_hex: str) -> bool:
+        def once(_: int) -> bool:
+            try:
+                t.client.upload_part(Bucket=t.bucket, **{PAYLOAD_PARAM: sha256_hex}, **common)
+            except ClientError as e:
+                if code(e) in PAYLOAD_REFUSALS:
+                    return False  # a refusal is the answer here, not a fault to retry
+                raise
+            return True
+
+        return t.run(f"UploadPart {key} (signed-payload probe)", once)
+
+    try:
+        try:
+            if send(hashlib.sha256(body + b"!").hexdigest()):
+                return False
+            return send(hashlib.sha256(body).hexdigest())
+        except ClientError:
+            return False
+    finally:
+        with contextlib.suppress(Exception):
+            t.client.abort_multipart_upload(Bucket=t.bucket, Key=key, UploadId=mpu["UploadId"])

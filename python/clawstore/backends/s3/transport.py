@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from clawstore.errors import ClawstoreError, PermissionDeniedError
 
+from . import signing
 from .options import S3Options
 
 _T = TypeVar("_T")
@@ -70,6 +71,7 @@ _RETRY_CODES = frozenset(
         "ThrottlingException",
         "RequestLimitExceeded",
         "BadDigest",  # the bytes were damaged on the way: re-send them
+        "XAmzContentSHA256Mismatch",  # (the same, for a signed payload)
         "OperationAborted",
     }
 )
@@ -229,6 +231,7 @@ class Transport:
         self.bucket = bucket
         self.options = options
         self.client = client if client is not None else make_client(options)
+        signing.install(self.client)
         self.retry = RetryPolicy(options.max_attempts, options.retry_base, options.retry_cap)
 
     def run(self, what: str, fn: Callable[[int], _T], **kw: Any) -> _T:

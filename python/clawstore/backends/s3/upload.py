@@ -10,9 +10,10 @@ Invariant: nothing appears at a digest key unless its bytes hash to that digest.
   the digest key (CopyObject, or UploadPartCopy above 5 GiB) guarded by the staging ETag, then the
   staging object is deleted.
 * Every part carries a checksum the server verifies (see `probe` for which): x-amz-checksum-crc32
-  on servers that refuse a wrong one, else Content-MD5 with the part ETags compared with our
-  MD5s. The composite checksum (or multipart ETag) of the completed object is compared with ours
-  as a second check; a mismatch removes the object.
+  on servers that refuse a wrong one, else the part's SHA-256 signed as its SigV4 payload hash on
+  servers that check it (``signed``: see `signing`), else Content-MD5 with the part ETags
+  compared with our MD5s. The composite checksum (or multipart ETag) of the completed object is
+  compared with ours as a second check where there is one; a mismatch removes the object.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from clawstore.types import BlobSource
 
 from .layout import S3Layout
 from .options import MAX_PARTS, MAX_SINGLE_COPY, MIN_PART_SIZE, MiB
-from .probe import S3Capabilities
+from .probe import PAYLOAD_REFUSALS, S3Capabilities
+from .signing import PAYLOAD_PARAM
 from .transport import (
     PartCorrupted,
     S3Error,
@@ -47,8 +49,10 @@ from .transport import (
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _MULTI_ETAG = re.compile(r"^([0-9a-f]{32})-(\d+)$")
-#: The S3 checksum algorithm each part_checksum declares (md5: Content-MD5 instead).
+#: The S3 checksum algorithm each part_checksum declares (md5: Content-MD5 instead; signed: none).
 _S3_CHECKSUM = {"crc32": "CRC32", "sha256": "SHA256"}
+#: What the Rust stager computes per part for each part_checksum.
+_STAGER_CHECKSUM = {"signed": "sha256"}
 
 
 def composite(mode: str, sums: list[str]) -> str:
@@ -90,6 +94,10 @@ class Prepend(io.RawIOBase):
         data = self._src.read(len(view))
         view[: len(data)] = data
         return len(data)
+
+
+class SourceChanged(S3Error):
+    """The file being uploaded changed after it was hashed (nothing was stored)."""
 
 
 def read_up_to(src: BinaryIO, limit: int) -> bytes:
@@ -186,6 +194,9 @@ class Uploader:
             if len(data) != size:
                 raise S3Error(f"{path} changed size while being read")
             return self._write_buffer(memoryview(data), algorithm, expected)
+        part_size = self._part_size_for(size)
+        if expected is None and self.caps.part_checksum == "signed":
+            return self._write_path_signed(path, algorithm, part_size)
         if expected is None:
             # Hash first (Rust, GIL released, page cache): an existing blob is then not uploaded
             # at all, and a new one goes straight to its digest key (no staging copy).
@@ -195,10 +206,30 @@ class Uploader:
                 return digest, size
         else:
             digest = expected
-        part_size = self._part_size_for(size)
         return self._upload_known(
             self.layout.blob(digest), lambda: self._stager(path, part_size, algorithm), digest
         )
+
+    def _write_path_signed(self, path: str, algorithm: str, part_size: int) -> tuple[Digest, int]:
+        """A file to a server that checks signed payloads, hashed once: one read gives the digest
+        (to find the key; an existing blob is not uploaded) and every part's SHA-256 (the whole
+        hash on one thread, the parts' on another). The parts are then sent as read, each signed
+        with the SHA-256 computed with the digest; the server refuses a part whose bytes are not
+        those (a file changed meanwhile: a clear error), so what is stored hashes to the digest
+        without the stager hashing anything again."""
+        hexd, size, sums = _core.digest_file_parts(path, algorithm, part_size, "sha256")
+        digest = Digest.from_hex(algorithm, hexd)
+        key = self.layout.blob(digest)
+        if self.t.head(key) is not None:
+            return digest, size
+
+        def stager() -> Any:
+            try:
+                return _core.PartStager(path, part_size, algorithm, "sha256", (hexd, size, sums))
+            except ValueError as e:
+                raise SourceChanged(f"{path} changed while being uploaded: {e}") from None
+
+        return self._upload_known(key, stager, digest)
 
     def _write_stream(self, src: BinaryIO, algorithm: str, expected: Digest | None) -> tuple[Digest, int]:
         head = read_up_to(src, self.t.options.multipart_threshold + 1)
@@ -227,7 +258,8 @@ class Uploader:
         return digest, size
 
     def _stager(self, source: Any, part_size: int, algorithm: str) -> Any:
-        return _core.PartStager(source, part_size, algorithm, self.caps.part_checksum)
+        mode = self.caps.part_checksum
+        return _core.PartStager(source, part_size, algorithm, _STAGER_CHECKSUM.get(mode, mode))
 
     @staticmethod
     def _drain(stager: Any) -> tuple[Digest, int]:
@@ -239,7 +271,9 @@ class Uploader:
     def multipart(self, key: str, stager: Any, expected: Digest | None) -> tuple[Digest, int]:
         """Upload the stager's parts to `key` from `concurrency` threads; complete only if the
         whole digest equals `expected` (when given). Aborts the upload on any failure."""
-        mode = stager.checksum
+        mode = self.caps.part_checksum
+        if _STAGER_CHECKSUM.get(mode, mode) != stager.checksum:
+            raise ValueError(f"stager computes {stager.checksum} parts, part_checksum is {mode}")
         s3alg = _S3_CHECKSUM.get(mode)
         # The S3 checksum declared at Create and repeated at Complete: the part checksum itself,
         # or (md5 on a server that takes declared checksums) a CRC-32 sent beside Content-MD5.
@@ -301,7 +335,7 @@ class Uploader:
             in_order = [sums[n] for n in sorted(sums)]
             if s3alg:
                 self._check_composite(key, resp, mode, in_order)
-            else:
+            elif mode == "md5":
                 self._check_multipart_etag(key, resp.get("ETag", ""), [base64.b64decode(m) for m in in_order])
             return digest, size
         except BaseException as e:
@@ -321,14 +355,34 @@ class Uploader:
         crc32: str | None = None,
     ) -> str:
         md5_hex = base64.b64decode(checksum).hex() if mode == "md5" else ""
-        kw = {"ContentMD5": checksum} if mode == "md5" else {f"Checksum{_S3_CHECKSUM[mode]}": checksum}
+        kw: dict[str, str]
+        if mode == "md5":
+            kw = {"ContentMD5": checksum}
+        elif mode == "signed":  # the server checks the body against this signed hash
+            kw = {PAYLOAD_PARAM: base64.b64decode(checksum).hex()}
+        else:
+            kw = {f"Checksum{_S3_CHECKSUM[mode]}": checksum}
         if crc32 is not None:
             kw["ChecksumCRC32"] = crc32
 
         def once(_: int) -> str:
-            resp = self.t.client.upload_part(
-                Bucket=self.t.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data, **kw
-            )
+            try:
+                resp = self.t.client.upload_part(
+                    Bucket=self.t.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data, **kw
+                )
+            except Exception as e:
+                # A refused signed part is damage on the way (sent again), unless its bytes are no
+                # longer those hashed with the digest: the source changed meanwhile.
+                if (
+                    mode == "signed"
+                    and is_error(e, *PAYLOAD_REFUSALS)
+                    and _core.digest_bytes(data, "sha256") != kw[PAYLOAD_PARAM]
+                ):
+                    raise SourceChanged(
+                        f"part {number} of {key}: the source changed while being uploaded (its bytes "
+                        "no longer hash to what was computed with the digest)"
+                    ) from e
+                raise
             etag = str(resp["ETag"])
             got = bare(etag)
             if md5_hex and self.t.options.verify_etags and _HEX32.match(got) and got != md5_hex:
