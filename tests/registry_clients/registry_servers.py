@@ -1,0 +1,346 @@
+"""Registry server processes for the client tests and benches/bench_registry.py.
+
+Two servers speak the OCI Distribution API here, each in a child process on a free loopback port:
+
+    DistributionServer  Debian's `docker-registry` (CNCF distribution 2.8), the reference server,
+                        with its own config file in a temp dir (filesystem or S3 storage driver,
+                        optional htpasswd auth)
+    ClawstoreServer     `clawstore serve` over a store URL (local path or s3://...)
+
+`start()` returns once `GET /v2/` answers (200, or 401 when auth is on); a server that exits
+before that raises with its log. Both are context managers and stop their process on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: How long a server may take to answer /v2/ after its process started.
+START_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a client passes as `--creds USER:PASSWORD` (for clawstore the password is a token)."""
+
+    user: str
+    password: str
+
+    @property
+    def colon(self) -> str:
+        return f"{self.user}:{self.password}"
+
+
+@dataclass(frozen=True)
+class S3Target:
+    """Where an S3-backed server keeps its data: a bucket on an S3 endpoint (moto in the tests)."""
+
+    endpoint: str
+    bucket: str
+    region: str = "us-east-1"
+    access_key: str = "testing"
+    secret_key: str = "testing"
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (the server binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RegistryServer:
+    """A registry in a child process. Subclasses say how to write its config and command line."""
+
+    kind = "?"
+
+    def __init__(self, workdir: Path, credentials: Credentials | None = None) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.credentials = credentials
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.workdir / "server.log"
+
+    # -- what a subclass provides ------------------------------------------------------------
+
+    def command(self, port: int) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        """`127.0.0.1:PORT`, the registry part of an image reference."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> RegistryServer:
+        # Another process may take the free port between our probe and the server's bind; then the
+        # server exits at once and we try again on another port.
+        last_error = ""
+        for _attempt in range(3):
+            self.port = free_port()
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(
+                    self.command(self.port),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=self.environment(),
+                    cwd=self.workdir,
+                )
+            try:
+                self._wait_ready()
+                return self
+            except _ExitedEarly as e:
+                last_error = str(e)
+                if "address already in use" not in last_error.lower():
+                    break
+        raise RuntimeError(f"{self.kind} registry did not start:\n{last_error}")
+
+    def _wait_ready(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                raise _ExitedEarly(f"exit code {code}; log:\n{self.log()}")
+            status = probe(self.url + "/v2/")
+            if status in (200, 401):
+                return
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.kind} registry: /v2/ did not answer in {START_TIMEOUT}s:\n{self.log()}")
+            # Polling a socket that is not listening yet: there is no event to wait on.
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-8000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> RegistryServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} registry at {self.host}>"
+
+
+class _ExitedEarly(RuntimeError):
+    pass
+
+
+def probe(url: str) -> int | None:
+    """The HTTP status of a GET, or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except (OSError, urllib.error.URLError):
+        return None
+
+
+# -- Debian's docker-registry -----------------------------------------------------------------
+
+
+def distribution_binary() -> str | None:
+    return shutil.which("docker-registry") or shutil.which("registry")
+
+
+class DistributionServer(RegistryServer):
+    """CNCF distribution 2.8 (`docker-registry serve CONFIG`), config and data in `workdir`."""
+
+    kind = "distribution"
+
+    def __init__(
+        self, workdir: Path, credentials: Credentials | None = None, s3: S3Target | None = None
+    ) -> None:
+        super().__init__(workdir, credentials)
+        self.s3 = s3
+
+    def command(self, port: int) -> list[str]:
+        binary = distribution_binary()
+        if binary is None:
+            raise RuntimeError("docker-registry is not installed (scripts/setup.sh installs it)")
+        config = self.workdir / "config.yml"
+        config.write_text(self._config(port))
+        return [binary, "serve", str(config)]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # The aws-sdk-go in distribution 2.8 panics on a custom CA bundle with its own transport;
+        # the S3 endpoint here is plain http on loopback, so no bundle is needed.
+        env.pop("AWS_CA_BUNDLE", None)
+        return env
+
+    def _config(self, port: int) -> str:
+        if self.s3 is None:
+            storage = f"""  filesystem:
+    rootdirectory: {self.workdir / "data"}
+"""
+        else:
+            storage = f"""  s3:
+    accesskey: {self.s3.access_key}
+    secretkey: {self.s3.secret_key}
+    region: {self.s3.region}
+    regionendpoint: {self.s3.endpoint}
+    bucket: {self.s3.bucket}
+    rootdirectory: /distribution
+    secure: false
+    v4auth: true
+    forcepathstyle: true
+  redirect:
+    disable: true
+"""
+        auth = ""
+        if self.credentials is not None:
+            htpasswd = self.workdir / "htpasswd"
+            htpasswd.write_text(htpasswd_line(self.credentials) + "\n")
+            auth = f"""auth:
+  htpasswd:
+    realm: clawstore-tests
+    path: {htpasswd}
+"""
+        return f"""version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+{storage}  delete:
+    enabled: true
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: 127.0.0.1:{port}
+{auth}"""
+
+
+def htpasswd_line(credentials: Credentials) -> str:
+    """`user:$2b$...`: distribution's htpasswd accepts bcrypt hashes only."""
+    import bcrypt
+
+    hashed = bcrypt.hashpw(credentials.password.encode(), bcrypt.gensalt(rounds=5)).decode()
+    return f"{credentials.user}:{hashed}"
+
+
+# -- clawstore serve --------------------------------------------------------------------------
+
+
+class ClawstoreServer(RegistryServer):
+    """`clawstore serve --listen 127.0.0.1:PORT` over `store_url` (catalog: the store's default).
+
+    With `credentials`, the hub gets a principal of that name with a token (the password) and
+    the grants in `grants` ((action, repository pattern) pairs; all actions on `**` by default)
+    and the server requires auth; without, anonymous clients may push and pull.
+    """
+
+    kind = "clawstore"
+
+    def __init__(
+        self,
+        workdir: Path,
+        store_url: str,
+        credentials_user: str | None = None,
+        grants: list[tuple[str, str]] | None = None,
+        extra_env: dict[str, str] | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        super().__init__(workdir, None)
+        self.store_url = store_url
+        self.extra_env = extra_env or {}
+        self.extra_args = extra_args or []
+        if credentials_user is not None:
+            token = self._issue_token(credentials_user, grants or [("admin", "**")])
+            self.credentials = Credentials(credentials_user, token)
+
+    def _clawstore(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "clawstore", "--store", self.store_url, *args],
+            env=self.environment(),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+
+    def _issue_token(self, user: str, grants: list[tuple[str, str]]) -> str:
+        from clawstore.hub import Hub
+
+        import clawstore
+
+        with clawstore.open(self.store_url, create=True) as store:
+            hub = Hub(store, None)
+            try:
+                token = hub.permissions.issue_token(user)
+                for action, pattern in grants:
+                    hub.permissions.grant(user, action, pattern)
+            finally:
+                hub.catalog.close()
+        return token
+
+    def command(self, port: int) -> list[str]:
+        auth = [] if self.credentials is not None else ["--anonymous", "push"]
+        return [
+            sys.executable,
+            "-m",
+            "clawstore",
+            "--store",
+            self.store_url,
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            *auth,
+            *self.extra_args,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ, **self.extra_env)
+        env.pop("CLAWSTORE_TOKEN", None)
+        return env
+
+
+def stop_all(servers: list[RegistryServer]) -> None:
+    for server in servers:
+        with contextlib.suppress(Exception):
+            server.stop()
