@@ -114,6 +114,7 @@ def serve(
         sock.bind((host, port))
     except OSError as e:
         raise ClawstoreError(f"cannot listen on {listen}: {e.strerror or e}") from None
+    sock.listen(2048)  # connections queue from now on: the line below means "ready"
     sock.set_inheritable(True)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host

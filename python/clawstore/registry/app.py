@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -126,7 +127,9 @@ class Registry:
         scopes_text = request.query_params.getlist("scope")
         oauth = request.method == "POST"
         if oauth:
-            form = await request.form()
+            # OAuth2 token requests are application/x-www-form-urlencoded (RFC 6749 4.3.2)
+            raw = await request.body()
+            form = {k: v[-1] for k, v in parse_qs(raw.decode("utf-8", "replace")).items()}
             grant = form.get("grant_type")
             secret = form.get("password") if grant == "password" else form.get("refresh_token")
             if grant not in ("password", "refresh_token") or not isinstance(secret, str):
