@@ -217,6 +217,9 @@ def parse_manifest(data: bytes, media_type: str | None = None) -> Manifest:
     if declared is not None and media_type is not None and declared != media_type:
         raise InvalidManifestError(f"manifest mediaType {declared!r} differs from the given {media_type!r}")
     kind = declared or media_type
+    if declared is None and kind in (mt.DOCKER_MANIFEST, mt.DOCKER_MANIFEST_LIST):
+        # Docker's schema 2 requires the field; only OCI manifests may leave it out.
+        raise InvalidManifestError(f"a {kind} manifest must declare its mediaType")
     if kind is None:
         kind = mt.OCI_INDEX if "manifests" in obj else mt.OCI_MANIFEST
     subject = Descriptor.from_dict(obj["subject"], "subject") if obj.get("subject") is not None else None

@@ -426,7 +426,7 @@ def test_subject_header_and_referrer_pushed_before_subject(registry: Registry, c
 
 
 def test_tag_and_catalog_pagination(registry: Registry, c: httpx.Client) -> None:
-    d, data = push_image(c, "demo/app", "t0", [b"one"])
+    _d, data = push_image(c, "demo/app", "t0", [b"one"])
     for i in range(1, 5):
         r = c.put(f"/v2/demo/app/manifests/t{i}", content=data, headers={"Content-Type": OCI_MANIFEST})
         assert r.status_code == 201
