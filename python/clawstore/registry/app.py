@@ -119,7 +119,10 @@ class Registry:
         return resp
 
     async def _identify(self, request: Request) -> Identity:
-        return await run_blocking(self.auth.identify, request.headers.get("authorization"))
+        authorization = request.headers.get("authorization")
+        if self.auth.is_local(authorization):  # no catalog trip: no worker thread
+            return self.auth.identify(authorization)
+        return await run_blocking(self.auth.identify, authorization)
 
     async def token(self, request: Request) -> Response:
         """GET (docker token protocol) or POST (OAuth2 password / refresh_token grant)."""

@@ -105,6 +105,15 @@ class Authenticator:
         raise RegistryError("UNAUTHORIZED", f"unsupported authorization scheme {scheme!r}")
 
     @staticmethod
+    def is_local(authorization: str | None) -> bool:
+        """Whether `identify` needs no catalog for these credentials (none, or a registry token:
+        a signature check)."""
+        if not authorization:
+            return True
+        scheme, _, value = authorization.strip().partition(" ")
+        return scheme.lower() == "bearer" and not value.strip().startswith("cst_")
+
+    @staticmethod
     def _basic_password(value: str) -> str:
         try:
             text = base64.b64decode(value, validate=True).decode()
