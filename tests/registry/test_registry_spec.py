@@ -459,17 +459,19 @@ def test_bearer_flow_scopes_and_denials(registry: Registry) -> None:
     bob = registry.user("bob", ("pull", "team/**"))
     with registry.client(alice) as c:
         push_image(c, "team/app", "v1", [b"x"])
-    # a pull-only token cannot push: 401 with the challenge for push
+    # a pull-only token cannot push: 403 insufficient_scope with the challenge for push
     t = _token(registry, "repository:team/app:pull", ("alice", alice))
     hb = {"Authorization": f"Bearer {t}"}
     assert httpx.get(registry.url + "/v2/team/app/manifests/v1", headers=hb).status_code == 200
     r = httpx.post(registry.url + "/v2/team/app/blobs/uploads/", headers=hb)
-    assert r.status_code == 401
+    assert r.status_code == 403
     assert 'scope="repository:team/app:pull,push"' in r.headers["WWW-Authenticate"]
+    assert 'error="insufficient_scope"' in r.headers["WWW-Authenticate"]
     # bob asks for push: the token carries only what his grants allow
     tb = _token(registry, "repository:team/app:pull,push", ("bob", bob))
     r = httpx.post(registry.url + "/v2/team/app/blobs/uploads/", headers={"Authorization": f"Bearer {tb}"})
-    assert r.status_code == 401
+    assert r.status_code == 403
+    assert not list(registry.hub.uploads.iter_live())
     # with Basic, the hub decides: 403 DENIED
     r = httpx.post(registry.url + "/v2/team/app/blobs/uploads/", auth=("bob", bob))
     assert r.status_code == 403 and error_codes(r) == ["DENIED"]

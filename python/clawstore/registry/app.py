@@ -67,11 +67,19 @@ class Registry:
             return self.options.realm
         return str(request.base_url).rstrip("/") + "/token"
 
-    def unauthorized(self, request: Request, scope: str | None, message: str) -> Response:
+    def unauthorized(
+        self, request: Request, scope: str | None, message: str, *, status: int = 401
+    ) -> Response:
+        """401 (or 403 insufficient_scope) with the Bearer challenge for `scope`."""
+        error = "insufficient_scope" if status == 403 else None
         err = RegistryError(
-            "UNAUTHORIZED",
+            "UNAUTHORIZED" if status == 401 else "DENIED",
             message,
-            headers={"WWW-Authenticate": self.auth.challenge(self.realm(request), scope), **API_VERSION},
+            status=status,
+            headers={
+                "WWW-Authenticate": self.auth.challenge(self.realm(request), scope, error),
+                **API_VERSION,
+            },
         )
         return err.response(head=request.method == "HEAD")
 
@@ -96,7 +104,11 @@ class Registry:
                 raise RegistryError("NAME_UNKNOWN", f"no such endpoint {request.url.path}", status=404)
             scope = f"repository:{m.repo}:{_scope_actions(m.action)}"
             if not who.allows(m.repo, m.action):
-                return self.unauthorized(request, scope, f"token does not allow {m.action} on {m.repo}")
+                # RFC 6750: a token without the scope is 403 insufficient_scope, with the
+                # challenge for the scope needed (clients fetch a new token and retry).
+                return self.unauthorized(
+                    request, scope, f"token does not allow {m.action} on {m.repo}", status=403
+                )
             handler = getattr(self.handlers, m.route)
             resp = await handler(request, who, m)
             return self._headers(resp)
