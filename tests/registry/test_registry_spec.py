@@ -521,3 +521,10 @@ def test_principal_without_grants_sees_nothing(registry: Registry, c: httpx.Clie
     assert nobody.get(f"/v2/demo/app/blobs/{d}").status_code == 403
     assert nobody.get("/v2/_catalog").json()["repositories"] == []
     assert Principal.anonymous().is_anonymous
+
+
+def test_unknown_repository_tags(registry: Registry, c: httpx.Client) -> None:
+    r = c.get("/v2/never/pushed/tags/list")
+    assert r.status_code == 404 and error_codes(r) == ["NAME_UNKNOWN"]
+    push_blob(c, "only/blobs", b"x")
+    assert c.get("/v2/only/blobs/tags/list").json() == {"name": "only/blobs", "tags": []}

@@ -334,6 +334,18 @@ class Hub:
             out.add(action)
         return out
 
+    def has_repository(self, principal: Principal, repo: str) -> bool:
+        """Whether anything was ever pushed to `repo` (a manifest, a tag, an uploaded blob)."""
+        self._authorize(principal, "pull", repo)
+        with self.catalog.tx() as conn:
+            for q in (
+                select(c.repositories.c.name).where(c.repositories.c.name == repo),
+                select(c.repo_blobs.c.repository).where(c.repo_blobs.c.repository == repo).limit(1),
+            ):
+                if conn.execute(q).first() is not None:
+                    return True
+        return bool(self.store.list_tags(repo))
+
     def stat_blob(self, principal: Principal, repo: str, digest: Digest | str) -> int:
         """Size of a blob of `repo` (linked to it, as in `get_blob`); BlobNotFoundError."""
         self._authorize(principal, "pull", repo)

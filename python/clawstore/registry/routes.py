@@ -427,6 +427,8 @@ class Handlers:
     # -- listing -----------------------------------------------------------------------------
     async def tags(self, request: Request, who: Identity, m: Match) -> Response:
         names = await self.call(self.hub.list_tags, who.principal, m.repo, what="manifest")
+        if not names and not await self.call(self.hub.has_repository, who.principal, m.repo):
+            raise RegistryError("NAME_UNKNOWN", f"repository {m.repo} not known")
         page, headers = paginate(names, request, f"/v2/{m.repo}/tags/list")
         return JSONResponse({"name": m.repo, "tags": page}, headers=headers)
 
