@@ -22,6 +22,7 @@ from clawstore import mediatypes as mt
 from clawstore.digest import Digest
 from clawstore.errors import (
     ClawstoreError,
+    DigestMismatchError,
     InvalidDigestError,
     InvalidNameError,
     RefNotFoundError,
@@ -201,7 +202,10 @@ class Handlers:
         reader = self.hub.get_blob(p, repo, d)
         if reader.size is not None and reader.size <= SMALL_BLOB:
             with reader:
-                return reader, reader.read()
+                try:
+                    return reader, reader.read()
+                except DigestMismatchError as e:  # the store's copy is damaged: our fault, not the client's
+                    raise RegistryError("BLOB_UNKNOWN", f"stored blob is damaged: {e}", status=500) from None
         return reader, None
 
     @staticmethod
