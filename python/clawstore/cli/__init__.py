@@ -14,7 +14,7 @@ import click
 from clawstore.cli.common import CliContext, run_main
 
 #: Subcommand modules under clawstore.cli, each exposing register(group).
-_AREAS: tuple[str, ...] = ("blob", "manifest", "tags", "fsck", "volume", "hub", "log", "cache")
+_AREAS: tuple[str, ...] = ("blob", "manifest", "tags", "fsck", "volume", "hub", "log", "cache", "serve")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

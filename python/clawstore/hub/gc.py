@@ -342,6 +342,7 @@ class GarbageCollector:
                         conn.execute(delete(c.manifests).where(c.manifests.c.digest.in_(gone)))
                     elif gone:
                         conn.execute(delete(c.blobs).where(c.blobs.c.digest.in_(gone)))
+                        conn.execute(delete(c.repo_blobs).where(c.repo_blobs.c.digest.in_(gone)))
                     # Objects go inside the transaction that removed their trash rows: a push
                     # that rescues a digest waits for this commit and then finds the object gone.
                     for (digest,) in rows:
