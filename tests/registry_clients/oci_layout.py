@@ -71,8 +71,11 @@ class Layout:
 
     def tag(self, descriptor: dict[str, Any], ref: str) -> None:
         entry = dict(descriptor, annotations={"org.opencontainers.image.ref.name": ref})
-        self.manifests = [m for m in self.manifests if m.get("annotations", {}).get(
-            "org.opencontainers.image.ref.name") != ref]
+        self.manifests = [
+            m
+            for m in self.manifests
+            if m.get("annotations", {}).get("org.opencontainers.image.ref.name") != ref
+        ]
         self.manifests.append(entry)
         index = {"schemaVersion": 2, "mediaType": INDEX, "manifests": self.manifests}
         (self.root / "index.json").write_bytes(canonical(index))

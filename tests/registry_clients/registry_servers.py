@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -133,7 +134,9 @@ class RegistryServer:
                 return
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"{self.kind} registry: /v2/ did not answer in {START_TIMEOUT}s:\n{self.log()}")
+                raise RuntimeError(
+                    f"{self.kind} registry: /v2/ did not answer in {START_TIMEOUT}s:\n{self.log()}"
+                )
             # Polling a socket that is not listening yet: there is no event to wait on.
             time.sleep(0.05)
 
@@ -269,11 +272,13 @@ def htpasswd_line(credentials: Credentials) -> str:
 
 
 class ClawstoreServer(RegistryServer):
-    """`clawstore serve --listen 127.0.0.1:PORT` over `store_url` (catalog: the store's default).
+    """`clawstore --store URL serve --listen 127.0.0.1:0`; the port comes from the one line the
+    server prints when it listens (`clawstore registry: serving URL on http://HOST:PORT`).
 
-    With `credentials`, the hub gets a principal of that name with a token (the password) and
-    the grants in `grants` ((action, repository pattern) pairs; all actions on `**` by default)
-    and the server requires auth; without, anonymous clients may push and pull.
+    With `credentials_user`, that principal gets a token (the password) and `grants` ((action,
+    repository pattern) pairs; pull, push and delete on `**` by default) and anonymous clients
+    get nothing; without, the principal `anonymous` may pull, push and delete everywhere.
+    `catalog` is a catalog URL (default: the store's own SQLite file; S3 stores need one).
     """
 
     kind = "clawstore"
@@ -284,60 +289,90 @@ class ClawstoreServer(RegistryServer):
         store_url: str,
         credentials_user: str | None = None,
         grants: list[tuple[str, str]] | None = None,
-        extra_env: dict[str, str] | None = None,
+        catalog: str | None = None,
         extra_args: list[str] | None = None,
     ) -> None:
         super().__init__(workdir, None)
         self.store_url = store_url
-        self.extra_env = extra_env or {}
+        self.catalog = catalog
         self.extra_args = extra_args or []
-        if credentials_user is not None:
-            token = self._issue_token(credentials_user, grants or [("admin", "**")])
+        self._ready = threading.Event()
+        self._reader: threading.Thread | None = None
+        if credentials_user is None:
+            for action in ("pull", "push", "delete"):
+                self.admin("grant", "add", "anonymous", action, "**")
+        else:
+            token = self.admin("token", "issue", credentials_user).strip().splitlines()[-1].strip()
+            assert token.startswith("cst_"), token
+            for action, pattern in grants or [("pull", "**"), ("push", "**"), ("delete", "**")]:
+                self.admin("grant", "add", credentials_user, action, pattern)
             self.credentials = Credentials(credentials_user, token)
 
-    def _clawstore(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "clawstore", "--store", self.store_url, *args],
+    def base_args(self) -> list[str]:
+        args = [sys.executable, "-m", "clawstore", "--store", self.store_url]
+        return args
+
+    def catalog_args(self) -> list[str]:
+        return ["--catalog", self.catalog] if self.catalog else []
+
+    def admin(self, *args: str) -> str:
+        """A hub command as the local administrator, e.g. `admin("grant", "add", ...)`."""
+        proc = subprocess.run(
+            [*self.base_args(), *args, *self.catalog_args()],
             env=self.environment(),
             capture_output=True,
             text=True,
-            check=True,
+            stdin=subprocess.DEVNULL,
         )
-
-    def _issue_token(self, user: str, grants: list[tuple[str, str]]) -> str:
-        from clawstore.hub import Hub
-
-        import clawstore
-
-        with clawstore.open(self.store_url, create=True) as store:
-            hub = Hub(store, None)
-            try:
-                token = hub.permissions.issue_token(user)
-                for action, pattern in grants:
-                    hub.permissions.grant(user, action, pattern)
-            finally:
-                hub.catalog.close()
-        return token
+        if proc.returncode != 0:
+            raise RuntimeError(f"clawstore {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
+        return proc.stdout
 
     def command(self, port: int) -> list[str]:
-        auth = [] if self.credentials is not None else ["--anonymous", "push"]
         return [
-            sys.executable,
-            "-m",
-            "clawstore",
-            "--store",
-            self.store_url,
+            *self.base_args(),
             "serve",
             "--listen",
             f"127.0.0.1:{port}",
-            *auth,
+            *self.catalog_args(),
             *self.extra_args,
         ]
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ, **self.extra_env)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("CLAWSTORE_TOKEN", None)
         return env
+
+    def start(self) -> RegistryServer:
+        self._ready.clear()
+        self.proc = subprocess.Popen(
+            self.command(0),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=self.environment(),
+            cwd=self.workdir,
+        )
+        self._reader = threading.Thread(target=self._read_stderr, args=(self.proc,), daemon=True)
+        self._reader.start()
+        if not self._ready.wait(START_TIMEOUT) or self.port == 0:
+            self.stop()
+            raise RuntimeError(f"clawstore serve did not start:\n{self.log()}")
+        self._wait_ready()
+        return self
+
+    def _read_stderr(self, proc: subprocess.Popen[bytes]) -> None:
+        """Copy the server's stderr to the log file; note the port from the 'serving' line."""
+        assert proc.stderr is not None
+        with open(self.log_path, "ab") as log:
+            for line in proc.stderr:
+                log.write(line)
+                log.flush()
+                text = line.decode(errors="replace")
+                if not self._ready.is_set() and " on http" in text and "serving" in text:
+                    self.port = int(text.strip().rsplit(":", 1)[1])
+                    self._ready.set()
+        self._ready.set()  # exited before (or after) it said it listens
 
 
 def stop_all(servers: list[RegistryServer]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,9 @@ import httpx
 import pytest
 from registry_servers import RegistryServer
 
-oras_client = pytest.importorskip("oras.client", reason="oras-py is a test dependency (pip install -e .[test])")
+oras_client = pytest.importorskip(
+    "oras.client", reason="oras-py is a test dependency (pip install -e .[test])"
+)
 import oras.oci  # noqa: E402
 
 SIGNATURE = "application/vnd.clawstore.test.signature.v1+json"
@@ -62,7 +65,9 @@ def push_file(
     return response
 
 
-def test_push_with_subject_referrers_and_pull(registry: RegistryServer, tmp_path: Path, repo_name: str) -> None:
+def test_push_with_subject_referrers_and_pull(
+    registry: RegistryServer, tmp_path: Path, repo_name: str
+) -> None:
     client = client_for(registry)
     base = f"{registry.host}/{repo_name}"
     response = push_file(client, tmp_path, f"{base}:app", "app.bin", b"the subject artifact\n")
@@ -98,7 +103,10 @@ def test_push_with_subject_referrers_and_pull(registry: RegistryServer, tmp_path
     assert found[signed.headers["Docker-Content-Digest"]]["artifactType"] == SIGNATURE
     assert found[sbom.headers["Docker-Content-Digest"]]["artifactType"] == SBOM
 
-    filtered = client.do_request(f"{referrers_url}?artifactType={SIGNATURE}", "GET")
+    # Encoded as clients do ("+" in a query string decodes as a space).
+    filtered = client.do_request(
+        f"{referrers_url}?{urllib.parse.urlencode({'artifactType': SIGNATURE})}", "GET"
+    )
     assert filtered.status_code == 200
     assert [m["digest"] for m in filtered.json()["manifests"]] == [signed.headers["Docker-Content-Digest"]]
     assert filtered.headers.get("OCI-Filters-Applied") == "artifactType"

@@ -114,7 +114,9 @@ def run_suite(server: RegistryServer, tmp_path: Path, auth: bool) -> dict[str, s
 
 def test_oras_suite_anonymous(registry: RegistryServer, tmp_path: Path) -> None:
     outcomes = run_suite(registry, tmp_path, auth=False)
-    assert {n: outcomes.get(n) for n in REGISTRY_TESTS_ANONYMOUS} == dict.fromkeys(REGISTRY_TESTS_ANONYMOUS, "passed")
+    assert {n: outcomes.get(n) for n in REGISTRY_TESTS_ANONYMOUS} == dict.fromkeys(
+        REGISTRY_TESTS_ANONYMOUS, "passed"
+    )
     assert not any(n.endswith(x.split("::")[1]) for n in outcomes for x in EXCLUDED)
 
 

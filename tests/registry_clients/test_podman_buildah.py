@@ -16,7 +16,9 @@ from registry_servers import RegistryServer
 TLS = "--tls-verify=false"
 
 
-def build_image(buildah: Tools, workdir: Path, name: str, files: dict[str, bytes], arch: str = "amd64") -> None:
+def build_image(
+    buildah: Tools, workdir: Path, name: str, files: dict[str, bytes], arch: str = "amd64"
+) -> None:
     """A scratch image of `arch` holding `files`, one layer per file (a commit after each copy)."""
     workdir.mkdir(parents=True, exist_ok=True)
     base = "scratch"
@@ -85,7 +87,9 @@ def test_buildah_manifest_push_all(
         build_image(buildah, tmp_path / arch, f"multi-{arch}", files, arch=arch)
     buildah.buildah("manifest", "create", "localhost/mlist")
     for arch in per_arch:
-        buildah.buildah("manifest", "add", "localhost/mlist", f"containers-storage:localhost/multi-{arch}:built")
+        buildah.buildah(
+            "manifest", "add", "localhost/mlist", f"containers-storage:localhost/multi-{arch}:built"
+        )
     remote = f"{registry.host}/{repo_name}:multi"
     buildah.buildah("manifest", "push", "--all", TLS, "localhost/mlist", f"docker://{remote}")
 
@@ -96,7 +100,9 @@ def test_buildah_manifest_push_all(
     for arch, files in per_arch.items():
         puller = podman.with_storage(f"pull-{arch}")
         puller.podman("pull", TLS, "-q", "--arch", arch, remote)
-        assert puller.podman("image", "inspect", "--format", "{{.Architecture}}", remote).stdout.strip() == arch
+        assert (
+            puller.podman("image", "inspect", "--format", "{{.Architecture}}", remote).stdout.strip() == arch
+        )
         assert image_tree(puller, remote) == files
         child = next(m["digest"] for m in index["manifests"] if m["platform"]["architecture"] == arch)
         raw = puller.skopeo("inspect", "--raw", TLS, f"docker://{registry.host}/{repo_name}@{child}").stdout
@@ -119,10 +125,21 @@ def test_push_and_pull_with_credentials(
     puller = podman.with_storage("puller")
     assert puller.podman("pull", TLS, "-q", remote, check=False).returncode != 0
     login = puller.run(
-        "podman", *puller.storage_args(), "login", TLS, "-u", creds.user, "-p", creds.password, auth_registry.host
+        "podman",
+        *puller.storage_args(),
+        "login",
+        TLS,
+        "-u",
+        creds.user,
+        "-p",
+        creds.password,
+        auth_registry.host,
     )
     assert "Login Succeeded" in login.stdout
     puller.podman("pull", TLS, "-q", remote)
     assert image_tree(puller, remote) == files
     puller.podman("logout", auth_registry.host)
-    assert puller.podman("pull", TLS, "-q", f"{auth_registry.host}/{repo_name}:nope", check=False).returncode != 0
+    assert (
+        puller.podman("pull", TLS, "-q", f"{auth_registry.host}/{repo_name}:nope", check=False).returncode
+        != 0
+    )
