@@ -38,15 +38,19 @@ def _require(kind: str) -> None:
         pytest.skip("docker-registry is not installed (scripts/setup.sh installs it from Debian)")
 
 
-def _server(kind: str, workdir: Path, auth: bool, s3: S3Target | None = None) -> RegistryServer:
+def _server(
+    kind: str, workdir: Path, auth: bool, s3: S3Target | None = None, tls: bool = False
+) -> RegistryServer:
     if kind == "distribution":
         creds = Credentials("tester", "secret-" + uuid.uuid4().hex[:8]) if auth else None
-        return DistributionServer(workdir, creds, s3)
+        return DistributionServer(workdir, creds, s3, tls=tls)
     if s3 is None:
         url, catalog = (workdir / "store").as_uri(), None
     else:
         url, catalog = store_url(s3.endpoint, s3.bucket) + S3_QUERY, f"sqlite:///{workdir / 'catalog.sqlite'}"
-    return ClawstoreServer(workdir, url, credentials_user="tester" if auth else None, catalog=catalog)
+    return ClawstoreServer(
+        workdir, url, credentials_user="tester" if auth else None, catalog=catalog, tls=tls
+    )
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -67,6 +71,17 @@ def auth_registry(
     _require(request.param)
     with _server(request.param, tmp_path_factory.mktemp(request.param + "-auth"), auth=True) as server:
         assert server.credentials is not None
+        yield server
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def tls_auth_registry(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RegistryServer]:
+    """`auth_registry` on https with a self-signed certificate for 127.0.0.1."""
+    _require(request.param)
+    workdir = tmp_path_factory.mktemp(request.param + "-tls")
+    with _server(request.param, workdir, auth=True, tls=True) as server:
         yield server
 
 

@@ -17,6 +17,7 @@ import contextlib
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -66,10 +67,12 @@ class RegistryServer:
 
     kind = "?"
 
-    def __init__(self, workdir: Path, credentials: Credentials | None = None) -> None:
+    def __init__(self, workdir: Path, credentials: Credentials | None = None, tls: bool = False) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.credentials = credentials
+        #: (certificate, key) of a self-signed certificate for 127.0.0.1 when serving https.
+        self.tls_files = self_signed_certificate(workdir) if tls else None
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / "server.log"
@@ -91,7 +94,7 @@ class RegistryServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls_files else 'http'}://{self.host}"
 
     @property
     def pid(self) -> int:
@@ -172,10 +175,28 @@ class _ExitedEarly(RuntimeError):
     pass
 
 
+def self_signed_certificate(workdir: Path) -> tuple[Path, Path]:
+    """A certificate and key for 127.0.0.1 made by openssl (clients run with TLS checks off)."""
+    cert, key = workdir / "tls.crt", workdir / "tls.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+            "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
 def probe(url: str) -> int | None:
-    """The HTTP status of a GET, or None when nothing answers."""
+    """The HTTP status of a GET, or None when nothing answers (certificates are not checked)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
     try:
-        with urllib.request.urlopen(url, timeout=2) as r:
+        with urllib.request.urlopen(url, timeout=2, context=context) as r:
             return int(r.status)
     except urllib.error.HTTPError as e:
         return int(e.code)
@@ -196,9 +217,13 @@ class DistributionServer(RegistryServer):
     kind = "distribution"
 
     def __init__(
-        self, workdir: Path, credentials: Credentials | None = None, s3: S3Target | None = None
+        self,
+        workdir: Path,
+        credentials: Credentials | None = None,
+        s3: S3Target | None = None,
+        tls: bool = False,
     ) -> None:
-        super().__init__(workdir, credentials)
+        super().__init__(workdir, credentials, tls)
         self.s3 = s3
 
     def command(self, port: int) -> list[str]:
@@ -244,6 +269,12 @@ class DistributionServer(RegistryServer):
     realm: clawstore-tests
     path: {htpasswd}
 """
+        tls = ""
+        if self.tls_files is not None:
+            tls = f"""  tls:
+    certificate: {self.tls_files[0]}
+    key: {self.tls_files[1]}
+"""
         return f"""version: 0.1
 log:
   level: warn
@@ -257,7 +288,7 @@ storage:
       enabled: false
 http:
   addr: 127.0.0.1:{port}
-{auth}"""
+{tls}{auth}"""
 
 
 def htpasswd_line(credentials: Credentials) -> str:
@@ -291,8 +322,9 @@ class ClawstoreServer(RegistryServer):
         grants: list[tuple[str, str]] | None = None,
         catalog: str | None = None,
         extra_args: list[str] | None = None,
+        tls: bool = False,
     ) -> None:
-        super().__init__(workdir, None)
+        super().__init__(workdir, None, tls)
         self.store_url = store_url
         self.catalog = catalog
         self.extra_args = extra_args or []
@@ -335,8 +367,14 @@ class ClawstoreServer(RegistryServer):
             "--listen",
             f"127.0.0.1:{port}",
             *self.catalog_args(),
+            *self.tls_args(),
             *self.extra_args,
         ]
+
+    def tls_args(self) -> list[str]:
+        if self.tls_files is None:
+            return []
+        return ["--tls-cert", str(self.tls_files[0]), "--tls-key", str(self.tls_files[1])]
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -370,6 +408,7 @@ class ClawstoreServer(RegistryServer):
                 log.flush()
                 text = line.decode(errors="replace")
                 if not self._ready.is_set() and " on http" in text and "serving" in text:
+                    # "... on http://127.0.0.1:PORT" or "... on https://127.0.0.1:PORT"
                     self.port = int(text.strip().rsplit(":", 1)[1])
                     self._ready.set()
         self._ready.set()  # exited before (or after) it said it listens
