@@ -17,7 +17,6 @@ from clawstore.cli.common import CliContext, pass_cli
 from clawstore.cli.hub import DURATION
 from clawstore.errors import ClawstoreError
 
-
 #: S3 tunables a registry needs other than the store's defaults, unless the URL sets them: every
 #: chunk a client sends is a stream of unknown length, which the S3 backend cuts into
 #: `stream_part_size` parts with `concurrency` in flight, and a registry takes many such
