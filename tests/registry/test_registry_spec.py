@@ -556,3 +556,25 @@ def test_corrupt_stored_blob_is_never_served_whole(local_registry: Registry) -> 
             except httpx.HTTPError:
                 continue  # cut short: the client sees a broken response
             assert r.status_code == 500, r.status_code
+
+
+def test_put_by_digest_with_tag_parameters(registry: Registry, c: httpx.Client) -> None:
+    push_blob(c, "demo/app", b"{}")
+    layer = push_blob(c, "demo/app", b"abc")
+    data = manifest_bytes([(layer, 3)])
+    r = c.put(
+        f"/v2/demo/app/manifests/{sha256(data)}",
+        params=[("tag", "a"), ("tag", "b")],
+        content=data,
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+    assert r.status_code == 201, r.text
+    assert r.headers["OCI-Tag"] == "a, b"
+    assert c.get("/v2/demo/app/tags/list").json()["tags"] == ["a", "b"]
+    bad = c.put(
+        f"/v2/demo/app/manifests/{sha256(data)}",
+        params={"tag": "-bad"},
+        content=data,
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+    assert bad.status_code == 400

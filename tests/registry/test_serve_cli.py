@@ -45,3 +45,11 @@ def test_workers_share_the_socket(tmp_path: Path) -> None:
             assert r.status_code == 401 and r.headers["Docker-Distribution-API-Version"] == "registry/2.0"
     finally:
         s.stop()
+
+
+def test_s3_registry_defaults_only_fill_what_the_url_leaves_out() -> None:
+    from clawstore.cli.serve import with_registry_defaults
+
+    u = with_registry_defaults("s3://b/p?endpoint_url=http://127.0.0.1:9000&concurrency=8")
+    assert "concurrency=8" in u and "stream_part_size=8MiB" in u and "endpoint_url=http://127.0.0.1:9000" in u
+    assert with_registry_defaults("/var/lib/clawstore") == "/var/lib/clawstore"

@@ -9,12 +9,30 @@ from __future__ import annotations
 
 import os
 import socket
+from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
 import click
 
 from clawstore.cli.common import CliContext, pass_cli
 from clawstore.cli.hub import DURATION
 from clawstore.errors import ClawstoreError
+
+#: S3 tunables a registry needs other than the store's defaults, unless the URL sets them: every
+#: chunk a client sends is a stream of unknown length, which the S3 backend cuts into
+#: `stream_part_size` parts with `concurrency` in flight, and a registry takes many such
+#: streams at once (skopeo pushes several layers in parallel). 8 MiB x 4 keeps a push's memory
+#: near 32 MiB per layer instead of 256.
+S3_REGISTRY_DEFAULTS = {"stream_part_size": "8MiB", "concurrency": "4"}
+
+
+def with_registry_defaults(url: str) -> str:
+    parsed = urlparse(url)
+    if parsed.scheme != "s3":
+        return url
+    query = parse_qsl(parsed.query, keep_blank_values=True)
+    given = {k for k, _v in query}
+    query += [(k, v) for k, v in S3_REGISTRY_DEFAULTS.items() if k not in given]
+    return urlunparse(parsed._replace(query=urlencode(query, safe=":/")))
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -96,7 +114,8 @@ def serve(
     store = cli_ctx.store
     Hub(store, catalog, create_catalog=create_catalog).catalog.close()
     options = RegistryOptions(
-        store_url=store.url,
+        # The URL as given (the store's own url keeps only endpoint and region, not tunables).
+        store_url=with_registry_defaults(cli_ctx.store_url or store.url),
         catalog_url=catalog,
         create_catalog=False,
         service=service,

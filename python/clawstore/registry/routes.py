@@ -380,12 +380,22 @@ class Handlers:
         if tag is not None and expect is not ANY:
             await self.call(self._check_expectation, p, m.repo, tag, expect, what="manifest")
 
+        # PUT by digest with ?tag=a&tag=b (distribution-spec 1.1.1): tag it in the same push.
+        extra_tags = request.query_params.getlist("tag") if digest is not None else []
+        for t in extra_tags:
+            try:
+                validate_tag(t)
+            except InvalidNameError as e:
+                raise RegistryError("MANIFEST_INVALID", str(e)) from None
+
         def put() -> tuple[Any, Any]:
             manifest = parse_manifest(data, content_type)
             with self.hub.session(p, m.repo, kind="registry-push") as s:
                 desc = s.put_manifest(data, content_type, expected=digest)
                 if tag is not None:
                     s.tag(m.repo, tag, desc.digest, expect)
+                for t in extra_tags:
+                    s.tag(m.repo, t, desc.digest)
             return desc, manifest
 
         desc, manifest = await self.call(put, what="manifest")
@@ -393,6 +403,8 @@ class Handlers:
             "Location": f"/v2/{m.repo}/manifests/{desc.digest}",
             "Docker-Content-Digest": desc.digest,
         }
+        if extra_tags:
+            headers["OCI-Tag"] = ", ".join(extra_tags)
         if manifest.subject is not None:
             headers["OCI-Subject"] = manifest.subject.digest
         return Response(status_code=201, headers=headers)
