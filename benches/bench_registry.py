@@ -217,7 +217,8 @@ def run_timed(cmd: list[str]) -> tuple[float, float]:
 class Contender:
     """How to start one kind of registry on fresh storage."""
 
-    def __init__(self, kind: str, base: Path, s3_endpoint: str | None = None) -> None:
+    def __init__(self, kind: str, base: Path, s3_endpoint: str | None = None, workers: int = 1) -> None:
+        self.workers = workers
         self.kind = kind
         self.base = base
         self.s3_endpoint = s3_endpoint
@@ -232,14 +233,18 @@ class Contender:
         if self.kind == "distribution":
             server: RegistryServer = DistributionServer(workdir, None, s3)
         elif s3 is None:
-            server = ClawstoreServer(workdir, (workdir / "store").as_uri())
+            server = ClawstoreServer(workdir, (workdir / "store").as_uri(), extra_args=self.serve_args())
         else:
             server = ClawstoreServer(
                 workdir,
                 store_url(s3.endpoint, s3.bucket),
                 catalog=f"sqlite:///{workdir / 'catalog.sqlite'}",
+                extra_args=self.serve_args(),
             )
         return server.start()
+
+    def serve_args(self) -> list[str]:
+        return ["--workers", str(self.workers)] if self.workers != 1 else []
 
     def cleanup(self, server: RegistryServer) -> None:
         server.stop()
@@ -457,13 +462,19 @@ def main() -> None:
     ap.add_argument("--s3-rounds", type=int, default=1)
     ap.add_argument("--only", default="push,small,memory", help="comma list of push, small, memory")
     ap.add_argument("--data", type=Path, default=Path("/work/wt/data"))
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="clawstore serve --workers (default: the core count; distribution uses every core too)",
+    )
     args = ap.parse_args()
     only = set(args.only.split(","))
     if shutil.which("skopeo") is None:
         raise SystemExit("skopeo is not installed (scripts/setup.sh installs it)")
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-registry-", dir=args.data if args.data.exists() else None))
-    contenders = [Contender("clawstore", scratch), Contender("distribution", scratch)]
+    contenders = [Contender("clawstore", scratch, workers=args.workers), Contender("distribution", scratch)]
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load = os.getloadavg()
     print(
@@ -543,7 +554,7 @@ def main() -> None:
             moto = MotoProcess()
             try:
                 s3_contenders = [
-                    Contender("clawstore", scratch, moto.endpoint),
+                    Contender("clawstore", scratch, moto.endpoint, workers=args.workers),
                     Contender("distribution", scratch, moto.endpoint),
                 ]
                 layout = make_layout(
