@@ -84,6 +84,18 @@ def _listen(text: str) -> tuple[str, int]:
     help="An upload session expires this long after its last chunk; a pushed blob stays held as long.",
 )
 @click.option("--log-level", default="warning", show_default=True, help="uvicorn log level.")
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Serve https with this PEM certificate (chain); needs --tls-key.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="PEM private key for --tls-cert.",
+)
 @pass_cli
 def serve(
     cli_ctx: CliContext,
@@ -96,6 +108,8 @@ def serve(
     token_ttl: float,
     upload_ttl: float,
     log_level: str,
+    tls_cert: str | None,
+    tls_key: str | None,
 ) -> None:
     """Serve the store as an OCI registry (Distribution Spec v1.1) over the hub's grants.
 
@@ -107,6 +121,8 @@ def serve(
     from clawstore.hub import Hub
     from clawstore.registry.app import OPTIONS_ENV, RegistryOptions
 
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
     host, port = _listen(listen)
     catalog = catalog_url or os.environ.get("CLAWSTORE_CATALOG")
     # Open once here: a bad store or catalog URL fails now with one line, and migrations run
@@ -137,7 +153,8 @@ def serve(
     sock.set_inheritable(True)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
-    click.echo(f"clawstore registry: serving {store.url} on http://{shown}:{bound}", err=True)
+    scheme = "https" if tls_cert else "http"
+    click.echo(f"clawstore registry: serving {store.url} on {scheme}://{shown}:{bound}", err=True)
     uvicorn.run(
         "clawstore.registry.app:from_env",
         factory=True,
@@ -146,6 +163,8 @@ def serve(
         log_level=log_level,
         timeout_keep_alive=30,
         h11_max_incomplete_event_size=1 << 20,
+        ssl_certfile=tls_cert,
+        ssl_keyfile=tls_key,
     )
 
 
