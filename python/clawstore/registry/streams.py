@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 from starlette.requests import Request
 
@@ -26,6 +27,9 @@ class BodyReader(io.RawIOBase):
     def __init__(self, request: Request) -> None:
         super().__init__()
         self._it = request.stream().__aiter__()
+        # Made in the event loop; read from any thread (the S3 uploader reads parts from its own
+        # pool, not from the anyio worker thread), so the loop is named explicitly.
+        self._token = anyio.lowlevel.current_token()
         self._buf = memoryview(b"")
         self._eof = False
         self.received = 0
@@ -52,7 +56,7 @@ class BodyReader(io.RawIOBase):
         if not self._buf:
             if self._eof:
                 return 0
-            self._buf = memoryview(anyio.from_thread.run(self._fill))
+            self._buf = memoryview(anyio.from_thread.run(self._fill, token=self._token))
             if not self._buf:
                 return 0
         n = min(len(view), len(self._buf))
