@@ -7,6 +7,13 @@ cd "$(dirname "$0")/.."
 need_apt=()
 for tool in zstd tar openssl; do command -v "$tool" >/dev/null 2>&1 || need_apt+=("$tool"); done
 command -v skopeo >/dev/null 2>&1 || need_apt+=(skopeo)
+# The registry client tests (tests/registry_clients) push and pull with real clients: podman and
+# buildah run as root on `--storage-driver vfs` (no overlay mounts, no runtime: the images are
+# built with copy + commit only), and Debian's docker-registry (CNCF distribution 2.8) is the
+# reference server the tests and benches/bench_registry.py compare against; wrk is the load client.
+for pair in podman:podman buildah:buildah docker-registry:docker-registry wrk:wrk; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
+done
 # maturin and `cargo test` need a Rust toolchain; Debian's is the fallback when none is installed.
 command -v cargo >/dev/null 2>&1 || need_apt+=(cargo rustc)
 if [ ${#need_apt[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -396,7 +396,8 @@ BAD_MANIFESTS: dict[str, Any] = {
     "empty config without artifactType": _with(artifactType=...),
     "manifest with manifests": _with(manifests=[]),
     "subject bad": _with(subject={"digest": GOOD}),
-    "unknown mediaType": _with(mediaType="application/vnd.docker.distribution.manifest.v2+json"),
+    # Docker schema 1 (signed, with fsLayers): not a shape the store accepts
+    "unknown mediaType": _with(mediaType="application/vnd.docker.distribution.manifest.v1+prettyjws"),
     "mediaType not a string": _with(mediaType=5),
     "index with layers": canonical_json({**Index(()).to_dict(), "layers": []}),
     "index entry is a layer": canonical_json(

@@ -9,6 +9,7 @@ same base. Everyone imports errors from this module (the package root re-exports
     ├── DigestMismatchError, InvalidDigestError, InvalidNameError, InvalidManifestError
     ├── TagConflictError, UnsafeArchiveError
     └── PermissionDeniedError, LeaseConflictError          (hub only, defined here)
+        UploadNotFoundError (a NotFoundError), UploadRangeError (hub uploads, defined here)
 """
 
 from clawstore._core import (
@@ -38,6 +39,24 @@ class LeaseConflictError(ClawstoreError):
     __module__ = "clawstore"
 
 
+class UploadNotFoundError(NotFoundError):
+    """No live upload session by that id in that repository (never started, expired, finished,
+    cancelled, or another repository's)."""
+
+    __module__ = "clawstore"
+
+
+class UploadRangeError(ClawstoreError):
+    """A chunk does not start where the upload session stands (out of order, or another writer
+    appended first). `offset` is where the session stands."""
+
+    __module__ = "clawstore"
+
+    def __init__(self, message: str, offset: int) -> None:
+        super().__init__(message)
+        self.offset = offset
+
+
 __all__ = [
     "BlobNotFoundError",
     "ClawstoreError",
@@ -52,4 +71,6 @@ __all__ = [
     "RefNotFoundError",
     "TagConflictError",
     "UnsafeArchiveError",
+    "UploadNotFoundError",
+    "UploadRangeError",
 ]

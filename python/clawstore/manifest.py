@@ -127,7 +127,8 @@ class ImageManifest:
     artifact_type: str | None = None
     subject: Descriptor | None = None
     annotations: Mapping[str, str] | None = None
-    media_type: Literal["application/vnd.oci.image.manifest.v1+json"] = mt.OCI_MANIFEST
+    #: OCI image manifest, or Docker v2 schema 2 (same shape)
+    media_type: str = mt.OCI_MANIFEST
     kind: Literal["manifest"] = field(default="manifest", init=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,7 +156,8 @@ class Index:
     artifact_type: str | None = None
     subject: Descriptor | None = None
     annotations: Mapping[str, str] | None = None
-    media_type: Literal["application/vnd.oci.image.index.v1+json"] = mt.OCI_INDEX
+    #: OCI image index, or Docker manifest list (same shape)
+    media_type: str = mt.OCI_INDEX
     kind: Literal["index"] = field(default="index", init=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -215,6 +217,9 @@ def parse_manifest(data: bytes, media_type: str | None = None) -> Manifest:
     if declared is not None and media_type is not None and declared != media_type:
         raise InvalidManifestError(f"manifest mediaType {declared!r} differs from the given {media_type!r}")
     kind = declared or media_type
+    if declared is None and kind in (mt.DOCKER_MANIFEST, mt.DOCKER_MANIFEST_LIST):
+        # Docker's schema 2 requires the field; only OCI manifests may leave it out.
+        raise InvalidManifestError(f"a {kind} manifest must declare its mediaType")
     if kind is None:
         kind = mt.OCI_INDEX if "manifests" in obj else mt.OCI_MANIFEST
     subject = Descriptor.from_dict(obj["subject"], "subject") if obj.get("subject") is not None else None
@@ -222,7 +227,7 @@ def parse_manifest(data: bytes, media_type: str | None = None) -> Manifest:
     if artifact_type is not None and not mt.is_valid_media_type(artifact_type):
         raise InvalidManifestError(f"artifactType {artifact_type!r} is not a valid media type")
     annotations = _annotations(obj.get("annotations"), "manifest")
-    if kind == mt.OCI_MANIFEST:
+    if kind in mt.IMAGE_MANIFEST_TYPES:
         if "manifests" in obj:
             raise InvalidManifestError("an image manifest must not have 'manifests'")
         config = Descriptor.from_dict(obj.get("config"), "config")
@@ -230,10 +235,10 @@ def parse_manifest(data: bytes, media_type: str | None = None) -> Manifest:
         if not isinstance(layers_raw, list):
             raise InvalidManifestError("manifest layers must be a list")
         layers = tuple(Descriptor.from_dict(d, f"layers[{i}]") for i, d in enumerate(layers_raw))
-        if config.media_type == mt.OCI_EMPTY and artifact_type is None:
+        if config.media_type == mt.OCI_EMPTY and artifact_type is None and kind == mt.OCI_MANIFEST:
             raise InvalidManifestError("artifactType must be set when config.mediaType is the empty type")
-        return ImageManifest(config, layers, artifact_type, subject, annotations)
-    if kind == mt.OCI_INDEX:
+        return ImageManifest(config, layers, artifact_type, subject, annotations, kind)
+    if kind in mt.INDEX_TYPES:
         if "config" in obj or "layers" in obj:
             raise InvalidManifestError("an image index must not have 'config' or 'layers'")
         entries = obj.get("manifests")
@@ -245,7 +250,7 @@ def parse_manifest(data: bytes, media_type: str | None = None) -> Manifest:
                 raise InvalidManifestError(
                     f"manifests[{i}].mediaType {d.media_type!r} is not a manifest type"
                 )
-        return Index(manifests, artifact_type, subject, annotations)
+        return Index(manifests, artifact_type, subject, annotations, kind)
     raise InvalidManifestError(f"unsupported manifest media type {kind!r}")
 
 
@@ -259,6 +264,9 @@ class References:
 
 
 def references(manifest: Manifest) -> References:
+    """Blobs a manifest needs stored: its config and layers, except non-distributable layers that
+    name where they live (`urls`: Docker foreign layers), whose bytes a registry never holds."""
     if isinstance(manifest, ImageManifest):
-        return References(tuple(manifest.blobs()), (), manifest.subject)
+        needed = tuple(d for d in manifest.blobs() if not (d.urls and mt.is_non_distributable(d.media_type)))
+        return References(needed, (), manifest.subject)
     return References((), manifest.manifests, manifest.subject)

@@ -43,7 +43,25 @@ CHECKPOINT_PACK: Final = "application/vnd.elasticclaw.checkpoint.pack.v1.tar+zst
 EMPTY_JSON: Final = b"{}"
 EMPTY_DIGEST: Final = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
 
-MANIFEST_TYPES: Final = frozenset({OCI_MANIFEST, OCI_INDEX})
+#: Docker image manifest v2 schema 2 and manifest list: the same shapes as the OCI image
+#: manifest and index (OCI's were derived from them), still what docker and many registries push.
+DOCKER_MANIFEST: Final = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST: Final = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_CONFIG: Final = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER_TAR_GZIP: Final = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+DOCKER_FOREIGN_LAYER: Final = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+
+#: Manifests with config + layers, and indexes listing manifests.
+IMAGE_MANIFEST_TYPES: Final = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+INDEX_TYPES: Final = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
+MANIFEST_TYPES: Final = IMAGE_MANIFEST_TYPES | INDEX_TYPES
+
+
+def is_non_distributable(media_type: str) -> bool:
+    """Layers that live elsewhere (their descriptor's `urls`): Docker foreign layers and the
+    (deprecated) OCI non-distributable layers. A registry does not hold their bytes."""
+    return media_type == DOCKER_FOREIGN_LAYER or ".nondistributable." in media_type
+
 
 # RFC 6838 restricted-name, as the OCI descriptor spec requires of mediaType.
 _RESTRICTED = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"

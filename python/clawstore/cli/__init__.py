@@ -39,6 +39,7 @@ _COMMANDS: dict[str, str] = {
     "catalog": "hub:catalog",
     "log": "log:log_group",
     "cache": "cache:cache_group",
+    "serve": "serve:serve",
 }
 
 

@@ -38,6 +38,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     create_engine,
     event,
     text,
@@ -83,6 +84,25 @@ repo_manifests = Table(
     Column("digest", DIGEST, primary_key=True),
     Column("pushed_at", Float, nullable=False),
     Index("ix_repo_manifests_digest", "digest"),
+)
+
+#: Blobs that belong to a repository without a manifest naming them yet: a finished registry
+#: upload or a cross-repository mount (distribution's layer links). Not a GC root.
+repo_blobs = Table(
+    "repo_blobs",
+    metadata,
+    Column("repository", NAME, primary_key=True),
+    Column("digest", DIGEST, primary_key=True),
+    Column("pushed_at", Float, nullable=False),
+    Index("ix_repo_blobs_digest", "digest"),
+)
+
+#: Hub-wide settings shared by every process on the catalog (the registry's token signing key).
+settings = Table(
+    "settings",
+    metadata,
+    Column("name", NAME, primary_key=True),
+    Column("value", Text, nullable=False),
 )
 
 tags = Table(
@@ -520,7 +540,8 @@ def record_manifest(
 def linked_repositories(conn: Connection, digest: str) -> set[str]:
     """The repositories `digest` belongs to, as distribution's repository links would say: a
     manifest pushed to or tagged in a repository belongs to it; so does every blob it references
-    and every manifest an index in it lists (transitively)."""
+    and every manifest an index in it lists (transitively); and a blob uploaded or mounted into
+    it (`repo_blobs`)."""
     rows = conn.execute(
         text(
             """
@@ -537,6 +558,8 @@ def linked_repositories(conn: Connection, digest: str) -> set[str]:
             SELECT rm.repository FROM repo_manifests rm JOIN up ON rm.digest = up.d
             UNION
             SELECT t.repository FROM tags t JOIN up ON t.digest = up.d
+            UNION
+            SELECT rb.repository FROM repo_blobs rb WHERE rb.digest = CAST(:d AS VARCHAR(200))
             """
         ),
         {"d": str(digest)},
@@ -598,10 +621,12 @@ __all__ = [
     "principals",
     "record_blob",
     "record_manifest",
+    "repo_blobs",
     "repo_manifests",
     "repositories",
     "retention_policies",
     "set_tag",
+    "settings",
     "tag_history",
     "tags",
     "tokens",

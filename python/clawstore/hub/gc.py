@@ -426,6 +426,8 @@ class GarbageCollector:
                 conn.execute(text(stmt), {"ds": ds})
         else:
             conn.execute(text(f"DELETE FROM blobs WHERE {among('digest')}"), {"ds": ds})
+            # An uploaded or mounted blob's repository link goes with it (registry uploads).
+            conn.execute(text(f"DELETE FROM repo_blobs WHERE {among('digest')}"), {"ds": ds})
         return gone
 
     # -- the whole run -----------------------------------------------------------------------

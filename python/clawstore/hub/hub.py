@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlalchemy import select
 
@@ -35,6 +35,8 @@ from clawstore.errors import (
     ClawstoreError,
     ManifestNotFoundError,
     PermissionDeniedError,
+    RefNotFoundError,
+    TagConflictError,
 )
 from clawstore.hub import catalog as c
 from clawstore.hub.fsck import FsckReport, fsck
@@ -43,6 +45,7 @@ from clawstore.hub.leases import DEFAULT_TTL, Lease, Leases, VolumeLease
 from clawstore.hub.permissions import Permissions, Principal
 from clawstore.hub.retention import Policy, Retention, RetentionReport
 from clawstore.hub.session import HubSession, SessionBackend
+from clawstore.hub.uploads import Uploads, UploadState
 from clawstore.manifest import Descriptor
 from clawstore.names import Reference, validate_repository
 from clawstore.reader import VerifyingReader
@@ -92,6 +95,7 @@ class Hub:
         self.permissions = Permissions(self.catalog)
         self.leases = Leases(self.catalog)
         self.retention_policies = Retention(self.catalog)
+        self.uploads = Uploads(self.catalog, self.store, self.leases)
 
     @classmethod
     def open(
@@ -175,9 +179,17 @@ class Hub:
             raise ManifestNotFoundError(f"manifest {digest} not found in {repo}")
 
     def _open_session(
-        self, principal: Principal, repo: str, kind: str, ttl: float = DEFAULT_TTL
+        self,
+        principal: Principal,
+        repo: str,
+        kind: str,
+        ttl: float = DEFAULT_TTL,
+        lease: Lease | None = None,
     ) -> HubSession:
-        lease = self.leases.create(kind, principal.name, ttl)
+        """A session on a new lease, or on `lease` (which then outlives the session)."""
+        own_lease = lease is None
+        if lease is None:
+            lease = self.leases.create(kind, principal.name, ttl)
         backend = SessionBackend(
             self.store.backend,
             self.catalog,
@@ -186,6 +198,7 @@ class Hub:
             actor=principal.name,
             authorize=partial(self._authorize, principal),
             may_read=partial(self._may_read, principal, own=repo),
+            release_lease=own_lease,
         )
         return HubSession(backend, principal)
 
@@ -307,6 +320,153 @@ class Hub:
                 for r in rows
                 if principal.system or repo in c.linked_repositories(conn, r.digest)
             ]
+
+    # -- what the OCI registry needs beyond the above ----------------------------------------
+    def allowed_actions(self, principal: Principal, repo: str, wanted: set[str]) -> set[str]:
+        """Which of `wanted` (pull/push/delete) `principal` may do on `repo`: what a registry
+        token scoped to `repo` may carry. Never raises for a missing grant."""
+        out = set()
+        for action in sorted(wanted):
+            try:
+                self._authorize(principal, action, repo)
+            except PermissionDeniedError:
+                continue
+            out.add(action)
+        return out
+
+    def has_repository(self, principal: Principal, repo: str) -> bool:
+        """Whether anything was ever pushed to `repo` (a manifest, a tag, an uploaded blob)."""
+        self._authorize(principal, "pull", repo)
+        with self.catalog.tx() as conn:
+            for q in (
+                select(c.repositories.c.name).where(c.repositories.c.name == repo),
+                select(c.repo_blobs.c.repository).where(c.repo_blobs.c.repository == repo).limit(1),
+            ):
+                if conn.execute(q).first() is not None:
+                    return True
+        return bool(self.store.list_tags(repo))
+
+    def stat_blob(self, principal: Principal, repo: str, digest: Digest | str) -> int:
+        """Size of a blob of `repo` (linked to it, as in `get_blob`); BlobNotFoundError."""
+        self._authorize(principal, "pull", repo)
+        d = Digest.parse(digest)
+        if not self._may_read(principal, d, repo):
+            raise BlobNotFoundError(f"blob {d} not found in {repo}")
+        return self.store.stat_blob(d)
+
+    def read_blob_range(
+        self, principal: Principal, repo: str, digest: Digest | str, offset: int, length: int
+    ) -> bytes:
+        """Part of a blob of `repo` (unverified: a part cannot be checked against the digest of
+        the whole; the client checks the whole it reassembles)."""
+        self._authorize(principal, "pull", repo)
+        d = Digest.parse(digest)
+        if not self._may_read(principal, d, repo):
+            raise BlobNotFoundError(f"blob {d} not found in {repo}")
+        return self.store.get_blob_range(d, offset, length)
+
+    def mount_blob(self, principal: Principal, repo: str, digest: Digest | str, source: str) -> Descriptor:
+        """Link a blob of `source` into `repo` without moving bytes (push on `repo`, pull on
+        `source`, and the blob linked to `source`); BlobNotFoundError otherwise. Held by a lease
+        of the upload TTL, like an uploaded blob, until a manifest references it."""
+        self._authorize(principal, "push", repo)
+        self._authorize(principal, "pull", validate_repository(source))
+        d = Digest.parse(digest)
+        if not self._may_read(principal, d, source):
+            raise BlobNotFoundError(f"blob {d} not found in {source}")
+        lease = self.leases.create("registry-mount", principal.name, self.uploads.ttl)
+        lease.add([str(d)])
+        size = self.store.stat_blob(d)  # held now: it stays
+        with self.catalog.tx() as conn:
+            c.upsert(
+                conn,
+                c.repo_blobs,
+                [{"repository": repo, "digest": str(d), "pushed_at": c.now()}],
+                ["repository", "digest"],
+                ["pushed_at"],
+            )
+        return Descriptor(d, size)
+
+    def unlink_blob(self, principal: Principal, repo: str, digest: Digest | str) -> None:
+        """Remove an uploaded or mounted blob from `repo` (delete grant). Manifests of `repo`
+        that reference it still link it; the bytes go with GC. BlobNotFoundError if it was not
+        uploaded to or mounted in `repo`."""
+        self._authorize(principal, "delete", repo)
+        d = Digest.parse(digest)
+        with self.catalog.tx() as conn:
+            r = conn.execute(
+                c.repo_blobs.delete().where(
+                    c.repo_blobs.c.repository == repo, c.repo_blobs.c.digest == str(d)
+                )
+            )
+        if not r.rowcount:
+            raise BlobNotFoundError(f"blob {d} not found in {repo}")
+
+    def delete_manifest(self, principal: Principal, repo: str, digest: Digest | str) -> list[str]:
+        """Remove manifest `digest` from `repo` (delete grant): untag every tag of `repo` that
+        points at it, then drop its link to `repo`. The bytes go with GC. Returns the tags
+        removed; ManifestNotFoundError if it was not in `repo`."""
+        self._authorize(principal, "delete", repo)
+        d = Digest.parse(digest)
+        if not self._may_read(principal, d, repo):
+            raise ManifestNotFoundError(f"manifest {d} not found in {repo}")
+        removed = []
+        with closing(self._open_session(principal, repo, "tag", 600)) as s:
+            for tag in s.list_tags(repo):
+                try:
+                    s.untag(repo, tag, expect=d)
+                except (TagConflictError, RefNotFoundError):
+                    continue
+                removed.append(tag)
+        with self.catalog.tx() as conn:
+            conn.execute(
+                c.repo_manifests.delete().where(
+                    c.repo_manifests.c.repository == repo, c.repo_manifests.c.digest == str(d)
+                )
+            )
+        return removed
+
+    def setting(self, name: str, make: Any) -> str:
+        """A hub-wide setting, created by `make()` on first use; every process on the catalog
+        reads the same value (the first insert wins)."""
+        with self.catalog.tx() as conn:
+            v = conn.execute(select(c.settings.c.value).where(c.settings.c.name == name)).scalar()
+            if v is not None:
+                return str(v)
+            c.upsert(conn, c.settings, [{"name": name, "value": str(make())}], ["name"])
+        with self.catalog.tx() as conn:
+            return str(conn.execute(select(c.settings.c.value).where(c.settings.c.name == name)).scalar_one())
+
+    # -- resumable uploads (registry upload sessions; see clawstore.hub.uploads) ---------------
+    def _upload_session(self, principal: Principal, repo: str, lease: Lease) -> HubSession:
+        return self._open_session(principal, repo, "registry-upload", lease=lease)
+
+    def start_upload(self, principal: Principal, repo: str) -> UploadState:
+        self._authorize(principal, "push", repo)
+        return self.uploads.start(repo, principal.name)
+
+    def upload_status(self, principal: Principal, repo: str, upload_id: str) -> UploadState:
+        self._authorize(principal, "push", repo)
+        return self.uploads.get(upload_id, repo, principal.name)
+
+    def upload_chunk(
+        self, principal: Principal, repo: str, upload_id: str, src: BinaryIO, start: int | None = None
+    ) -> UploadState:
+        self._authorize(principal, "push", repo)
+        st = self.uploads.get(upload_id, repo, principal.name)
+        return self.uploads.append(st, src, partial(self._upload_session, principal, repo), start)
+
+    def finish_upload(
+        self, principal: Principal, repo: str, upload_id: str, digest: Digest | str, src: BinaryIO | None
+    ) -> Descriptor:
+        self._authorize(principal, "push", repo)
+        d = Digest.parse(digest)
+        st = self.uploads.get(upload_id, repo, principal.name)
+        return self.uploads.finish(st, d, src, partial(self._upload_session, principal, repo))
+
+    def cancel_upload(self, principal: Principal, repo: str, upload_id: str) -> None:
+        self._authorize(principal, "push", repo)
+        self.uploads.cancel(self.uploads.get(upload_id, repo, principal.name))
 
     # -- pins and leases ---------------------------------------------------------------------
     def pin(self, principal: Principal, digest: Digest | str, reason: str = "") -> None:

@@ -155,6 +155,15 @@ class Leases:
         )
         rescue(conn, digests)
 
+    def attach(self, lease_id: str, kind: str, holder: str | None, ttl: float = DEFAULT_TTL) -> Lease:
+        """A live lease created earlier, possibly by another process (registry upload sessions
+        span requests): LeaseConflictError if it expired or was released."""
+        with self.catalog.tx() as conn:
+            exp = conn.execute(select(c.leases.c.expires_at).where(c.leases.c.id == lease_id)).scalar()
+        if exp is None or exp <= c.now():
+            raise LeaseConflictError(f"lease {lease_id} expired or released")
+        return Lease(lease_id, kind, holder, float(exp), self, ttl)
+
     def release(self, lease_id: str) -> None:
         with self.catalog.tx() as conn:
             conn.execute(delete(c.lease_resources).where(c.lease_resources.c.lease_id == lease_id))
@@ -198,6 +207,11 @@ class Leases:
         conn.execute(delete(c.lease_resources).where(c.lease_resources.c.lease_id.in_(dead)))
         r = conn.execute(delete(c.leases).where(c.leases.c.expires_at <= t))
         conn.execute(delete(c.volume_leases).where(c.volume_leases.c.expires_at <= t))
+        # Upload sessions live as long as their lease: an abandoned one goes with it (its chunks,
+        # no longer held, are garbage like any unreferenced blob).
+        from clawstore.hub.uploads import uploads
+
+        conn.execute(delete(uploads).where(uploads.c.lease_id.not_in(select(c.leases.c.id))))
         return int(r.rowcount or 0)
 
     # -- volume leases -----------------------------------------------------------------------

@@ -10,6 +10,10 @@ Grants give one action on a repository pattern. Actions: pull, push, delete, adm
 implies the other three and hub administration). Patterns are globs over repository names:
 `*` matches within one path component, `**` across components, `?` one character; an exact
 name matches itself.
+
+Anonymous access (the registry's unauthenticated requests) is whatever is granted to the
+principal named `anonymous` (`clawstore grant add anonymous pull 'public/**'`): no grant, no
+anonymous access. `Principal.anonymous()` needs no token; every other principal does.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from clawstore.hub import catalog as c
 ACTIONS: Final = ("pull", "push", "delete", "admin")
 TOKEN_PREFIX: Final = "cst_"
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._@-]{0,127}")
+#: The principal whose grants say what callers without credentials may do.
+ANONYMOUS: Final = "anonymous"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +53,15 @@ class Principal:
     def local_admin(cls) -> Principal:
         """The operator on the machine that holds the catalog (CLI without a token)."""
         return cls("local-admin", None, True)
+
+    @classmethod
+    def anonymous(cls) -> Principal:
+        """A caller without credentials: it may do what the `anonymous` principal is granted."""
+        return cls(ANONYMOUS, None, False)
+
+    @property
+    def is_anonymous(self) -> bool:
+        return self.name == ANONYMOUS and self.token_id is None and not self.system
 
 
 @lru_cache(maxsize=1024)
@@ -137,6 +152,10 @@ class Permissions:
         validate_principal_name(name)
         validate_action(action)
         pattern_regex(pattern)
+        if name == ANONYMOUS:
+            if action == "admin":
+                raise ClawstoreError("anonymous callers may not be granted admin")
+            self.create_principal(name)  # it has no token to be issued: granting creates it
         with self.catalog.tx() as conn:
             if conn.execute(select(c.principals.c.name).where(c.principals.c.name == name)).first() is None:
                 raise ClawstoreError(f"no principal {name!r}")
@@ -196,6 +215,13 @@ class Permissions:
             self._own_token(conn, principal)
 
     def _own_token(self, conn: Connection, principal: Principal) -> None:
+        if principal.is_anonymous:
+            disabled = conn.execute(
+                select(c.principals.c.disabled).where(c.principals.c.name == ANONYMOUS)
+            ).scalar()
+            if disabled is None or disabled:
+                raise PermissionDeniedError("anonymous access is not enabled")
+            return
         if principal.token_id is None:
             raise PermissionDeniedError(f"{principal.name}: no credentials")
         owner = self._valid_token(conn, principal.token_id, None)
@@ -252,4 +278,4 @@ def _split(token: str) -> tuple[str, str]:
     return token_id, secret
 
 
-__all__ = ["ACTIONS", "Permissions", "Principal", "pattern_matches"]
+__all__ = ["ACTIONS", "ANONYMOUS", "Permissions", "Principal", "pattern_matches"]

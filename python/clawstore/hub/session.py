@@ -70,8 +70,11 @@ class SessionBackend:
         actor: str,
         authorize: Authorize,
         may_read: MayRead | None = None,
+        release_lease: bool = True,
     ) -> None:
         self.inner = inner
+        #: False for a lease that outlives the session (a registry upload spans requests)
+        self.release_lease = release_lease
         self.catalog = catalog
         self.lease = lease
         self.repo = repo
@@ -361,7 +364,8 @@ class SessionBackend:
                 with self.catalog.tx() as conn:
                     c.upsert(conn, c.blobs, rows, ["digest"], ["seen_at", "adopted"])
         finally:
-            self.lease.release()
+            if self.release_lease:
+                self.lease.release()
 
 
 class HubSession(ArtifactStore):

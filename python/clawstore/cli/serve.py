@@ -1,0 +1,171 @@
+"""`clawstore serve`: run the OCI registry (`clawstore.registry`) with uvicorn.
+
+Same store and catalog as every other command (`--store`/`$CLAWSTORE_URL`, `--catalog`/
+`$CLAWSTORE_CATALOG`). Several processes (`--workers`, or several `serve` commands on other
+hosts) on one catalog and store are one registry.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
+
+import click
+
+from clawstore.cli.common import CliContext, pass_cli
+from clawstore.cli.hub import DURATION
+from clawstore.errors import ClawstoreError
+
+#: S3 tunables a registry needs other than the store's defaults, unless the URL sets them: every
+#: chunk a client sends is a stream of unknown length, which the S3 backend cuts into
+#: `stream_part_size` parts with `concurrency` in flight, and a registry takes many such
+#: streams at once (skopeo pushes several layers in parallel). 8 MiB x 4 keeps a push's memory
+#: near 32 MiB per layer instead of 256.
+S3_REGISTRY_DEFAULTS = {"stream_part_size": "8MiB", "concurrency": "4"}
+
+
+def with_registry_defaults(url: str) -> str:
+    parsed = urlparse(url)
+    if parsed.scheme != "s3":
+        return url
+    query = parse_qsl(parsed.query, keep_blank_values=True)
+    given = {k for k, _v in query}
+    query += [(k, v) for k, v in S3_REGISTRY_DEFAULTS.items() if k not in given]
+    return urlunparse(parsed._replace(query=urlencode(query, safe=":/")))
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise click.BadParameter(f"expected HOST:PORT, not {text!r}")
+    return host.strip("[]"), int(port)
+
+
+@click.command("serve")
+@click.option(
+    "--listen",
+    default="127.0.0.1:5000",
+    show_default=True,
+    envvar="CLAWSTORE_LISTEN",
+    metavar="HOST:PORT",
+    help="Address to listen on [env CLAWSTORE_LISTEN]; port 0 picks a free one.",
+)
+@click.option(
+    "--catalog",
+    "catalog_url",
+    metavar="URL",
+    default=None,
+    help="Catalog database URL [env CLAWSTORE_CATALOG; default <store>/catalog.sqlite]",
+)
+@click.option(
+    "--create-catalog", is_flag=True, help="Start a new catalog at --catalog for a store with content."
+)
+@click.option(
+    "--workers", type=click.IntRange(1, 256), default=1, show_default=True, help="Server processes."
+)
+@click.option(
+    "--service", default="clawstore", show_default=True, help="Service name in tokens and challenges."
+)
+@click.option(
+    "--realm",
+    default=None,
+    metavar="URL",
+    help="Token endpoint URL in challenges [default: <base URL>/token].",
+)
+@click.option(
+    "--token-ttl", type=DURATION, default="5m", show_default=True, help="Lifetime of /token tokens."
+)
+@click.option(
+    "--upload-ttl",
+    type=DURATION,
+    default="1h",
+    show_default=True,
+    help="An upload session expires this long after its last chunk; a pushed blob stays held as long.",
+)
+@click.option("--log-level", default="warning", show_default=True, help="uvicorn log level.")
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Serve https with this PEM certificate (chain); needs --tls-key.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="PEM private key for --tls-cert.",
+)
+@pass_cli
+def serve(
+    cli_ctx: CliContext,
+    listen: str,
+    catalog_url: str | None,
+    create_catalog: bool,
+    workers: int,
+    service: str,
+    realm: str | None,
+    token_ttl: float,
+    upload_ttl: float,
+    log_level: str,
+    tls_cert: str | None,
+    tls_key: str | None,
+) -> None:
+    """Serve the store as an OCI registry (Distribution Spec v1.1) over the hub's grants.
+
+    Credentials: a hub token (`clawstore token issue NAME`) as the Basic password, or as a
+    Bearer token, or a token from /token. Anonymous callers may do what is granted to the
+    principal `anonymous` (`clawstore grant add anonymous pull '**'`)."""
+    import uvicorn
+
+    from clawstore.hub import Hub
+    from clawstore.registry.app import OPTIONS_ENV, RegistryOptions
+
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    host, port = _listen(listen)
+    catalog = catalog_url or os.environ.get("CLAWSTORE_CATALOG")
+    # Open once here: a bad store or catalog URL fails now with one line, and migrations run
+    # before any worker starts.
+    store = cli_ctx.store
+    Hub(store, catalog, create_catalog=create_catalog).catalog.close()
+    options = RegistryOptions(
+        # The URL as given (the store's own url keeps only endpoint and region, not tunables).
+        store_url=with_registry_defaults(cli_ctx.store_url or store.url),
+        catalog_url=catalog,
+        create_catalog=False,
+        service=service,
+        realm=realm,
+        token_ttl=token_ttl,
+        upload_ttl=upload_ttl,
+    )
+    os.environ[OPTIONS_ENV] = options.to_env()
+    # Bind here (port 0 works, and the line below says which port was taken), then hand the
+    # socket to uvicorn and its workers.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        raise ClawstoreError(f"cannot listen on {listen}: {e.strerror or e}") from None
+    sock.listen(2048)  # connections queue from now on: the line below means "ready"
+    sock.set_inheritable(True)
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    scheme = "https" if tls_cert else "http"
+    click.echo(f"clawstore registry: serving {store.url} on {scheme}://{shown}:{bound}", err=True)
+    uvicorn.run(
+        "clawstore.registry.app:from_env",
+        factory=True,
+        fd=sock.fileno(),
+        workers=workers,
+        log_level=log_level,
+        timeout_keep_alive=30,
+        h11_max_incomplete_event_size=1 << 20,
+        ssl_certfile=tls_cert,
+        ssl_keyfile=tls_key,
+    )
+
+
+__all__ = ["serve"]
