@@ -21,6 +21,9 @@ from clawstore.hub import Hub
 from hubutil import ADMIN, push_artifact
 
 LOOPS = int(os.environ.get("CLAWSTORE_GC_LOOPS", "3"))
+#: Each round starts two CLI processes (up to ~20 s on a loaded 2-core machine): the suite-wide
+#: timeout is for a few rounds, a long run needs one that grows with it.
+long_run = pytest.mark.timeout(max(600, 30 * LOOPS))
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
@@ -52,6 +55,7 @@ def env(store_url: str, catalog_url: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@long_run
 def test_cli_tag_against_gc_loop(env: dict[str, str], store_url: str, catalog_url: str) -> None:
     """`clawstore tag app:prod M` (M old and untagged) racing `clawstore gc --grace 0s`."""
     hub = Hub(clawstore.open(store_url), catalog_url, create_catalog=True)
@@ -90,6 +94,7 @@ def test_cli_tag_against_gc_loop(env: dict[str, str], store_url: str, catalog_ur
 
 
 @pytest.mark.slow
+@long_run
 def test_cli_volume_snapshot_against_gc_loop(
     env: dict[str, str], store_url: str, catalog_url: str, tmp_path: Path
 ) -> None:
@@ -130,6 +135,7 @@ def test_cli_volume_snapshot_against_gc_loop(
 
 
 @pytest.mark.slow
+@long_run
 def test_cli_retention_against_replica_tag_loop(
     env: dict[str, str], store_url: str, catalog_url: str
 ) -> None:
