@@ -23,9 +23,9 @@ step "store: $(.venv/bin/python -c 'import clawstore; print(clawstore.open().url
 
 step "blob put: a file and standard input"
 printf 'hello from clawstore\n' >"$work/hello.txt"
-layer=$(cs blob put "$work/hello.txt")
+layer=$(cs blob put "$work/hello.txt" --repo demo/hello)
 echo "layer  $layer"
-config=$(printf '{}' | cs blob put -)
+config=$(printf '{}' | cs blob put - --repo demo/hello)
 echo "config $config"
 
 step "manifest put: an OCI v1.1 artifact manifest referencing the blob"
@@ -33,7 +33,7 @@ size=$(wc -c <"$work/hello.txt" | tr -d ' ')
 cat >"$work/manifest.json" <<JSON
 {"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","artifactType":"application/vnd.example.demo.v1","config":{"mediaType":"application/vnd.oci.empty.v1+json","digest":"$config","size":2},"layers":[{"mediaType":"text/plain","digest":"$layer","size":$size,"annotations":{"org.opencontainers.image.title":"hello.txt"}}]}
 JSON
-manifest=$(cs manifest put "$work/manifest.json")
+manifest=$(cs manifest put "$work/manifest.json" --repo demo/hello)
 echo "manifest $manifest"
 
 step "tag demo/hello:latest, resolve it, list tags and repositories"

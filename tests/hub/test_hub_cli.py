@@ -12,13 +12,16 @@ from pathlib import Path
 import pytest
 
 
-def run(env: dict[str, str], *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+def run(
+    env: dict[str, str], *args: str, ok: bool = True, input_: bytes | None = None
+) -> subprocess.CompletedProcess[str]:
     r = subprocess.run(
         [sys.executable, "-c", "from clawstore.cli import main; main()", *args],
         capture_output=True,
         text=True,
         env=env,
         timeout=120,
+        input=input_.decode() if input_ is not None else None,
     )
     if ok:
         assert r.returncode == 0, r.stderr
@@ -85,6 +88,54 @@ def test_tokens_and_grants(env: dict[str, str], tmp_path: Path) -> None:
     run(env, "token", "revoke", token.split("_")[1])
     r = run(bob, "checkpoint", "ls", "ck/none", ok=False)
     assert r.returncode == 1 and "revoked" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_loose_writes_beside_a_catalog_go_through_the_hub(env: dict[str, str], tmp_path: Path) -> None:
+    """Issue 16 item 2: `blob put` and `manifest put` beside a catalog are hub pushes to the
+    repository named by --repo (permission-checked, recorded, the manifest linked to it); without
+    --repo they are refused before anything is read or stored."""
+    import clawstore
+    from clawstore.hub import catalog as c
+    from clawstore.hub.catalog import Catalog
+
+    data = tmp_path / "layer.bin"
+    data.write_bytes(b"loose layer bytes")
+    digest = clawstore.digest_bytes(data.read_bytes())
+    r = run(env, "blob", "put", str(data), ok=False)
+    assert r.returncode == 1 and "--repo" in r.stderr and r.stderr.count("\n") == 1
+    store = clawstore.open(env["CLAWSTORE_URL"])
+    assert not store.has_blob(digest)
+    # A principal without push on the repository is refused, and nothing is stored.
+    token = run(env, "token", "issue", "carol").stdout.strip()
+    run(env, "grant", "add", "carol", "pull", "app/**")
+    carol = dict(env, CLAWSTORE_TOKEN=token)
+    r = run(carol, "blob", "put", str(data), "--repo", "app/x", ok=False)
+    assert r.returncode == 1 and "may not push" in r.stderr, r.stderr
+    assert not store.has_blob(digest)
+    # With push, the blob is recorded in the catalog and the manifest linked to the repository.
+    run(env, "grant", "add", "carol", "push", "app/**")
+    assert run(carol, "blob", "put", str(data), "--repo", "app/x").stdout.strip() == str(digest)
+    config = run(carol, "blob", "put", "-", "--repo", "app/x", input_=b"{}").stdout.strip()
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/vnd.example.loose.v1",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": config, "size": 2},
+        "layers": [{"mediaType": "application/octet-stream", "digest": str(digest), "size": 17}],
+    }
+    mpath = tmp_path / "m.json"
+    mpath.write_text(json.dumps(manifest))
+    r = run(carol, "manifest", "put", str(mpath), ok=False)
+    assert r.returncode == 1 and "--repo" in r.stderr
+    m = run(carol, "manifest", "put", str(mpath), "--repo", "app/x").stdout.strip()
+    catalog = Catalog(env["CLAWSTORE_CATALOG"])
+    try:
+        with catalog.tx() as conn:
+            assert conn.execute(c.blobs.select().where(c.blobs.c.digest == str(digest))).first()
+            assert c.linked_repositories(conn, m) == {"app/x"}
+            assert c.linked_repositories(conn, str(digest)) == {"app/x"}
+    finally:
+        catalog.close()
 
 
 def test_errors_are_one_line(env: dict[str, str], tmp_path: Path) -> None:

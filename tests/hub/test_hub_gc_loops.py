@@ -21,6 +21,9 @@ from clawstore.hub import Hub
 from hubutil import ADMIN, push_artifact
 
 LOOPS = int(os.environ.get("CLAWSTORE_GC_LOOPS", "3"))
+#: Each round starts two CLI processes (up to ~20 s on a loaded 2-core machine): the suite-wide
+#: timeout is for a few rounds, a long run needs one that grows with it.
+long_run = pytest.mark.timeout(max(600, 30 * LOOPS))
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
@@ -52,6 +55,7 @@ def env(store_url: str, catalog_url: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@long_run
 def test_cli_tag_against_gc_loop(env: dict[str, str], store_url: str, catalog_url: str) -> None:
     """`clawstore tag app:prod M` (M old and untagged) racing `clawstore gc --grace 0s`."""
     hub = Hub(clawstore.open(store_url), catalog_url, create_catalog=True)
@@ -90,6 +94,7 @@ def test_cli_tag_against_gc_loop(env: dict[str, str], store_url: str, catalog_ur
 
 
 @pytest.mark.slow
+@long_run
 def test_cli_volume_snapshot_against_gc_loop(
     env: dict[str, str], store_url: str, catalog_url: str, tmp_path: Path
 ) -> None:
@@ -127,3 +132,55 @@ def test_cli_volume_snapshot_against_gc_loop(
         assert p.returncode == 0, err
         assert sorted(x.name for x in (tmp_path / f"out{k}").iterdir()) == sorted(x.name for x in w.iterdir())
     store.close()
+
+
+@pytest.mark.slow
+@long_run
+def test_cli_retention_against_replica_tag_loop(
+    env: dict[str, str], store_url: str, catalog_url: str
+) -> None:
+    """Issue 16 item 10: `clawstore retention apply --grace 0s` (keep the newest build) racing
+    another replica's `clawstore tag` re-pointing the build tag retention is about to remove.
+    Whatever the interleaving, the store and the catalog agree on every tag, and no tag names
+    a manifest that retention's own GC pass deleted."""
+    from clawstore.hub import catalog as c
+    from clawstore.hub.retention import Policy
+
+    hub = Hub(clawstore.open(store_url), catalog_url, create_catalog=True)
+    try:
+        hub.set_policy(ADMIN, Policy("ci/**", keep_last=1))
+        tagged = 0
+        for i in range(LOOPS):
+            with hub.session(ADMIN, "ci/app") as s:
+                old = push_artifact(s, "ci/app", f"build-{i}", [f"build {i}".encode()])
+                push_artifact(s, "ci/app", f"build-{i + 1}", [f"build {i + 1}".encode()])
+            with hub.catalog.tx() as conn:  # build-i is the older of the two
+                conn.execute(
+                    c.tags.update()
+                    .where(c.tags.c.repository == "ci/app", c.tags.c.tag == f"build-{i}")
+                    .values(updated_at=c.tags.c.updated_at - 1000)
+                )
+            first, second = (
+                ("retention", "apply", "--grace", "0s"),
+                ("tag", f"ci/app:build-{i}", str(old.digest)),
+            )
+            if i % 2:
+                first, second = second, first
+            p1, p2 = _cli(env, *first), _cli(env, *second)
+            for p, args in ((p1, first), (p2, second)):
+                _out, err = p.communicate(timeout=300)
+                if args[0] == "retention":
+                    assert p.returncode == 0, err
+                elif p.returncode == 0:
+                    tagged += 1
+                else:  # retention's GC got to the manifest first: refused, not a lie
+                    assert err.startswith("error: ") and "Traceback" not in err, err
+            assert store_fsck(hub.store).ok
+            report = hub.fsck(ADMIN)
+            assert report.ok, report
+            # Start the next round from one tag: untag whatever this round left.
+            for t in hub.list_tags(ADMIN, "ci/app"):
+                hub.untag(ADMIN, "ci/app", t)
+        assert tagged > 0
+    finally:
+        hub.close()

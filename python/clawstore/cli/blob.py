@@ -14,7 +14,8 @@ from clawstore.atomic import atomic_file
 from clawstore.cli.common import CliContext, Progress, existing_store, is_interactive, pass_cli
 from clawstore.digest import ALGORITHMS, Digest
 from clawstore.errors import ClawstoreError
-from clawstore.manifest import parse_manifest, references
+from clawstore.manifest import Descriptor, parse_manifest, references
+from clawstore.store import ArtifactStore
 
 #: Below this size a progress bar is just flicker.
 PROGRESS_MIN = 8 << 20
@@ -57,25 +58,42 @@ def blob_group() -> None:
     help="Digest algorithm [default: sha256, or that of --expected].",
 )
 @click.option(
+    "--repo",
+    metavar="REPO",
+    help="The repository the blob is pushed to; required when the store has a catalog.",
+)
+@click.option(
     "--trust-size",
     is_flag=True,
     help="With --expected: if a blob of that digest and FILE's size is stored, do not read FILE.",
 )
 @pass_cli
 def blob_put(
-    ctx: CliContext, source: str, expected: str | None, algorithm: str | None, trust_size: bool
+    ctx: CliContext,
+    source: str,
+    expected: str | None,
+    repo: str | None,
+    algorithm: str | None,
+    trust_size: bool,
 ) -> None:
     """Store FILE (or standard input with -) as a blob and print its digest.
 
     With --expected the content is hashed and nothing is stored unless it matches (even when a
-    blob of that digest is already stored, unless --trust-size)."""
+    blob of that digest is already stored, unless --trust-size). Beside a catalog the blob is
+    pushed through the hub to --repo: permission-checked, recorded and leased."""
     exp = Digest.parse(expected) if expected is not None else None  # validate before any I/O
     if trust_size and exp is None:
         raise ClawstoreError("--trust-size needs --expected")
     kw: dict[str, Any] = {"algorithm": algorithm} if algorithm else {}
     if trust_size:
         kw["trust_size"] = True
-    store = ctx.store
+    with ctx.writing_store(repo, "the blob") as store:
+        desc = _put(store, source, exp, kw)
+    click.echo(desc.digest)
+
+
+def _put(store: ArtifactStore, source: str, exp: Digest | None, kw: dict[str, Any]) -> Descriptor:
+    """Store FILE or stdin (`-`) into `store`: the Rust fast path from a file when piped."""
     if source == "-":
         if sys.stdin is None or sys.stdin.closed:
             raise ClawstoreError("standard input is closed (blob put - reads the blob from it)")
@@ -95,7 +113,7 @@ def blob_put(
                 desc = store.put_blob(_ProgressReader(f, bar), exp, **kw)  # type: ignore[arg-type]
         else:
             desc = store.put_blob(path, exp, **kw)
-    click.echo(desc.digest)
+    return desc
 
 
 @existing_store

@@ -78,6 +78,26 @@ class CliContext:
 
         return _hub(self, url or None)
 
+    @contextmanager
+    def writing_store(self, repo: str | None, what: str) -> Iterator[clawstore.ArtifactStore]:
+        """The store a loose write (`blob put`, `manifest put`) goes into: beside a catalog, a
+        hub session on `repo` (push permission-checked, the content recorded and leased like
+        any hub push, a manifest linked to `repo`); without one, the store itself. Beside a
+        catalog the repository must be named: a write the catalog cannot attribute is one its
+        permissions and GC roots would not see."""
+        found = self.hub()
+        if found is None:
+            yield self.store
+            return
+        if repo is None:
+            raise ClawstoreError(
+                f"this store has a catalog: name the repository {what} is pushed to with --repo "
+                "REPO (the write is then permission-checked, recorded and leased like a hub push)"
+            )
+        hub, principal = found
+        with hub.session(principal, repo) as session:
+            yield session
+
     def close(self) -> None:
         if self._store is not None:
             self._store.close()

@@ -38,15 +38,24 @@ def manifest_group() -> None:
 @click.argument("source", metavar="FILE|-")
 @click.option("--media-type", metavar="TYPE", help="Media type, when the JSON has no mediaType field.")
 @click.option("--expected", metavar="DIGEST", help="Refuse unless the manifest has this digest.")
+@click.option(
+    "--repo",
+    metavar="REPO",
+    help="The repository the manifest is pushed to; required when the store has a catalog.",
+)
 @pass_cli
-def manifest_put(ctx: CliContext, source: str, media_type: str | None, expected: str | None) -> None:
+def manifest_put(
+    ctx: CliContext, source: str, media_type: str | None, expected: str | None, repo: str | None
+) -> None:
     """Validate and store the manifest in FILE (or stdin with -); print its digest.
 
-    The exact bytes are stored: the digest is that of the file as given.
+    The exact bytes are stored: the digest is that of the file as given. Beside a catalog the
+    manifest is pushed through the hub to --repo (permission-checked, recorded, linked to REPO).
     """
     exp = Digest.parse(expected) if expected is not None else None
     data = _read_limited(source)
-    click.echo(ctx.store.put_manifest(data, media_type, expected=exp).digest)
+    with ctx.writing_store(repo, "the manifest") as store:
+        click.echo(store.put_manifest(data, media_type, expected=exp).digest)
 
 
 @existing_store
