@@ -361,8 +361,14 @@ class SessionBackend:
                     {"digest": d, "size": size, "created_at": t, "seen_at": t, "adopted": False}
                     for d, size in pending.items()
                 ]
+                # Blobs pushed to the session's repository that no manifest of the session
+                # referenced belong to it (distribution's layer links: `blob put --repo R`, then
+                # `manifest put --repo R` in another process, by a principal with no other link).
+                links = [{"repository": self.repo, "digest": d, "pushed_at": t} for d in pending]
                 with self.catalog.tx() as conn:
                     c.upsert(conn, c.blobs, rows, ["digest"], ["seen_at", "adopted"])
+                    c.ensure_repository(conn, self.repo, t)
+                    c.upsert(conn, c.repo_blobs, links, ["repository", "digest"], ["pushed_at"])
         finally:
             if self.release_lease:
                 self.lease.release()
