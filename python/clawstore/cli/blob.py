@@ -89,6 +89,8 @@ def blob_put(
         kw["trust_size"] = True
     with ctx.writing_store(repo, "the blob") as store:
         desc = _put(store, source, exp, kw)
+        if store is not ctx.store:  # a hub session (beside a catalog): the blob belongs to --repo
+            store.backend.link_written([desc.digest])  # type: ignore[attr-defined]
     click.echo(desc.digest)
 
 

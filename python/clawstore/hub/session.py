@@ -342,6 +342,22 @@ class SessionBackend:
                 continue
             yield repo
 
+    def link_written(self, digests: Collection[Digest | str]) -> None:
+        """Link blobs this session has written (or may read) to its repository, as a finished
+        registry upload is (distribution's layer links): `blob put --repo R` in one process,
+        then `manifest put --repo R` in another by a principal with no other link to them."""
+        self._check_open()
+        self.authorize("push", self.repo)
+        ds = [str(d) for d in digests]
+        for d in ds:
+            if not self._may(d):
+                raise BlobNotFoundError(f"blob {d} not found")
+        t = c.now()
+        with self.catalog.tx() as conn:
+            c.ensure_repository(conn, self.repo, t)
+            rows = [{"repository": self.repo, "digest": d, "pushed_at": t} for d in ds]
+            c.upsert(conn, c.repo_blobs, rows, ["repository", "digest"], ["pushed_at"])
+
     # -- housekeeping ------------------------------------------------------------------------
     def cleanup(self, older_than: float) -> CleanupReport:
         raise PermissionDeniedError("cleanup belongs to gc")
@@ -361,14 +377,8 @@ class SessionBackend:
                     {"digest": d, "size": size, "created_at": t, "seen_at": t, "adopted": False}
                     for d, size in pending.items()
                 ]
-                # Blobs pushed to the session's repository that no manifest of the session
-                # referenced belong to it (distribution's layer links: `blob put --repo R`, then
-                # `manifest put --repo R` in another process, by a principal with no other link).
-                links = [{"repository": self.repo, "digest": d, "pushed_at": t} for d in pending]
                 with self.catalog.tx() as conn:
                     c.upsert(conn, c.blobs, rows, ["digest"], ["seen_at", "adopted"])
-                    c.ensure_repository(conn, self.repo, t)
-                    c.upsert(conn, c.repo_blobs, links, ["repository", "digest"], ["pushed_at"])
         finally:
             if self.release_lease:
                 self.lease.release()
