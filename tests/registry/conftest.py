@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +50,10 @@ class Server:
             rest = self.proc.stderr.read()
             raise RuntimeError(f"clawstore serve did not start: {line}{rest}")
         self.url = line.strip().rsplit(" on ", 1)[1]
+        # Drain what the server logs (a full pipe would block it) and keep it for diagnostics.
+        self.log: list[str] = []
+        stream = self.proc.stderr
+        threading.Thread(target=lambda: self.log.extend(stream), daemon=True).start()
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -57,8 +62,8 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
+        if self.log:
+            sys.stderr.write("".join(f"[serve {self.url}] {x}" for x in self.log))
 
 
 @dataclass
