@@ -220,7 +220,15 @@ class CacheCatalog:
                 self.hub.store.untag(repo, caches.tag_of(key), expect=digest)
             except (TagConflictError, RefNotFoundError, NotFoundError):
                 continue
-            with self.catalog.tx() as conn:
+            with self.catalog.tx(exclusive=True) as conn:
+                # What the store says now, read inside an exclusive transaction (as retention
+                # does): a put that re-tagged the key after our untag keeps its tag in both.
+                try:
+                    now_at: str | None = str(self.hub.store.resolve(repo, caches.tag_of(key)))
+                except RefNotFoundError:
+                    now_at = None
+                if now_at is not None:
+                    continue  # its writer's own catalog write records it
                 c.set_tag(conn, repo, caches.tag_of(key), None, actor=actor)
                 conn.execute(
                     delete(cache_entries).where(cache_entries.c.scope == scope, cache_entries.c.key == key)

@@ -218,10 +218,15 @@ class Retention:
             done = [t for t, ok in zip(tags, pool.map(untag, tags), strict=True) if ok]
             for i in range(0, len(done), UNTAG_BATCH):
                 chunk = done[i : i + UNTAG_BATCH]
-                with self.catalog.tx() as conn:
-                    # Re-read the store's tags inside the catalog transaction: a replica's tag()
-                    # that landed after our untag wins in both (its own catalog write then
-                    # agrees), instead of our catalog write erasing a tag the store has.
+                with self.catalog.tx(exclusive=True) as conn:
+                    # Re-read the store's tags inside an exclusive catalog transaction: a
+                    # replica's tag() that landed after our untag wins in both. Exclusive,
+                    # because a shared one lets that replica's catalog write commit between our
+                    # store read and our catalog write, which would then erase a tag the store
+                    # has (seen at round 186 of a 200-round loop: store tagged, catalog not). A
+                    # hub tag writes the store before its catalog transaction, so that
+                    # transaction either finished before ours (we read its store write) or
+                    # starts after ours and writes last.
                     for (repo, tag, digest), now in zip(chunk, pool.map(now_in_store, chunk), strict=True):
                         c.set_tag(conn, repo, tag, now, actor=f"retention:{actor}")
                         if now is None:

@@ -123,6 +123,14 @@ class Registry:
                 return self.unauthorized(request, scope, e.message)
             e.headers.update(API_VERSION)
             return e.response(head=head)
+        except Exception:
+            # A failure of ours (a catalog or store error no handler translated): log it with
+            # its traceback and answer 500 UNKNOWN. Left to uvicorn, it would send a bare 500
+            # and close the connection with the client's body unread, which the client sees as
+            # "connection reset by peer" instead of an error it can report or retry.
+            log.exception("%s %s failed", request.method, request.url.path)
+            err = RegistryError("UNKNOWN", "internal server error (see the server log)", headers=API_VERSION)
+            return err.response(head=head)
 
     @staticmethod
     def _headers(resp: Response) -> Response:

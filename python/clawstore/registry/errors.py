@@ -43,6 +43,8 @@ STATUS: dict[str, int] = {
     "TOOMANYREQUESTS": 429,
     "TAG_CONFLICT": 412,
     "RANGE_INVALID": 416,
+    # distribution's errcode.ErrorCodeUnknown: the server failed, not the request
+    "UNKNOWN": 500,
 }
 
 
@@ -103,7 +105,7 @@ def translate(e: ClawstoreError, *, what: str = "blob") -> RegistryError:
         return RegistryError("TAG_CONFLICT", msg)
     if isinstance(e, PermissionDeniedError):
         return RegistryError("DENIED", msg)
-    return RegistryError("UNSUPPORTED", msg, status=500)
+    return RegistryError("UNKNOWN", msg)
 
 
 __all__ = ["STATUS", "RegistryError", "translate"]
