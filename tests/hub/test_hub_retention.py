@@ -120,3 +120,34 @@ def test_one_run_over_many_repositories(hub: Hub, monkeypatch: pytest.MonkeyPatc
     assert cat == {(repo, "snap-2") for repo in kept}
     assert len(history) == 24 and all(h.new_digest is None for h in history)
     assert hub.fsck(ADMIN).ok
+
+
+def test_a_tag_overtaken_by_retention_is_not_recorded_after_it(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 16 item 10, the interleaving round 54 of a 250-round loop hit: a replica's tag()
+    writes the store, retention untags it (store and catalog), and only then does the replica's
+    catalog transaction run. The catalog follows the store (untagged), not the older write."""
+    with hub.session(ADMIN, "ci/app") as s:
+        old = push_artifact(s, "ci/app", "build-0", [b"build 0"])
+        push_artifact(s, "ci/app", "build-1", [b"build 1"])
+    _age_tag(hub, "ci/app", "build-0", 1000)
+    hub.set_policy(ADMIN, Policy("ci/**", keep_last=1))
+    backend = hub.store.backend
+    swap = backend.swap_tag
+    raced: list[object] = []
+
+    def swap_then_retention(repo: str, tag: str, new: object, expect: object) -> object:
+        prev = swap(repo, tag, new, expect)
+        if new is not None and not raced:  # the replica's store write done, its catalog's not
+            raced.append(hub.apply_retention(ADMIN, grace=3600))
+        return prev
+
+    monkeypatch.setattr(backend, "swap_tag", swap_then_retention)
+    hub.tag(ADMIN, "ci/app", "build-0", old.digest)
+    assert raced and [t for _r, t, _d in raced[0].tags] == ["build-0"]  # type: ignore[attr-defined]
+    assert hub.store.list_tags("ci/app") == ["build-1"]
+    report = hub.fsck(ADMIN)
+    assert report.ok, report
+    history = hub.tag_history(ADMIN, "ci/app", "build-0")
+    assert history[-1]["new_digest"] is None

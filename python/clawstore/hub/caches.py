@@ -21,6 +21,7 @@ from sqlalchemy import BigInteger, Column, Float, Index, String, Table, delete, 
 from clawstore import caches
 from clawstore.errors import ClawstoreError, NotFoundError, RefNotFoundError, TagConflictError
 from clawstore.hub import catalog as c
+from clawstore.hub.records import mirror_tag
 
 if TYPE_CHECKING:
     from clawstore.hub.hub import Hub
@@ -220,16 +221,11 @@ class CacheCatalog:
                 self.hub.store.untag(repo, caches.tag_of(key), expect=digest)
             except (TagConflictError, RefNotFoundError, NotFoundError):
                 continue
-            with self.catalog.tx(exclusive=True) as conn:
-                # What the store says now, read inside an exclusive transaction (as retention
-                # does): a put that re-tagged the key after our untag keeps its tag in both.
-                try:
-                    now_at: str | None = str(self.hub.store.resolve(repo, caches.tag_of(key)))
-                except RefNotFoundError:
-                    now_at = None
-                if now_at is not None:
-                    continue  # its writer's own catalog write records it
-                c.set_tag(conn, repo, caches.tag_of(key), None, actor=actor)
+            with self.catalog.tx() as conn:
+                # What the store says now, under the tag's lock (see records.mirror_tag): a put
+                # that re-tagged the key after our untag keeps its tag and its entry.
+                if mirror_tag(conn, self.hub.store, repo, caches.tag_of(key), wrote=None, actor=actor):
+                    continue
                 conn.execute(
                     delete(cache_entries).where(cache_entries.c.scope == scope, cache_entries.c.key == key)
                 )

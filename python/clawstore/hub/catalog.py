@@ -567,6 +567,22 @@ def linked_repositories(conn: Connection, digest: str) -> set[str]:
     return {r[0] for r in rows}
 
 
+#: Namespace (first key) of the tag advisory locks (`lock_tag`); the two-key form never
+#: collides with the one-key catalog-creation lock.
+TAG_LOCK_SPACE = 1952539751
+
+
+def lock_tag(conn: Connection, repo: str, tag: str) -> None:
+    """Hold `repo:tag` until the transaction ends (PostgreSQL: a transaction advisory lock on a
+    hash of the name; a collision only serialises two unrelated tags). SQLite needs none: its
+    write transactions are serial (BEGIN IMMEDIATE)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(
+            text(f"SELECT pg_advisory_xact_lock({TAG_LOCK_SPACE}, hashtext(:name))"),
+            {"name": f"{repo}:{tag}"},
+        )
+
+
 def set_tag(
     conn: Connection, repo: str, tag: str, digest: str | None, *, actor: str | None, t: float | None = None
 ) -> str | None:

@@ -32,6 +32,7 @@ from clawstore.errors import ClawstoreError, RefNotFoundError, TagConflictError
 from clawstore.hub import catalog as c
 from clawstore.hub.gc import GarbageCollector
 from clawstore.hub.permissions import pattern_matches, pattern_regex
+from clawstore.hub.records import mirror_tags
 
 if TYPE_CHECKING:
     from clawstore.store import ArtifactStore
@@ -207,30 +208,23 @@ class Retention:
                 return False
             return True
 
-        def now_in_store(t: tuple[str, str, str]) -> str | None:
-            try:
-                return str(store.resolve(t[0], t[1]))
-            except RefNotFoundError:
-                return None
-
         removed: list[tuple[str, str, str]] = []
         with ThreadPoolExecutor(workers, thread_name_prefix="retention") as pool:
             done = [t for t, ok in zip(tags, pool.map(untag, tags), strict=True) if ok]
             for i in range(0, len(done), UNTAG_BATCH):
                 chunk = done[i : i + UNTAG_BATCH]
-                with self.catalog.tx(exclusive=True) as conn:
-                    # Re-read the store's tags inside an exclusive catalog transaction: a
-                    # replica's tag() that landed after our untag wins in both. Exclusive,
-                    # because a shared one lets that replica's catalog write commit between our
-                    # store read and our catalog write, which would then erase a tag the store
-                    # has (seen at round 186 of a 200-round loop: store tagged, catalog not). A
-                    # hub tag writes the store before its catalog transaction, so that
-                    # transaction either finished before ours (we read its store write) or
-                    # starts after ours and writes last.
-                    for (repo, tag, digest), now in zip(chunk, pool.map(now_in_store, chunk), strict=True):
-                        c.set_tag(conn, repo, tag, now, actor=f"retention:{actor}")
-                        if now is None:
-                            removed.append((repo, tag, digest))
+                with self.catalog.tx() as conn:
+                    # What the store says now, under each tag's lock: a replica's tag() that
+                    # landed after our untag keeps its tag in both, and a tag() whose store
+                    # write we overtook cannot record it after us.
+                    now = mirror_tags(
+                        conn,
+                        store,
+                        [(r, t, None) for r, t, _d in chunk],
+                        actor=f"retention:{actor}",
+                        pool=pool,
+                    )
+                removed.extend(t for t, d in zip(chunk, now, strict=True) if d is None)
         return removed
 
 

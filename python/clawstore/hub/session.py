@@ -41,7 +41,7 @@ from clawstore.errors import (
 )
 from clawstore.hub import catalog as c
 from clawstore.hub.leases import Lease
-from clawstore.hub.records import ensure_recorded
+from clawstore.hub.records import ensure_recorded, mirror_tag
 from clawstore.store import ArtifactStore, check_references
 from clawstore.types import BlobSource, CleanupReport, Expectation
 
@@ -299,7 +299,7 @@ class SessionBackend:
             self.authorize("delete", repo)
             prev = self.inner.swap_tag(repo, tag, None, expect)
             with self.catalog.tx() as conn:
-                c.set_tag(conn, repo, tag, None, actor=self.actor)
+                mirror_tag(conn, self._store, repo, tag, wrote=None, actor=self.actor)
             return prev
         self.authorize("push", repo)
         if not self._may(new):
@@ -327,7 +327,7 @@ class SessionBackend:
             check_references(self.inner, self._store.get_manifest_typed(new))
         prev = self.inner.swap_tag(repo, tag, new, expect)
         with self.catalog.tx() as conn:
-            c.set_tag(conn, repo, tag, new, actor=self.actor)
+            mirror_tag(conn, self._store, repo, tag, wrote=str(new), actor=self.actor)
         return prev
 
     def iter_tags(self, repo: str) -> Iterator[str]:

@@ -5,6 +5,8 @@ served as a streamed response."""
 from __future__ import annotations
 
 import io
+import queue
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -86,21 +88,63 @@ async def run_blocking(fn: Callable[..., Any], *args: Any) -> Any:
     return await anyio.to_thread.run_sync(fn, *args)
 
 
+#: Chunks a blob's reader thread may run ahead of the socket.
+AHEAD = 4
+
+
 async def send_reader(reader: Any, length: int | None = None) -> AsyncIterator[bytes]:
     """Stream a blocking reader (the store's verifying reader: a mismatch raises before the last
-    byte, and the connection is cut short) from a worker thread, closing it at the end."""
+    byte, and the connection is cut short), closing it at the end.
+
+    The reader runs in a thread of its own, up to AHEAD chunks ahead of the socket: reading the
+    backend (an S3 GET body, a file) and hashing it overlap with sending the previous chunk,
+    where a read-then-send loop would leave one idle while the other works. A client that goes
+    away stops the thread at its next chunk."""
+    chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(AHEAD)
+    stop = threading.Event()
+
+    def put(item: bytes | BaseException | None) -> bool:
+        while not stop.is_set():
+            try:
+                chunks.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pump() -> None:
+        try:
+            left = length
+            while left is None or left > 0:
+                data = reader.read(SEND if left is None else min(SEND, left))
+                if not data:
+                    break
+                if left is not None:
+                    left -= len(data)
+                if not put(data):
+                    return
+            put(None)
+        except BaseException as e:  # handed to the event loop, raised there
+            put(e)
+        finally:
+            reader.close()
+
+    thread = threading.Thread(target=pump, name="registry-send", daemon=True)
+    thread.start()
     try:
-        left = length
-        while left is None or left > 0:
-            want = SEND if left is None else min(SEND, left)
-            data = await anyio.to_thread.run_sync(reader.read, want)
-            if not data:
+        while True:
+            try:  # no thread trip while the reader is ahead
+                item = chunks.get_nowait()
+            except queue.Empty:
+                item = await anyio.to_thread.run_sync(chunks.get)
+            if item is None:
                 break
-            if left is not None:
-                left -= len(data)
-            yield data
+            if isinstance(item, BaseException):
+                raise item
+            yield item
     finally:
-        await anyio.to_thread.run_sync(reader.close)
+        stop.set()
+        await anyio.to_thread.run_sync(thread.join)
 
 
 __all__ = ["BodyReader", "body_file", "read_limited", "run_blocking", "send_reader"]
