@@ -83,6 +83,14 @@ def _listen(text: str) -> tuple[str, int]:
     show_default=True,
     help="An upload session expires this long after its last chunk; a pushed blob stays held as long.",
 )
+@click.option(
+    "--blob-redirect",
+    type=DURATION,
+    default=None,
+    metavar="TTL",
+    help="Answer blob GETs with a 307 to a presigned URL valid TTL (S3 stores; the client then "
+    "reads S3 directly and checks the digest itself). Default: stream verified bytes.",
+)
 @click.option("--log-level", default="warning", show_default=True, help="uvicorn log level.")
 @click.option(
     "--tls-cert",
@@ -107,6 +115,7 @@ def serve(
     realm: str | None,
     token_ttl: float,
     upload_ttl: float,
+    blob_redirect: float | None,
     log_level: str,
     tls_cert: str | None,
     tls_key: str | None,
@@ -118,6 +127,7 @@ def serve(
     principal `anonymous` (`clawstore grant add anonymous pull '**'`)."""
     import uvicorn
 
+    from clawstore.backends.base import PresignedReads
     from clawstore.hub import Hub
     from clawstore.registry.app import OPTIONS_ENV, RegistryOptions
 
@@ -129,6 +139,8 @@ def serve(
     # before any worker starts.
     store = cli_ctx.store
     Hub(store, catalog, create_catalog=create_catalog).catalog.close()
+    if blob_redirect is not None and not isinstance(store.backend, PresignedReads):
+        raise click.UsageError(f"--blob-redirect needs a store that presigns URLs (S3), not {store.url}")
     options = RegistryOptions(
         # The URL as given (the store's own url keeps only endpoint and region, not tunables).
         store_url=with_registry_defaults(cli_ctx.store_url or store.url),
@@ -138,6 +150,7 @@ def serve(
         realm=realm,
         token_ttl=token_ttl,
         upload_ttl=upload_ttl,
+        blob_redirect=blob_redirect,
     )
     os.environ[OPTIONS_ENV] = options.to_env()
     # Bind here (port 0 works, and the line below says which port was taken), then hand the

@@ -45,6 +45,8 @@ class RegistryOptions:
     realm: str | None = None
     token_ttl: float = 300.0
     upload_ttl: float = 3600.0
+    #: blob GETs answered with a 307 to a presigned URL valid this long (None: streamed)
+    blob_redirect: float | None = None
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -60,7 +62,7 @@ class Registry:
         self.options = options
         hub.uploads.ttl = options.upload_ttl
         self.auth = Authenticator(hub, service=options.service, token_ttl=options.token_ttl)
-        self.handlers = Handlers(hub)
+        self.handlers = Handlers(hub, blob_redirect=options.blob_redirect)
 
     def realm(self, request: Request) -> str:
         if self.options.realm:

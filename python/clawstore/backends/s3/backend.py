@@ -178,6 +178,15 @@ class S3Backend:
                 return b""
             raise
 
+    def blob_url(self, digest: Digest, ttl: float) -> str:
+        """A presigned GET of the blob's object, valid `ttl` seconds (at least 1, at most the
+        7 days SigV4 allows), signed with the store's credentials and endpoint."""
+        seconds = max(1, min(int(ttl), 7 * 24 * 3600))
+        url: str = self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self.layout.blob(digest)}, ExpiresIn=seconds
+        )
+        return url
+
     @property
     def read_concurrency(self) -> int:
         """Ranged reads worth running at once."""
