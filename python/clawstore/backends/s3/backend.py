@@ -86,8 +86,18 @@ class S3Backend:
         self._tag_etags: dict[tuple[str, str], tuple[Digest, str]] = {}
 
     @classmethod
-    def from_url(cls, bucket: str, prefix: str, query: dict[str, str], **options: Any) -> S3Backend:
-        return cls(bucket, prefix, S3Options.build(query, options))
+    def from_url(
+        cls,
+        bucket: str,
+        prefix: str,
+        query: dict[str, str],
+        *,
+        caps: S3Capabilities | None = None,
+        **options: Any,
+    ) -> S3Backend:
+        """`caps`: what an earlier probe of the same server found (a registry's parent process
+        hands its workers the result): no probe then."""
+        return cls(bucket, prefix, S3Options.build(query, options), caps=caps)
 
     @property
     def client(self) -> Any:
