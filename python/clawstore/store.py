@@ -27,6 +27,7 @@ from clawstore.backends.base import (
     BatchRemovals,
     BlobPaths,
     Downloads,
+    PresignedReads,
     RangedReads,
     Recording,
     SizedListing,
@@ -234,6 +235,14 @@ class ArtifactStore:
         if size is None:
             raise BlobNotFoundError(f"blob {digest} not found")
         return size
+
+    def blob_url(self, digest: Digest | str, ttl: float) -> str | None:
+        """A URL reading the blob without credentials for `ttl` seconds (S3: presigned), or None
+        where the backend has no such thing (local). Neither checks that the blob exists nor
+        verifies what the URL returns: callers stat first, readers check the digest."""
+        if isinstance(self.backend, PresignedReads):
+            return self.backend.blob_url(Digest.parse(digest), ttl)
+        return None
 
     def has_blob(self, digest: Digest | str) -> bool:
         return self.backend.blob_size(Digest.parse(digest)) is not None

@@ -122,12 +122,16 @@ def test_one_run_over_many_repositories(hub: Hub, monkeypatch: pytest.MonkeyPatc
     assert hub.fsck(ADMIN).ok
 
 
-def test_a_tag_overtaken_by_retention_is_not_recorded_after_it(
+def test_retention_cannot_land_between_a_tags_store_and_catalog_writes(
     hub: Hub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue 16 item 10, the interleaving round 54 of a 250-round loop hit: a replica's tag()
-    writes the store, retention untags it (store and catalog), and only then does the replica's
-    catalog transaction run. The catalog follows the store (untagged), not the older write."""
+    has written the store and not yet the catalog when retention untags the same tag. Retention
+    must wait for that tag() to finish (it holds the tag's lock across both writes); before the
+    fix it ran in between, and the replica then recorded its older write in the catalog (store
+    untagged, catalog tagged)."""
+    import threading
+
     with hub.session(ADMIN, "ci/app") as s:
         old = push_artifact(s, "ci/app", "build-0", [b"build 0"])
         push_artifact(s, "ci/app", "build-1", [b"build 1"])
@@ -135,19 +139,37 @@ def test_a_tag_overtaken_by_retention_is_not_recorded_after_it(
     hub.set_policy(ADMIN, Policy("ci/**", keep_last=1))
     backend = hub.store.backend
     swap = backend.swap_tag
-    raced: list[object] = []
+    stored, release = threading.Event(), threading.Event()
 
-    def swap_then_retention(repo: str, tag: str, new: object, expect: object) -> object:
+    def swap_then_wait(repo: str, tag: str, new: object, expect: object) -> object:
         prev = swap(repo, tag, new, expect)
-        if new is not None and not raced:  # the replica's store write done, its catalog's not
-            raced.append(hub.apply_retention(ADMIN, grace=3600))
+        if new is not None and threading.current_thread().name == "replica":
+            stored.set()  # the replica's store write is done, its catalog write is not
+            release.wait(60)
         return prev
 
-    monkeypatch.setattr(backend, "swap_tag", swap_then_retention)
-    hub.tag(ADMIN, "ci/app", "build-0", old.digest)
-    assert raced and [t for _r, t, _d in raced[0].tags] == ["build-0"]  # type: ignore[attr-defined]
-    assert hub.store.list_tags("ci/app") == ["build-1"]
+    monkeypatch.setattr(backend, "swap_tag", swap_then_wait)
+    errors: list[BaseException] = []
+
+    def run(fn: object) -> None:
+        try:
+            fn()  # type: ignore[operator]
+        except BaseException as e:
+            errors.append(e)
+
+    replica = threading.Thread(
+        target=run, args=(lambda: hub.tag(ADMIN, "ci/app", "build-0", old.digest),), name="replica"
+    )
+    replica.start()
+    assert stored.wait(60)
+    retention = threading.Thread(target=run, args=(lambda: hub.apply_retention(ADMIN, grace=3600),))
+    retention.start()
+    retention.join(2)  # without the lock it finishes here, between the replica's two writes
+    release.set()
+    replica.join(60)
+    retention.join(120)
+    assert not errors, errors
+    assert hub.store.list_tags("ci/app") == ["build-1"]  # retention came last, and won
     report = hub.fsck(ADMIN)
     assert report.ok, report
-    history = hub.tag_history(ADMIN, "ci/app", "build-0")
-    assert history[-1]["new_digest"] is None
+    assert hub.tag_history(ADMIN, "ci/app", "build-0")[-1]["new_digest"] is None

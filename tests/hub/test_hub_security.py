@@ -7,13 +7,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import clawstore
 import pytest
-from clawstore import PermissionDeniedError
+from clawstore import ManifestNotFoundError, PermissionDeniedError
 from clawstore.fsck import fsck as store_fsck
 from clawstore.hub import GarbageCollector, Hub, Principal
 from clawstore.hub import catalog as c
@@ -337,23 +338,42 @@ def test_replica_tag_during_retention_survives(any_hub: Hub, monkeypatch: pytest
         )
     hub.set_policy(ADMIN, Policy("ci/**", keep_last=1))
     real_untag = type(hub.store).untag
+    replicas: list[threading.Thread] = []
+    errors: list[BaseException] = []
+
+    def replica_tags() -> None:
+        try:
+            Hub(hub.store, hub.catalog).tag(ADMIN, "ci/app", "build-0", old.digest)
+        except BaseException as e:
+            errors.append(e)
 
     def untag_then_replica_tags(
         self: clawstore.ArtifactStore, repo: str, tag: str, expect: object = None
     ) -> object:
         prev = real_untag(self, repo, tag, expect)  # type: ignore[arg-type]
         if (repo, tag) == ("ci/app", "build-0"):
-            # another replica re-tags it right now (store, then its catalog write)
-            other = Hub(hub.store, hub.catalog)
-            other.tag(ADMIN, "ci/app", "build-0", old.digest)
+            # another replica re-tags it right now, between retention's store and catalog
+            # writes: it waits for the tag's lock (retention holds it across both) and lands
+            # after; before the per-tag lock it ran in between.
+            t = threading.Thread(target=replica_tags)
+            t.start()
+            replicas.append(t)
+            t.join(2)
         return prev
 
     monkeypatch.setattr(type(hub.store), "untag", untag_then_replica_tags)
     hub.apply_retention(ADMIN, grace=0)
     monkeypatch.setattr(type(hub.store), "untag", real_untag)
-    assert hub.store.resolve("ci/app", "build-0") == old.digest
-    assert hub.store.has_manifest(old.digest)
-    assert hub.store.has_blob(clawstore.digest_bytes(b"old build"))
+    for t in replicas:
+        t.join(120)
+    assert replicas
+    if errors:  # SQLite: the replica's lease waited for retention, whose GC (grace 0) came first
+        assert [type(e) for e in errors] == [ManifestNotFoundError], errors
+        assert "build-0" not in hub.store.list_tags("ci/app")
+    else:  # it landed after retention: tagged, with its content, in the store and the catalog
+        assert hub.store.resolve("ci/app", "build-0") == old.digest
+        assert hub.store.has_manifest(old.digest)
+        assert hub.store.has_blob(clawstore.digest_bytes(b"old build"))
     assert store_fsck(hub.store).ok
     report = hub.fsck(ADMIN)
     assert report.ok, report

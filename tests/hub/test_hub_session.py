@@ -196,6 +196,9 @@ SURFACE: dict[str, Check] = {
     "principal": plain(lambda s: s.principal == ADMIN),
     "repo": plain(lambda s: s.repo == REPO),
     "lease": plain(lambda s: bool(s.lease.id)),
+    # no presigned URL through a session (it would skip the lease and the repository link
+    # check): the wrapper has no such capability, and Hub.blob_url is the checked way
+    "blob_url": plain(lambda s: s.blob_url("sha256:" + "0" * 64, 60) is None),
     "read_concurrency": plain(lambda s: s.read_concurrency >= 1),
     "remove_batch": plain(lambda s: s.remove_batch >= 1),
     "remove_concurrency": plain(lambda s: s.remove_concurrency >= 1),

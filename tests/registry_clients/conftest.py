@@ -104,6 +104,25 @@ def s3_registry(
         yield server
 
 
+@pytest.fixture(scope="module")
+def s3_redirect_registry(
+    tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str
+) -> Iterator[RegistryServer]:
+    """`clawstore serve --blob-redirect` on moto's S3, with auth: blob GETs are 307s to presigned
+    URLs that clients follow without the registry's credentials."""
+    bucket = new_bucket(make_client(s3_endpoint))
+    workdir = tmp_path_factory.mktemp("clawstore-s3-redirect")
+    server = ClawstoreServer(
+        workdir,
+        store_url(s3_endpoint, bucket) + S3_QUERY,
+        credentials_user="tester",
+        catalog=f"sqlite:///{workdir / 'catalog.sqlite'}",
+        extra_args=["--blob-redirect", "10m"],
+    )
+    with server:
+        yield server
+
+
 @pytest.fixture
 def repo_name() -> str:
     """A repository name no other test uses (two path components, as clients usually push)."""

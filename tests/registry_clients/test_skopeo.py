@@ -194,3 +194,43 @@ def test_credentials(auth_registry: RegistryServer, skopeo: Tools, tmp_path: Pat
         "copy", "--src-tls-verify=false", "--src-creds", creds.colon, remote, f"oci:{dst.root}:back"
     )
     assert_same_image(src, "v1", dst, "back")
+
+
+@pytest.mark.s3
+def test_pull_follows_blob_redirects_to_s3(
+    s3_redirect_registry: RegistryServer, skopeo: Tools, tmp_path: Path, repo_name: str
+) -> None:
+    """With `--blob-redirect`, skopeo pushes through the registry and pulls every blob from S3
+    by the presigned URL it is redirected to (its registry credentials stay behind: S3 would
+    refuse a request carrying both), with identical digests."""
+    import httpx
+
+    server = s3_redirect_registry
+    creds = server.credentials
+    assert creds is not None
+    src, desc = small_image(tmp_path / "src", seed=53)
+    remote = f"docker://{server.host}/{repo_name}:v1"
+    login = f"{creds.user}:{creds.password}"
+    skopeo.skopeo(
+        "copy",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        login,
+        f"oci:{src.root}:v1",
+        remote,
+    )
+    layer = json.loads(src.read_blob(desc["digest"]))["layers"][1]["digest"]
+    r = httpx.get(f"{server.url}/v2/{repo_name}/blobs/{layer}", auth=(creds.user, creds.password))
+    assert r.status_code == 307 and "Signature=" in r.headers["location"], r.headers
+    dst = Layout(tmp_path / "dst")
+    skopeo.skopeo(
+        "copy",
+        "--preserve-digests",
+        "--src-tls-verify=false",
+        "--src-creds",
+        login,
+        remote,
+        f"oci:{dst.root}:back",
+    )
+    assert_same_image(src, "v1", dst, "back")

@@ -112,6 +112,15 @@ class RangedReads(Protocol):
 
 
 @runtime_checkable
+class PresignedReads(Protocol):
+    """A URL that reads a stored blob without credentials until it expires (S3: a presigned GET,
+    which honours Range). Made offline: it says nothing of whether the blob exists. Unverified
+    by us: whoever fetches it checks the digest (registry clients do)."""
+
+    def blob_url(self, digest: Digest, ttl: float) -> str: ...
+
+
+@runtime_checkable
 class BatchRemovals(Protocol):
     """How `remove_blobs` / `remove_manifests` are best called: with up to `remove_batch`
     digests per call (S3: the server's DeleteObjects limit) and `remove_concurrency` calls in

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import asdict
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
 import click
@@ -83,6 +85,14 @@ def _listen(text: str) -> tuple[str, int]:
     show_default=True,
     help="An upload session expires this long after its last chunk; a pushed blob stays held as long.",
 )
+@click.option(
+    "--blob-redirect",
+    type=DURATION,
+    default=None,
+    metavar="TTL",
+    help="Answer blob GETs with a 307 to a presigned URL valid TTL (S3 stores; the client then "
+    "reads S3 directly and checks the digest itself). Default: stream verified bytes.",
+)
 @click.option("--log-level", default="warning", show_default=True, help="uvicorn log level.")
 @click.option(
     "--tls-cert",
@@ -107,6 +117,7 @@ def serve(
     realm: str | None,
     token_ttl: float,
     upload_ttl: float,
+    blob_redirect: float | None,
     log_level: str,
     tls_cert: str | None,
     tls_key: str | None,
@@ -118,26 +129,41 @@ def serve(
     principal `anonymous` (`clawstore grant add anonymous pull '**'`)."""
     import uvicorn
 
+    import clawstore
+    from clawstore.backends.base import PresignedReads
+    from clawstore.backends.s3 import S3Backend
     from clawstore.hub import Hub
-    from clawstore.registry.app import OPTIONS_ENV, RegistryOptions
+    from clawstore.registry.app import OPTIONS_ENV, RegistryOptions, create_app
 
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
     host, port = _listen(listen)
     catalog = catalog_url or os.environ.get("CLAWSTORE_CATALOG")
-    # Open once here: a bad store or catalog URL fails now with one line, and migrations run
-    # before any worker starts.
-    store = cli_ctx.store
-    Hub(store, catalog, create_catalog=create_catalog).catalog.close()
-    options = RegistryOptions(
+    # A bad store or catalog URL fails here with one line, and migrations run before any worker
+    # starts. The store the registry serves, opened (an S3 server probed) once, here: one worker uses
+    # it as is; several get the probe's findings and open the store without probing again (a
+    # worker whose probe failed would exit with connections already queued on the socket).
+    given = cli_ctx.store_url or os.environ.get("CLAWSTORE_URL")
+    if given is not None and urlparse(given).scheme == "s3":
         # The URL as given (the store's own url keeps only endpoint and region, not tunables).
-        store_url=with_registry_defaults(cli_ctx.store_url or store.url),
+        store_url = with_registry_defaults(given)
+        store = clawstore.open(store_url)
+    else:
+        store = cli_ctx.store
+        store_url = store.url
+    hub = Hub(store, catalog, create_catalog=create_catalog)
+    if blob_redirect is not None and not isinstance(store.backend, PresignedReads):
+        raise click.UsageError(f"--blob-redirect needs a store that presigns URLs (S3), not {store.url}")
+    options = RegistryOptions(
+        store_url=store_url,
         catalog_url=catalog,
         create_catalog=False,
         service=service,
         realm=realm,
         token_ttl=token_ttl,
         upload_ttl=upload_ttl,
+        blob_redirect=blob_redirect,
+        store_caps=asdict(store.backend.caps) if isinstance(store.backend, S3Backend) else None,
     )
     os.environ[OPTIONS_ENV] = options.to_env()
     # Bind here (port 0 works, and the line below says which port was taken), then hand the
@@ -155,9 +181,15 @@ def serve(
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     scheme = "https" if tls_cert else "http"
     click.echo(f"clawstore registry: serving {store.url} on {scheme}://{shown}:{bound}", err=True)
+    if workers == 1:  # this process serves, with the hub opened above
+        app: Any = create_app(hub, options, close_hub=True)
+        factory = False
+    else:  # worker processes, each opening its own hub from the options (probe findings included)
+        hub.close()
+        app, factory = "clawstore.registry.app:from_env", True
     uvicorn.run(
-        "clawstore.registry.app:from_env",
-        factory=True,
+        app,
+        factory=factory,
         fd=sock.fileno(),
         workers=workers,
         log_level=log_level,

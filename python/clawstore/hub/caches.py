@@ -21,7 +21,6 @@ from sqlalchemy import BigInteger, Column, Float, Index, String, Table, delete, 
 from clawstore import caches
 from clawstore.errors import ClawstoreError, NotFoundError, RefNotFoundError, TagConflictError
 from clawstore.hub import catalog as c
-from clawstore.hub.records import mirror_tag
 
 if TYPE_CHECKING:
     from clawstore.hub.hub import Hub
@@ -217,15 +216,16 @@ class CacheCatalog:
         repo = caches.repository(scope)
         done: list[tuple[str, str]] = []
         for key, digest in report.evicted:
-            try:
-                self.hub.store.untag(repo, caches.tag_of(key), expect=digest)
-            except (TagConflictError, RefNotFoundError, NotFoundError):
-                continue
+            # Store and catalog in one transaction holding the tag's lock, as hub sessions move
+            # tags: a put re-tagging the key comes wholly before (our compare-and-swap fails and
+            # the entry stays) or wholly after.
             with self.catalog.tx() as conn:
-                # What the store says now, under the tag's lock (see records.mirror_tag): a put
-                # that re-tagged the key after our untag keeps its tag and its entry.
-                if mirror_tag(conn, self.hub.store, repo, caches.tag_of(key), wrote=None, actor=actor):
+                c.lock_tag(conn, repo, caches.tag_of(key))
+                try:
+                    self.hub.store.untag(repo, caches.tag_of(key), expect=digest)
+                except (TagConflictError, RefNotFoundError, NotFoundError):
                     continue
+                c.set_tag(conn, repo, caches.tag_of(key), None, actor=actor)
                 conn.execute(
                     delete(cache_entries).where(cache_entries.c.scope == scope, cache_entries.c.key == key)
                 )

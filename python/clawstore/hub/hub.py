@@ -354,6 +354,19 @@ class Hub:
             raise BlobNotFoundError(f"blob {d} not found in {repo}")
         return self.store.stat_blob(d)
 
+    def blob_url(self, principal: Principal, repo: str, digest: Digest | str, ttl: float) -> str | None:
+        """A time-limited URL of a blob of `repo` (linked to it, as in `get_blob`, and stored:
+        BlobNotFoundError otherwise), or None when the store cannot make one (local). What the
+        registry redirects blob GETs to when told to."""
+        self._authorize(principal, "pull", repo)
+        d = Digest.parse(digest)
+        if not self._may_read(principal, d, repo):
+            raise BlobNotFoundError(f"blob {d} not found in {repo}")
+        url = self.store.blob_url(d, ttl)
+        if url is not None:
+            self.store.stat_blob(d)  # a URL of nothing would be the client's 404 from S3
+        return url
+
     def read_blob_range(
         self, principal: Principal, repo: str, digest: Digest | str, offset: int, length: int
     ) -> bytes:

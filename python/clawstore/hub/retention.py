@@ -32,7 +32,6 @@ from clawstore.errors import ClawstoreError, RefNotFoundError, TagConflictError
 from clawstore.hub import catalog as c
 from clawstore.hub.gc import GarbageCollector
 from clawstore.hub.permissions import pattern_matches, pattern_regex
-from clawstore.hub.records import mirror_tags
 
 if TYPE_CHECKING:
     from clawstore.store import ArtifactStore
@@ -196,8 +195,11 @@ class Retention:
         self, store: ArtifactStore, tags: list[tuple[str, str, str]], actor: str
     ) -> list[tuple[str, str, str]]:
         """Remove `tags` from the store (compare-and-swap against the planned digest: a tag moved
-        meanwhile stays), `store.remove_concurrency`-ish at a time, then from the catalog in
-        batches of UNTAG_BATCH per transaction. Returns the tags removed."""
+        meanwhile stays) and from the catalog, UNTAG_BATCH per catalog transaction, which holds
+        the batch's tag locks (`catalog.lock_tag`, taken in sorted order) across both writes as
+        hub sessions do: a replica's tag() of the same tag comes wholly before or wholly after,
+        never between our store write and our catalog write. The store removals of a batch run
+        `store.read_concurrency` at a time (at most 8). Returns the tags removed."""
         workers = max(1, min(8, store.read_concurrency, len(tags)))
 
         def untag(t: tuple[str, str, str]) -> bool:
@@ -210,21 +212,15 @@ class Retention:
 
         removed: list[tuple[str, str, str]] = []
         with ThreadPoolExecutor(workers, thread_name_prefix="retention") as pool:
-            done = [t for t, ok in zip(tags, pool.map(untag, tags), strict=True) if ok]
-            for i in range(0, len(done), UNTAG_BATCH):
-                chunk = done[i : i + UNTAG_BATCH]
+            for i in range(0, len(tags), UNTAG_BATCH):
+                chunk = sorted(tags[i : i + UNTAG_BATCH])
                 with self.catalog.tx() as conn:
-                    # What the store says now, under each tag's lock: a replica's tag() that
-                    # landed after our untag keeps its tag in both, and a tag() whose store
-                    # write we overtook cannot record it after us.
-                    now = mirror_tags(
-                        conn,
-                        store,
-                        [(r, t, None) for r, t, _d in chunk],
-                        actor=f"retention:{actor}",
-                        pool=pool,
-                    )
-                removed.extend(t for t, d in zip(chunk, now, strict=True) if d is None)
+                    for repo, tag, _d in chunk:
+                        c.lock_tag(conn, repo, tag)
+                    done = [t for t, ok in zip(chunk, pool.map(untag, chunk), strict=True) if ok]
+                    for repo, tag, _d in done:
+                        c.set_tag(conn, repo, tag, None, actor=f"retention:{actor}")
+                removed.extend(done)
         return removed
 
 

@@ -41,7 +41,7 @@ from clawstore.errors import (
 )
 from clawstore.hub import catalog as c
 from clawstore.hub.leases import Lease
-from clawstore.hub.records import ensure_recorded, mirror_tag
+from clawstore.hub.records import ensure_recorded
 from clawstore.store import ArtifactStore, check_references
 from clawstore.types import BlobSource, CleanupReport, Expectation
 
@@ -292,14 +292,18 @@ class SessionBackend:
 
     def swap_tag(self, repo: str, tag: str, new: Digest | None, expect: Expectation) -> Digest | None:
         """The one implementation of tag and untag for the hub (Hub.tag/untag go through a
-        session too): authorize, record the manifest in `repo`, move the store's tag, then the
-        catalog's (with history)."""
+        session too): authorize, record the manifest in `repo`, then move the store's tag and
+        the catalog's (with history) in one catalog transaction that holds the tag's lock
+        (`catalog.lock_tag`): every hub writer of a tag (sessions, retention, cache eviction)
+        moves it that way, so two of them cannot interleave their store and catalog writes and
+        leave the two disagreeing."""
         self._check_open()
         if new is None:
             self.authorize("delete", repo)
-            prev = self.inner.swap_tag(repo, tag, None, expect)
             with self.catalog.tx() as conn:
-                mirror_tag(conn, self._store, repo, tag, wrote=None, actor=self.actor)
+                c.lock_tag(conn, repo, tag)
+                prev = self.inner.swap_tag(repo, tag, None, expect)
+                c.set_tag(conn, repo, tag, None, actor=self.actor)
             return prev
         self.authorize("push", repo)
         if not self._may(new):
@@ -325,9 +329,10 @@ class SessionBackend:
         # A manifest this session stored had its references checked while they were held.
         if str(new) not in self._verified:
             check_references(self.inner, self._store.get_manifest_typed(new))
-        prev = self.inner.swap_tag(repo, tag, new, expect)
         with self.catalog.tx() as conn:
-            mirror_tag(conn, self._store, repo, tag, wrote=str(new), actor=self.actor)
+            c.lock_tag(conn, repo, tag)
+            prev = self.inner.swap_tag(repo, tag, new, expect)
+            c.set_tag(conn, repo, tag, new, actor=self.actor)
         return prev
 
     def iter_tags(self, repo: str) -> Iterator[str]:

@@ -45,6 +45,11 @@ class RegistryOptions:
     realm: str | None = None
     token_ttl: float = 300.0
     upload_ttl: float = 3600.0
+    #: blob GETs answered with a 307 to a presigned URL valid this long (None: streamed)
+    blob_redirect: float | None = None
+    #: an S3 store's capabilities as the parent's open-time probe found them (fields of
+    #: S3Capabilities): workers open the store without probing the server again
+    store_caps: dict[str, Any] | None = None
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -60,7 +65,7 @@ class Registry:
         self.options = options
         hub.uploads.ttl = options.upload_ttl
         self.auth = Authenticator(hub, service=options.service, token_ttl=options.token_ttl)
-        self.handlers = Handlers(hub)
+        self.handlers = Handlers(hub, blob_redirect=options.blob_redirect)
 
     def realm(self, request: Request) -> str:
         if self.options.realm:
@@ -214,8 +219,15 @@ def create_app(hub: Hub, options: RegistryOptions | None = None, *, close_hub: b
 
 def from_env() -> Starlette:
     """uvicorn factory: the options `clawstore serve` put in $CLAWSTORE_REGISTRY_OPTIONS."""
+    import clawstore
+
     o = RegistryOptions.from_env()
-    hub = Hub.open(o.store_url, o.catalog_url, create_catalog=o.create_catalog)
+    extra: dict[str, Any] = {}
+    if o.store_caps is not None:
+        from clawstore.backends.s3.probe import S3Capabilities
+
+        extra["caps"] = S3Capabilities(**o.store_caps)
+    hub = Hub(clawstore.open(o.store_url, **extra), o.catalog_url, create_catalog=o.create_catalog)
     return create_app(hub, o, close_hub=True)
 
 

@@ -150,8 +150,9 @@ class Handlers:
     """The endpoints over one hub. Every method takes the request, the caller and the match,
     runs the hub in worker threads, and returns a response or raises RegistryError."""
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, *, blob_redirect: float | None = None) -> None:
         self.hub = hub
+        self.blob_redirect = blob_redirect
 
     async def call(self, fn: Any, *args: Any, what: str = "blob") -> Any:
         try:
@@ -167,6 +168,13 @@ class Handlers:
             await self.call(self.hub.unlink_blob, p, m.repo, d)
             return Response(status_code=202, headers={"Docker-Content-Digest": d})
         rng = request.headers.get("range")
+        if request.method == "GET" and self.blob_redirect is not None:
+            # The client reads the backend directly (a Range header goes along: S3 honours it)
+            # and checks the digest itself, as with distribution's redirecting storage drivers.
+            url = await self.call(self.hub.blob_url, p, m.repo, d, self.blob_redirect)
+            if url is not None:
+                headers = {"Location": url, "Docker-Content-Digest": d, "Cache-Control": "no-store"}
+                return Response(status_code=307, headers=headers)
         if request.method == "GET" and not rng:
             # One hub call: the verifying reader knows the size. A small blob is read (and
             # verified) whole in the same worker thread: one trip instead of three.

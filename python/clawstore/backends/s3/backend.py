@@ -86,8 +86,18 @@ class S3Backend:
         self._tag_etags: dict[tuple[str, str], tuple[Digest, str]] = {}
 
     @classmethod
-    def from_url(cls, bucket: str, prefix: str, query: dict[str, str], **options: Any) -> S3Backend:
-        return cls(bucket, prefix, S3Options.build(query, options))
+    def from_url(
+        cls,
+        bucket: str,
+        prefix: str,
+        query: dict[str, str],
+        *,
+        caps: S3Capabilities | None = None,
+        **options: Any,
+    ) -> S3Backend:
+        """`caps`: what an earlier probe of the same server found (a registry's parent process
+        hands its workers the result): no probe then."""
+        return cls(bucket, prefix, S3Options.build(query, options), caps=caps)
 
     @property
     def client(self) -> Any:
@@ -177,6 +187,15 @@ class S3Backend:
             if "InvalidRange" in str(e):
                 return b""
             raise
+
+    def blob_url(self, digest: Digest, ttl: float) -> str:
+        """A presigned GET of the blob's object, valid `ttl` seconds (at least 1, at most the
+        7 days SigV4 allows), signed with the store's credentials and endpoint."""
+        seconds = max(1, min(int(ttl), 7 * 24 * 3600))
+        url: str = self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self.layout.blob(digest)}, ExpiresIn=seconds
+        )
+        return url
 
     @property
     def read_concurrency(self) -> int:
