@@ -384,9 +384,18 @@ class GarbageCollector:
         PostgreSQL FOR UPDATE SKIP LOCKED: a row a push is rescuing right now is skipped, and no
         push can rescue a picked row until this transaction ends; SQLite has one writer)."""
         lock = " FOR UPDATE SKIP LOCKED" if conn.dialect.name == "postgresql" else ""
+        # A blob a manifest still references is not picked: that manifest's trash row was
+        # skipped by the manifest pass (a push is rescuing it right now, and with it its blobs;
+        # deleting them would leave it a torso) or it is live. It stays in the trash for the
+        # next collection to decide.
+        unreferenced = (
+            " AND NOT EXISTS (SELECT 1 FROM manifest_blobs mb WHERE mb.blob = gc_trash.digest)"
+            if kind == "blob"
+            else ""
+        )
         rows = conn.execute(
             text(
-                "SELECT digest FROM gc_trash WHERE kind = :kind AND digest > :after "
+                f"SELECT digest FROM gc_trash WHERE kind = :kind AND digest > :after{unreferenced} "
                 f"ORDER BY digest LIMIT :n{lock}"
             ),
             {"kind": kind, "after": after, "n": n},
