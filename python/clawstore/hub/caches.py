@@ -216,16 +216,17 @@ class CacheCatalog:
         repo = caches.repository(scope)
         done: list[tuple[str, str]] = []
         for key, digest in report.evicted:
+            tag = caches.tag_of(key)
             # Store and catalog in one transaction holding the tag's lock, as hub sessions move
             # tags: a put re-tagging the key comes wholly before (our compare-and-swap fails and
             # the entry stays) or wholly after.
             with self.catalog.tx() as conn:
-                c.lock_tag(conn, repo, caches.tag_of(key))
+                c.lock_tag(conn, repo, tag)
                 try:
-                    self.hub.store.untag(repo, caches.tag_of(key), expect=digest)
+                    self.hub.store.untag(repo, tag, expect=digest)
                 except (TagConflictError, RefNotFoundError, NotFoundError):
                     continue
-                c.set_tag(conn, repo, caches.tag_of(key), None, actor=actor)
+                c.set_tag(conn, repo, tag, None, actor=actor)
                 conn.execute(
                     delete(cache_entries).where(cache_entries.c.scope == scope, cache_entries.c.key == key)
                 )

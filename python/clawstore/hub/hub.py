@@ -240,13 +240,19 @@ class Hub:
                 s.tag(repo, tag, d.digest)
             return d
 
-    def get_blob(self, principal: Principal, repo: str, digest: Digest | str) -> VerifyingReader:
-        """A blob of `repo`: one referenced by a manifest in it (not merely stored: a digest of
-        another repository is "not found" here, exactly like an absent one)."""
+    def _readable_blob(self, principal: Principal, repo: str, digest: Digest | str) -> Digest:
+        """`digest` as a blob `principal` may read in `repo`: pull granted there and the blob
+        linked to it; BlobNotFoundError (the same as an absent one) otherwise."""
         self._authorize(principal, "pull", repo)
         d = Digest.parse(digest)
         if not self._may_read(principal, d, repo):
             raise BlobNotFoundError(f"blob {d} not found in {repo}")
+        return d
+
+    def get_blob(self, principal: Principal, repo: str, digest: Digest | str) -> VerifyingReader:
+        """A blob of `repo`: one referenced by a manifest in it (not merely stored: a digest of
+        another repository is "not found" here, exactly like an absent one)."""
+        d = self._readable_blob(principal, repo, digest)
         return self.store.get_blob(d)
 
     def get_manifest(self, principal: Principal, repo: str, reference: str) -> bytes:
@@ -348,20 +354,14 @@ class Hub:
 
     def stat_blob(self, principal: Principal, repo: str, digest: Digest | str) -> int:
         """Size of a blob of `repo` (linked to it, as in `get_blob`); BlobNotFoundError."""
-        self._authorize(principal, "pull", repo)
-        d = Digest.parse(digest)
-        if not self._may_read(principal, d, repo):
-            raise BlobNotFoundError(f"blob {d} not found in {repo}")
+        d = self._readable_blob(principal, repo, digest)
         return self.store.stat_blob(d)
 
     def blob_url(self, principal: Principal, repo: str, digest: Digest | str, ttl: float) -> str | None:
         """A time-limited URL of a blob of `repo` (linked to it, as in `get_blob`, and stored:
         BlobNotFoundError otherwise), or None when the store cannot make one (local). What the
         registry redirects blob GETs to when told to."""
-        self._authorize(principal, "pull", repo)
-        d = Digest.parse(digest)
-        if not self._may_read(principal, d, repo):
-            raise BlobNotFoundError(f"blob {d} not found in {repo}")
+        d = self._readable_blob(principal, repo, digest)
         url = self.store.blob_url(d, ttl)
         if url is not None:
             self.store.stat_blob(d)  # a URL of nothing would be the client's 404 from S3
@@ -372,10 +372,7 @@ class Hub:
     ) -> bytes:
         """Part of a blob of `repo` (unverified: a part cannot be checked against the digest of
         the whole; the client checks the whole it reassembles)."""
-        self._authorize(principal, "pull", repo)
-        d = Digest.parse(digest)
-        if not self._may_read(principal, d, repo):
-            raise BlobNotFoundError(f"blob {d} not found in {repo}")
+        d = self._readable_blob(principal, repo, digest)
         return self.store.get_blob_range(d, offset, length)
 
     def mount_blob(self, principal: Principal, repo: str, digest: Digest | str, source: str) -> Descriptor:
