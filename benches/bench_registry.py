@@ -2,7 +2,8 @@
 
     flock /work/wt/signals/bench.lock python benches/bench_registry.py \\
         [--size 1GiB] [--layers 8] [--rounds 2] [--big 4GiB] [--blobs 256] [--blob-size 4KiB] \\
-        [--connections 32] [--duration 10] [--s3] [--s3-size 1GiB] [--only push,small,memory]
+        [--connections 32] [--duration 10] [--s3] [--s3-size 1GiB] [--s3-modes proxy,redirect]
+        [--only push,small,memory]
 
 - push / pull: `skopeo copy` of an OCI layout (`--size` in `--layers` uncompressed tar layers of
   random bytes, built here with tarfile + hashlib, kept under `--data`) to a fresh server and back
@@ -16,6 +17,9 @@
   a skopeo push of a `--big` image in 4 layers, on a fresh server.
 - --s3: push / pull on moto's S3 server (tests/s3_server.py, its own process) for both registries
   (distribution's s3 driver pointed at moto; clawstore on s3:// with a SQLite catalog).
+  `--s3-modes proxy` streams blob bytes through both registries (distribution `redirect:
+  disable`); `redirect` has both answer blob GETs with a 307 to a presigned URL (clawstore
+  `--blob-redirect`, distribution's default), so skopeo reads the layers from S3 itself.
 
 Prints Markdown tables. Both servers write to the same disk; the client is the same binary.
 """
@@ -217,8 +221,16 @@ def run_timed(cmd: list[str]) -> tuple[float, float]:
 class Contender:
     """How to start one kind of registry on fresh storage."""
 
-    def __init__(self, kind: str, base: Path, s3_endpoint: str | None = None, workers: int = 1) -> None:
+    def __init__(
+        self,
+        kind: str,
+        base: Path,
+        s3_endpoint: str | None = None,
+        workers: int = 1,
+        redirect: bool = False,
+    ) -> None:
         self.workers = workers
+        self.redirect = redirect
         self.kind = kind
         self.base = base
         self.s3_endpoint = s3_endpoint
@@ -231,7 +243,7 @@ class Contender:
             self.bucket = new_bucket(make_client(self.s3_endpoint))
             s3 = S3Target(self.s3_endpoint, self.bucket, REGION, "testing", "testing")
         if self.kind == "distribution":
-            server: RegistryServer = DistributionServer(workdir, None, s3)
+            server: RegistryServer = DistributionServer(workdir, None, s3, redirect=self.redirect)
         elif s3 is None:
             server = ClawstoreServer(workdir, (workdir / "store").as_uri(), extra_args=self.serve_args())
         else:
@@ -244,7 +256,10 @@ class Contender:
         return server.start()
 
     def serve_args(self) -> list[str]:
-        return ["--workers", str(self.workers)] if self.workers != 1 else []
+        args = ["--workers", str(self.workers)] if self.workers != 1 else []
+        if self.redirect:
+            args += ["--blob-redirect", "15m"]
+        return args
 
     def cleanup(self, server: RegistryServer) -> None:
         server.stop()
@@ -460,6 +475,12 @@ def main() -> None:
     ap.add_argument("--s3", action="store_true", help="also push / pull on moto's S3 server")
     ap.add_argument("--s3-size", type=parse_size, default=GiB)
     ap.add_argument("--s3-rounds", type=int, default=1)
+    ap.add_argument(
+        "--s3-modes",
+        default="proxy",
+        help="comma list: proxy (both registries stream blob bytes), redirect (both answer blob "
+        "GETs with a redirect to a presigned URL)",
+    )
     ap.add_argument("--only", default="push,small,memory", help="comma list of push, small, memory")
     ap.add_argument("--data", type=Path, default=Path("/work/wt/data"))
     ap.add_argument(
@@ -553,21 +574,34 @@ def main() -> None:
             set_fake_credentials()
             moto = MotoProcess()
             try:
-                s3_contenders = [
-                    Contender("clawstore", scratch, moto.endpoint, workers=args.workers),
-                    Contender("distribution", scratch, moto.endpoint),
-                ]
-                layout = make_layout(
-                    args.data / f"registry-image-{human(args.s3_size).replace(' ', '')}-{args.layers}l",
-                    args.s3_size,
-                    args.layers,
-                )
-                res = push_pull(s3_contenders, layout, args.s3_rounds, scratch)
-                report_push_pull(
-                    f"skopeo push / pull, {human(args.s3_size)} in {args.layers} layers, S3 "
-                    f"(moto, its own process), {args.s3_rounds} rounds",
-                    res,
-                )
+                modes = [m for m in args.s3_modes.split(",") if m]
+                for mode in modes:
+                    if mode not in ("proxy", "redirect"):
+                        raise SystemExit(f"--s3-modes: unknown mode {mode!r} (proxy, redirect)")
+                    redirect = mode == "redirect"
+                    s3_contenders = [
+                        Contender(
+                            "clawstore", scratch, moto.endpoint, workers=args.workers, redirect=redirect
+                        ),
+                        Contender("distribution", scratch, moto.endpoint, redirect=redirect),
+                    ]
+                    layout = make_layout(
+                        args.data / f"registry-image-{human(args.s3_size).replace(' ', '')}-{args.layers}l",
+                        args.s3_size,
+                        args.layers,
+                    )
+                    res = push_pull(s3_contenders, layout, args.s3_rounds, scratch)
+                    how = (
+                        "blob GETs redirected to presigned S3 URLs (clawstore `--blob-redirect 15m`, "
+                        "distribution `redirect` on)"
+                        if redirect
+                        else "blob bytes proxied by the registry (distribution `redirect: disable`)"
+                    )
+                    report_push_pull(
+                        f"skopeo push / pull, {human(args.s3_size)} in {args.layers} layers, S3 "
+                        f"(moto, its own process), {how}, {args.s3_rounds} rounds",
+                        res,
+                    )
             finally:
                 moto.stop()
     finally:

@@ -222,9 +222,11 @@ class DistributionServer(RegistryServer):
         credentials: Credentials | None = None,
         s3: S3Target | None = None,
         tls: bool = False,
+        redirect: bool = False,
     ) -> None:
         super().__init__(workdir, credentials, tls)
         self.s3 = s3
+        self.redirect = redirect
 
     def command(self, port: int) -> list[str]:
         binary = distribution_binary()
@@ -258,7 +260,7 @@ class DistributionServer(RegistryServer):
     v4auth: true
     forcepathstyle: true
   redirect:
-    disable: true
+    disable: {"false" if self.redirect else "true"}
 """
         auth = ""
         if self.credentials is not None:

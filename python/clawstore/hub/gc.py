@@ -358,10 +358,10 @@ class GarbageCollector:
                 last = ""
                 while True:
                     with self.catalog.tx() as conn:
-                        picked = self._pick(conn, kind, last, batch)
-                        if not picked:
+                        scanned, picked = self._pick(conn, kind, last, batch)
+                        if not scanned:
                             break
-                        last = picked[-1]
+                        last = scanned
                         futures: list[Future[int]] = []
                         try:
                             for i in range(0, len(picked), chunk):
@@ -379,28 +379,43 @@ class GarbageCollector:
         return drained, removed
 
     @staticmethod
-    def _pick(conn: Connection, kind: str, after: str, n: int) -> list[str]:
+    def _pick(conn: Connection, kind: str, after: str, n: int) -> tuple[str, list[str]]:
         """The next `n` trash rows of `kind` after `after`, locked for this transaction (on
         PostgreSQL FOR UPDATE SKIP LOCKED: a row a push is rescuing right now is skipped, and no
-        push can rescue a picked row until this transaction ends; SQLite has one writer)."""
-        lock = " FOR UPDATE SKIP LOCKED" if conn.dialect.name == "postgresql" else ""
-        # A blob a manifest still references is not picked: that manifest's trash row was
-        # skipped by the manifest pass (a push is rescuing it right now, and with it its blobs;
-        # deleting them would leave it a torso) or it is live. It stays in the trash for the
-        # next collection to decide.
-        unreferenced = (
-            " AND NOT EXISTS (SELECT 1 FROM manifest_blobs mb WHERE mb.blob = gc_trash.digest)"
-            if kind == "blob"
-            else ""
-        )
-        rows = conn.execute(
-            text(
-                f"SELECT digest FROM gc_trash WHERE kind = :kind AND digest > :after{unreferenced} "
-                f"ORDER BY digest LIMIT :n{lock}"
-            ),
-            {"kind": kind, "after": after, "n": n},
-        ).fetchall()
-        return [r[0] for r in rows]
+        push can rescue a picked row until this transaction ends; SQLite has one writer).
+        Returns the last digest scanned ("" when the trash holds no more) and the picked rows
+        to delete.
+
+        A blob a manifest still references is left out: that manifest's trash row was skipped by
+        the manifest pass (a push is rescuing it right now, and with it its blobs; deleting them
+        would leave it a torso) or it is live. It stays in the trash for the next collection to
+        decide. The check is a second statement over the picked digests (one index probe each on
+        `manifest_blobs.blob`), not a NOT EXISTS in the pick: PostgreSQL planned that as an
+        anti-join over the whole edge table for every batch (128 s instead of 22 s for 550,000
+        rows in bench_gc)."""
+        pg = conn.dialect.name == "postgresql"
+        lock = " FOR UPDATE SKIP LOCKED" if pg else ""
+        rows = [
+            r[0]
+            for r in conn.execute(
+                text(
+                    "SELECT digest FROM gc_trash WHERE kind = :kind AND digest > :after "
+                    f"ORDER BY digest LIMIT :n{lock}"
+                ),
+                {"kind": kind, "after": after, "n": n},
+            ).fetchall()
+        ]
+        if not rows or kind != "blob":
+            return (rows[-1] if rows else ""), rows
+        ds: Any = rows if pg else json.dumps(rows)
+        among = "mb.blob = ANY(:ds)" if pg else "mb.blob IN (SELECT value FROM json_each(:ds))"
+        referenced = {
+            r[0]
+            for r in conn.execute(
+                text(f"SELECT DISTINCT mb.blob FROM manifest_blobs mb WHERE {among}"), {"ds": ds}
+            )
+        }
+        return rows[-1], [d for d in rows if d not in referenced] if referenced else rows
 
     @staticmethod
     def _forget(conn: Connection, kind: str, digests: list[str]) -> list[str]:
