@@ -33,6 +33,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import clawstore
 from clawstore import checkpoints as cp
@@ -126,7 +127,33 @@ def populate(cat: Catalog, n_manifests: int, per: int) -> None:
             conn.exec_driver_sql("ANALYZE")
 
 
-def bench_gc(kind: str, n_manifests: int, per: int) -> dict[str, float | int | str]:
+def sql_profiler(cat: Catalog, profile: dict[str, list[float]]) -> Any:
+    """Attach cursor-execute listeners that add each statement's time under its first 90
+    characters (whitespace folded); returns a function that detaches them."""
+    from sqlalchemy import event
+
+    def before(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        conn.info["bench_t0"] = time.perf_counter()
+
+    def after(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        key = " ".join(statement.split())[:90]
+        entry = profile.setdefault(key, [0, 0.0])
+        entry[0] += 1
+        entry[1] += time.perf_counter() - conn.info.pop("bench_t0", time.perf_counter())
+
+    event.listen(cat.engine, "before_cursor_execute", before)
+    event.listen(cat.engine, "after_cursor_execute", after)
+
+    def detach() -> None:
+        event.remove(cat.engine, "before_cursor_execute", before)
+        event.remove(cat.engine, "after_cursor_execute", after)
+
+    return detach
+
+
+def bench_gc(
+    kind: str, n_manifests: int, per: int, profile: dict[str, list[float]] | None = None
+) -> dict[str, float | int | str]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-gc-"))
     schema = None
     if kind == "sqlite":
@@ -151,11 +178,14 @@ def bench_gc(kind: str, n_manifests: int, per: int) -> dict[str, float | int | s
                 sweep_cpu.append(time.process_time() - c0)
 
         GarbageCollector.drain = timed_drain  # type: ignore[method-assign]
+        detach = sql_profiler(cat, profile) if profile is not None else None
         c0, pg0, io0 = time.process_time(), pg_cpu(), written()
         try:
             real = hub.gc(ADMIN, grace=3600, scan_store=False, reconcile=False, list_limit=0)
         finally:
             GarbageCollector.drain = real_drain  # type: ignore[method-assign]
+            if detach is not None:
+                detach()
         gc_cpu, gc_pg_cpu, gc_written = time.process_time() - c0, pg_cpu() - pg0, written() - io0
         assert dry.manifests == real.manifests == n_manifests // 2, (dry.manifests, real.manifests)
         assert real.blobs == n_manifests // 2 * per
@@ -281,12 +311,26 @@ def main() -> None:
     ap.add_argument("--blobs-per-manifest", type=int, default=10)
     ap.add_argument("--files", type=int, default=10_000)
     ap.add_argument("--skip-pg", action="store_true")
+    ap.add_argument("--skip-sqlite", action="store_true")
+    ap.add_argument(
+        "--profile-sql",
+        action="store_true",
+        help="after each GC table, the real run's catalog statements: count and total seconds by kind",
+    )
     args = ap.parse_args()
     print(f"# clawstore hub bench, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
     if args.only in (None, "gc"):
-        rows = [bench_gc("sqlite", args.manifests, args.blobs_per_manifest)]
-        if not args.skip_pg and pg_reachable():
-            rows.append(bench_gc("postgresql", args.manifests, args.blobs_per_manifest))
+        rows = []
+        kinds = [k for k, skip in (("sqlite", args.skip_sqlite), ("postgresql", args.skip_pg)) if not skip]
+        for kind in kinds:
+            if kind == "postgresql" and not pg_reachable():
+                continue
+            profile: dict[str, list[float]] | None = {} if args.profile_sql else None
+            rows.append(bench_gc(kind, args.manifests, args.blobs_per_manifest, profile))
+            if profile:
+                print(f"\n{kind}: catalog statements of the real run (count, total s), slowest first\n")
+                for stmt, (n, secs) in sorted(profile.items(), key=lambda kv: -kv[1][1])[:15]:
+                    print(f"- {secs:7.2f} s  {n:6d}x  `{stmt}`")
         print(table(rows))
     if args.only in (None, "checkpoint"):
         rows = [bench_checkpoint(args.files, False), bench_checkpoint(args.files, True)]

@@ -25,6 +25,84 @@ def test_migrations_reach_head_and_are_idempotent(catalog_url: str) -> None:
     cat.close()
 
 
+def _sqlite_tables(path: Path) -> dict[str, str]:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        return {
+            name: sql for name, sql in db.execute("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL")
+        }
+
+
+def test_sqlite_catalog_of_the_previous_revision_is_clustered_with_its_rows(tmp_path: Path) -> None:
+    """A SQLite catalog made at `registry_1` (rowid tables) upgrades to tables clustered by
+    their key, every row and index kept, and a push through the hub works on it; downgrading
+    gives rowid tables back with the same rows."""
+    from alembic import command
+
+    url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+    old = Catalog(url, migrate=False)
+    upgrade(old, "registry_1")
+    assert "WITHOUT ROWID" not in _sqlite_tables(tmp_path / "catalog.sqlite")["blobs"]
+    store = clawstore.open(tmp_path / "store")
+    with Hub(store, old).session(ADMIN, "team/app") as s:
+        first = push_artifact(s, "team/app", "v1", [b"layer one"])
+    with old.tx() as conn:
+        before = {
+            t: sorted(map(tuple, conn.execute(select(getattr(c, t)))))
+            for t in ("blobs", "manifests", "manifest_blobs", "repo_manifests", "tags")
+        }
+        conn.execute(
+            c.gc_trash.insert().values(digest="sha256:" + "ab" * 32, kind="blob", size=1, queued_at=1.0)
+        )
+    assert before["blobs"] and before["manifest_blobs"]
+    old.close()
+
+    cat = Catalog(url)  # opening migrates to head
+    tables = _sqlite_tables(tmp_path / "catalog.sqlite")
+    for table in (
+        "blobs",
+        "manifests",
+        "manifest_blobs",
+        "manifest_edges",
+        "gc_trash",
+        "repo_blobs",
+        "repo_manifests",
+        "lease_resources",
+    ):
+        assert tables[table].rstrip().endswith("WITHOUT ROWID"), table
+    for index in (
+        "ix_manifest_blobs_blob",
+        "ix_manifest_edges_child",
+        "ix_manifests_subject",
+        "ix_repo_blobs_digest",
+        "ix_repo_manifests_digest",
+        "ix_lease_resources_digest",
+    ):
+        assert index in tables, index
+    with cat.tx() as conn:
+        after = {t: sorted(map(tuple, conn.execute(select(getattr(c, t))))) for t in before}
+        assert conn.execute(select(c.gc_trash.c.digest)).scalars().all() == ["sha256:" + "ab" * 32]
+    assert after == before
+    hub = Hub(store, cat)
+    with hub.session(ADMIN, "team/app") as s:
+        second = push_artifact(s, "team/app", "v2", [b"layer two"])
+    assert hub.resolve(ADMIN, "team/app", "v1") == first.digest
+    assert hub.resolve(ADMIN, "team/app", "v2") == second.digest
+
+    with cat.tx() as conn:
+        edges = sorted(map(tuple, conn.execute(select(c.manifest_blobs))))
+    assert len(edges) > len(after["manifest_blobs"])
+    cfg = alembic_config()
+    with cat.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "registry_1")
+    assert "WITHOUT ROWID" not in _sqlite_tables(tmp_path / "catalog.sqlite")["manifest_blobs"]
+    with cat.tx() as conn:
+        assert sorted(map(tuple, conn.execute(select(c.manifest_blobs)))) == edges
+    cat.close()
+
+
 _OPENERS = 12
 _ROUNDS = 10
 _barrier: Any = None

@@ -75,6 +75,7 @@ manifests = Table(
     Column("seen_at", Float, nullable=False),  # last pushed / recorded: the grace clock
     Column("adopted", Boolean, nullable=False, default=False),  # found in the store by GC/fsck
     Index("ix_manifests_subject", "subject"),
+    sqlite_with_rowid=False,  # clustered by the key (migration sqlite_clustered_1)
 )
 
 repo_manifests = Table(
@@ -84,6 +85,7 @@ repo_manifests = Table(
     Column("digest", DIGEST, primary_key=True),
     Column("pushed_at", Float, nullable=False),
     Index("ix_repo_manifests_digest", "digest"),
+    sqlite_with_rowid=False,  # clustered by the key (migration sqlite_clustered_1)
 )
 
 #: Blobs that belong to a repository without a manifest naming them yet: a finished registry
@@ -95,6 +97,7 @@ repo_blobs = Table(
     Column("digest", DIGEST, primary_key=True),
     Column("pushed_at", Float, nullable=False),
     Index("ix_repo_blobs_digest", "digest"),
+    sqlite_with_rowid=False,  # clustered by the key (migration sqlite_clustered_1)
 )
 
 #: Hub-wide settings shared by every process on the catalog (the registry's token signing key).
@@ -136,6 +139,7 @@ blobs = Table(
     Column("created_at", Float, nullable=False),
     Column("seen_at", Float, nullable=False),
     Column("adopted", Boolean, nullable=False, default=False),
+    sqlite_with_rowid=False,  # clustered by the key (migration sqlite_clustered_1)
 )
 
 manifest_blobs = Table(
@@ -144,6 +148,7 @@ manifest_blobs = Table(
     Column("manifest", DIGEST, primary_key=True),
     Column("blob", DIGEST, primary_key=True),
     Index("ix_manifest_blobs_blob", "blob"),
+    sqlite_with_rowid=False,  # clustered by the key (migration sqlite_clustered_1)
 )
 
 #: Liveness flows parent -> child. kind 'child': an index lists `child`; kind 'referrer': `child`
@@ -155,6 +160,7 @@ manifest_edges = Table(
     Column("child", DIGEST, primary_key=True),
     Column("kind", String(16), primary_key=True),
     Index("ix_manifest_edges_child", "child"),
+    sqlite_with_rowid=False,  # clustered by the key (migration sqlite_clustered_1)
 )
 
 pins = Table(
@@ -183,6 +189,7 @@ lease_resources = Table(
     Column("lease_id", String(64), primary_key=True),
     Column("digest", DIGEST, primary_key=True),
     Index("ix_lease_resources_digest", "digest"),
+    sqlite_with_rowid=False,  # clustered by the key (migration sqlite_clustered_1)
 )
 
 volumes = Table(
@@ -251,6 +258,7 @@ gc_trash = Table(
     Column("kind", String(16), nullable=False),  # 'blob' | 'manifest'
     Column("size", BigInteger, nullable=False),
     Column("queued_at", Float, nullable=False),
+    sqlite_with_rowid=False,  # clustered by the key (migration sqlite_clustered_1)
 )
 
 catalog_lock = Table(

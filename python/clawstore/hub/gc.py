@@ -424,34 +424,45 @@ class GarbageCollector:
         to the database as one parameter (a PostgreSQL array, a JSON array that SQLite's
         json_each unpacks), not one bind parameter per digest."""
         pg = conn.dialect.name == "postgresql"
-        ds: Any = digests if pg else json.dumps(digests)
-
-        def among(column: str) -> str:
-            return f"{column} = ANY(:ds)" if pg else f"{column} IN (SELECT value FROM json_each(:ds))"
-
+        if kind == "manifest":
+            dependents = (
+                "DELETE FROM manifest_blobs WHERE {}",
+                "DELETE FROM manifest_edges WHERE kind = 'child' AND {}",
+                "DELETE FROM manifest_edges WHERE kind = 'referrer' AND {}",
+                "DELETE FROM repo_manifests WHERE {}",
+                "DELETE FROM manifests WHERE {}",
+            )
+            columns = ("manifest", "parent", "child", "digest", "digest")
+        else:
+            # An uploaded or mounted blob's repository link goes with it (registry uploads).
+            dependents = ("DELETE FROM blobs WHERE {}", "DELETE FROM repo_blobs WHERE {}")
+            columns = ("digest", "digest")
+        if pg:
+            # One statement, one round trip and one array parameter: data-modifying CTEs all
+            # run (to completion, on one snapshot) whether or not the final SELECT reads them.
+            ctes = ", ".join(
+                f"d{i} AS ({stmt.format(f'{col} IN (SELECT digest FROM gone)')})"
+                for i, (stmt, col) in enumerate(zip(dependents, columns, strict=True))
+            )
+            sql = (
+                f"WITH gone AS (DELETE FROM gc_trash WHERE digest = ANY(:ds) RETURNING digest), "
+                f"{ctes} SELECT digest FROM gone"
+            )
+            return [r[0] for r in conn.execute(text(sql), {"ds": digests}).fetchall()]
+        ds = json.dumps(digests)
+        among = "{} IN (SELECT value FROM json_each(:ds))"
         gone = [
             r[0]
             for r in conn.execute(
-                text(f"DELETE FROM gc_trash WHERE {among('digest')} RETURNING digest"), {"ds": ds}
+                text(f"DELETE FROM gc_trash WHERE {among.format('digest')} RETURNING digest"), {"ds": ds}
             ).fetchall()
         ]
         if not gone:
             return gone
         if len(gone) != len(digests):
-            ds = gone if pg else json.dumps(gone)
-        if kind == "manifest":
-            for stmt in (
-                f"DELETE FROM manifest_blobs WHERE {among('manifest')}",
-                f"DELETE FROM manifest_edges WHERE kind = 'child' AND {among('parent')}",
-                f"DELETE FROM manifest_edges WHERE kind = 'referrer' AND {among('child')}",
-                f"DELETE FROM repo_manifests WHERE {among('digest')}",
-                f"DELETE FROM manifests WHERE {among('digest')}",
-            ):
-                conn.execute(text(stmt), {"ds": ds})
-        else:
-            conn.execute(text(f"DELETE FROM blobs WHERE {among('digest')}"), {"ds": ds})
-            # An uploaded or mounted blob's repository link goes with it (registry uploads).
-            conn.execute(text(f"DELETE FROM repo_blobs WHERE {among('digest')}"), {"ds": ds})
+            ds = json.dumps(gone)
+        for stmt, col in zip(dependents, columns, strict=True):
+            conn.execute(text(stmt.format(among.format(col))), {"ds": ds})
         return gone
 
     # -- the whole run -----------------------------------------------------------------------
