@@ -240,3 +240,44 @@ def test_default_catalog_lives_beside_local_store(tmp_path: Path) -> None:
 def test_unsupported_catalog_url_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(clawstore.ClawstoreError, match="unsupported catalog"):
         Catalog("mysql://x@localhost/db")
+
+
+def test_reads_neither_wait_for_a_writer_nor_see_its_uncommitted_rows(catalog_url: str) -> None:
+    """`Catalog.read()` (permission checks, repository links: every registry GET) runs beside a
+    transaction that holds the write lock (SQLite: BEGIN IMMEDIATE) and sees the committed state."""
+    import threading
+
+    cat = Catalog(catalog_url)
+    try:
+        with cat.tx() as conn:
+            c.upsert(conn, c.principals, [{"name": "before", "created_at": 1.0, "disabled": False}], ["name"])
+        writing, release = threading.Event(), threading.Event()
+
+        def writer() -> None:
+            with cat.tx(exclusive=True) as conn:
+                c.upsert(
+                    conn, c.principals, [{"name": "during", "created_at": 2.0, "disabled": False}], ["name"]
+                )
+                writing.set()
+                release.wait(60)
+
+        w = threading.Thread(target=writer)
+        w.start()
+        assert writing.wait(30)
+        seen: list[set[str]] = []
+
+        def reader() -> None:
+            with cat.read() as conn:
+                seen.append(set(conn.execute(select(c.principals.c.name)).scalars()))
+
+        r = threading.Thread(target=reader)
+        r.start()
+        r.join(30)  # a read that queued behind the writer would still be waiting here
+        finished = not r.is_alive()
+        release.set()
+        w.join()
+        r.join()
+        assert finished, "a read waited for the writer"
+        assert "before" in seen[0] and "during" not in seen[0]
+    finally:
+        cat.close()

@@ -332,7 +332,14 @@ class Catalog:
         self.schema = schema
         self.dialect = u.get_backend_name()
         if self.dialect == "sqlite":
-            self.engine: Engine = create_engine(u, connect_args={"timeout": 120, "check_same_thread": False})
+            # Pool as many connections as a server runs request threads (anyio's default 40):
+            # an overflow connection is opened and closed for every request beyond the pool.
+            self.engine: Engine = create_engine(
+                u,
+                connect_args={"timeout": 120, "check_same_thread": False},
+                pool_size=16,
+                max_overflow=48,
+            )
             event.listen(self.engine, "connect", _sqlite_connect)
             event.listen(self.engine, "begin", _sqlite_begin)
         elif self.dialect == "postgresql":
@@ -365,6 +372,20 @@ class Catalog:
                 mode = "UPDATE" if exclusive else "SHARE"
                 conn.execute(text(f"SELECT id FROM catalog_lock WHERE id = 1 FOR {mode}"))
             yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read-only transaction: permission checks and lookups on hot read paths (every
+        registry GET). SQLite: a deferred BEGIN, a WAL snapshot that never waits for a writer
+        nor makes one wait (tx() is BEGIN IMMEDIATE: every registry GET of every worker queued
+        on the one write lock, sleeping in SQLite's busy handler). PostgreSQL: a plain
+        transaction without the catalog lock (an MVCC snapshot needs none; a GC mark, which
+        holds that lock exclusively, does not stop readers). Writing in it is a bug: SQLite
+        would have to upgrade the snapshot, which fails when another writer got there first."""
+        with self.engine.connect() as conn:
+            conn.execution_options(clawstore_read_only=True)
+            with conn.begin():
+                yield conn
 
     def close(self) -> None:
         self.engine.dispose()
@@ -408,6 +429,10 @@ def _set_wal(cur: Any) -> None:
     db = next((r[2] for r in cur.execute("PRAGMA database_list") if r[1] == "main"), "")
     if not db:  # :memory: or a temporary database: nothing shared, WAL does not apply
         return
+    if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+        # Already switched (every connection after the catalog's first): asking takes no
+        # lock file, so new connections of a busy server do not queue on the flock.
+        return
     fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -421,7 +446,10 @@ def _set_wal(cur: Any) -> None:
 
 
 def _sqlite_begin(conn: Connection) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # Writers take the write lock up front (no deadlock upgrading a read to a write); readers
+    # (Catalog.read) take a snapshot.
+    read_only = conn.get_execution_options().get("clawstore_read_only", False)
+    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def upsert(

@@ -163,7 +163,7 @@ class Hub:
         other grounds: knowing a digest is not a right to its content."""
         if principal.system:
             return True
-        with self.catalog.tx() as conn:
+        with self.catalog.read() as conn:
             repos = c.linked_repositories(conn, str(Digest.parse(digest)))
         if repo is not None:
             return repo in repos

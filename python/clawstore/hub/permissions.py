@@ -181,13 +181,13 @@ class Permissions:
         )
         if name is not None:
             q = q.where(c.grants.c.principal == name)
-        with self.catalog.tx() as conn:
+        with self.catalog.read() as conn:
             return [tuple(r) for r in conn.execute(q)]  # type: ignore[misc]
 
     # -- authentication and checks -----------------------------------------------------------
     def authenticate(self, token: str) -> Principal:
         token_id, secret = _split(token)
-        with self.catalog.tx() as conn:
+        with self.catalog.read() as conn:
             name = self._valid_token(conn, token_id, secret)
         return Principal(name, token_id)
 
@@ -211,7 +211,7 @@ class Permissions:
         `Principal` is a plain value: anyone can build one with another's name)."""
         if principal.system:
             return
-        with self.catalog.tx() as conn:
+        with self.catalog.read() as conn:
             self._own_token(conn, principal)
 
     def _own_token(self, conn: Connection, principal: Principal) -> None:
@@ -235,7 +235,7 @@ class Permissions:
         validate_action(action)
         if principal.system:
             return
-        with self.catalog.tx() as conn:
+        with self.catalog.read() as conn:
             self._own_token(conn, principal)
             rows = conn.execute(
                 select(c.grants.c.action, c.grants.c.pattern).where(c.grants.c.principal == principal.name)
@@ -259,7 +259,7 @@ class Permissions:
             return True
         if not repos:
             return False
-        with self.catalog.tx() as conn:
+        with self.catalog.read() as conn:
             self._own_token(conn, principal)
             rows = conn.execute(
                 select(c.grants.c.action, c.grants.c.pattern).where(c.grants.c.principal == principal.name)
