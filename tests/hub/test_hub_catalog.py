@@ -278,3 +278,16 @@ def test_reads_neither_wait_for_a_writer_nor_see_its_uncommitted_rows(catalog_ur
         assert "before" in seen[0] and "during" not in seen[0]
     finally:
         cat.close()
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_an_in_memory_sqlite_catalog_opens(url: str) -> None:
+    """A throwaway hub on a memory catalog: no connection-pool sizing applies to it."""
+    cat = Catalog(url)
+    try:
+        with cat.tx() as conn:
+            assert conn.execute(select(c.catalog_lock.c.id)).scalar() == 1
+        with cat.read() as conn:
+            assert conn.execute(select(c.catalog_lock.c.id)).scalar() == 1
+    finally:
+        cat.close()

@@ -334,11 +334,11 @@ class Catalog:
         if self.dialect == "sqlite":
             # Pool as many connections as a server runs request threads (anyio's default 40):
             # an overflow connection is opened and closed for every request beyond the pool.
+            # (A memory database has one connection per thread, SQLAlchemy's own pool.)
+            memory = not u.database or u.database == ":memory:"
+            pool: dict[str, Any] = {} if memory else {"pool_size": 16, "max_overflow": 48}
             self.engine: Engine = create_engine(
-                u,
-                connect_args={"timeout": 120, "check_same_thread": False},
-                pool_size=16,
-                max_overflow=48,
+                u, connect_args={"timeout": 120, "check_same_thread": False}, **pool
             )
             event.listen(self.engine, "connect", _sqlite_connect)
             event.listen(self.engine, "begin", _sqlite_begin)
