@@ -32,6 +32,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,7 @@ def populate(cat: Catalog, n_manifests: int, per: int) -> None:
             conn.exec_driver_sql("ANALYZE")
 
 
-def sql_profiler(cat: Catalog, profile: dict[str, list[float]]) -> Any:
+def sql_profiler(cat: Catalog, profile: dict[str, list[float]]) -> Callable[[], None]:
     """Attach cursor-execute listeners that add each statement's time under its first 90
     characters (whitespace folded); returns a function that detaches them."""
     from sqlalchemy import event

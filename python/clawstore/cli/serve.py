@@ -205,6 +205,8 @@ def serve(
     server = uvicorn.Server(config)
     if workers == 1:
         server.run(sockets=[sock])
+        if not server.started:
+            raise SystemExit(3)  # uvicorn's STARTUP_FAILURE, as uvicorn.run exits
     else:
         import inspect
 
@@ -213,8 +215,6 @@ def serve(
         # uvicorn < 0.30 took the worker function as `target`; later ones build it from config.
         extra = {"target": server.run} if "target" in inspect.signature(Multiprocess).parameters else {}
         Multiprocess(config, sockets=[sock], **extra).run()
-    if not server.started and workers == 1:
-        raise SystemExit(3)  # uvicorn's STARTUP_FAILURE, as uvicorn.run exits
 
 
 __all__ = ["serve"]

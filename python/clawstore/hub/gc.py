@@ -88,6 +88,17 @@ class GCReport:
         )
 
 
+def _among(pg: bool, column: str) -> str:
+    """`column` is one of the digests bound as `:ds` (see `_digest_list`): a PostgreSQL array,
+    or a JSON array that SQLite's json_each unpacks (one parameter, not one per digest)."""
+    return f"{column} = ANY(:ds)" if pg else f"{column} IN (SELECT value FROM json_each(:ds))"
+
+
+def _digest_list(pg: bool, digests: list[str]) -> Any:
+    """The `:ds` parameter of `_among`."""
+    return digests if pg else json.dumps(digests)
+
+
 def _chunks(it: Iterator[Any], n: int) -> Iterator[list[Any]]:
     buf: list[Any] = []
     for x in it:
@@ -407,12 +418,11 @@ class GarbageCollector:
         ]
         if not rows or kind != "blob":
             return (rows[-1] if rows else ""), rows
-        ds: Any = rows if pg else json.dumps(rows)
-        among = "mb.blob = ANY(:ds)" if pg else "mb.blob IN (SELECT value FROM json_each(:ds))"
         referenced = {
             r[0]
             for r in conn.execute(
-                text(f"SELECT DISTINCT mb.blob FROM manifest_blobs mb WHERE {among}"), {"ds": ds}
+                text(f"SELECT DISTINCT mb.blob FROM manifest_blobs mb WHERE {_among(pg, 'mb.blob')}"),
+                {"ds": _digest_list(pg, rows)},
             )
         }
         return rows[-1], [d for d in rows if d not in referenced] if referenced else rows
@@ -445,24 +455,21 @@ class GarbageCollector:
                 for i, (stmt, col) in enumerate(zip(dependents, columns, strict=True))
             )
             sql = (
-                f"WITH gone AS (DELETE FROM gc_trash WHERE digest = ANY(:ds) RETURNING digest), "
+                f"WITH gone AS (DELETE FROM gc_trash WHERE {_among(pg, 'digest')} RETURNING digest), "
                 f"{ctes} SELECT digest FROM gone"
             )
-            return [r[0] for r in conn.execute(text(sql), {"ds": digests}).fetchall()]
-        ds = json.dumps(digests)
-        among = "{} IN (SELECT value FROM json_each(:ds))"
+            return [r[0] for r in conn.execute(text(sql), {"ds": _digest_list(pg, digests)}).fetchall()]
         gone = [
             r[0]
             for r in conn.execute(
-                text(f"DELETE FROM gc_trash WHERE {among.format('digest')} RETURNING digest"), {"ds": ds}
+                text(f"DELETE FROM gc_trash WHERE {_among(pg, 'digest')} RETURNING digest"),
+                {"ds": _digest_list(pg, digests)},
             ).fetchall()
         ]
-        if not gone:
-            return gone
-        if len(gone) != len(digests):
-            ds = json.dumps(gone)
-        for stmt, col in zip(dependents, columns, strict=True):
-            conn.execute(text(stmt.format(among.format(col))), {"ds": ds})
+        if gone:
+            ds = _digest_list(pg, gone)
+            for stmt, col in zip(dependents, columns, strict=True):
+                conn.execute(text(stmt.format(_among(pg, col))), {"ds": ds})
         return gone
 
     # -- the whole run -----------------------------------------------------------------------

@@ -235,14 +235,7 @@ class Permissions:
         validate_action(action)
         if principal.system:
             return
-        with self.catalog.read() as conn:
-            self._own_token(conn, principal)
-            rows = conn.execute(
-                select(c.grants.c.action, c.grants.c.pattern).where(c.grants.c.principal == principal.name)
-            ).all()
-        for act, pattern in rows:
-            if act != action and act != "admin":
-                continue
+        for pattern in self._patterns(principal, action):
             if repo is None:
                 if pattern == "**":
                     return
@@ -259,13 +252,18 @@ class Permissions:
             return True
         if not repos:
             return False
+        patterns = self._patterns(principal, action)
+        return any(pattern_matches(p, r) for p in patterns for r in repos)
+
+    def _patterns(self, principal: Principal, action: str) -> list[str]:
+        """The repository patterns `principal` holds `action` (or admin) on, after checking its
+        token: one read transaction."""
         with self.catalog.read() as conn:
             self._own_token(conn, principal)
             rows = conn.execute(
                 select(c.grants.c.action, c.grants.c.pattern).where(c.grants.c.principal == principal.name)
             ).all()
-        patterns = [p for a, p in rows if a in (action, "admin")]
-        return any(pattern_matches(p, r) for p in patterns for r in repos)
+        return [p for a, p in rows if a in (action, "admin")]
 
 
 def _split(token: str) -> tuple[str, str]:
