@@ -125,13 +125,14 @@ struct Job {
 }
 
 impl Job {
-    fn run(self, same_owner: bool) -> Result<(), UnpackError> {
+    fn run(self, same_owner: bool, umask: Option<u32>) -> Result<(), UnpackError> {
         let Job {
             target,
             data,
             meta,
             path,
         } = self;
+        let mut chmod = true;
         let file = match target {
             Target::Open(f) => f,
             Target::Create(dir, name) => {
@@ -140,7 +141,18 @@ impl Job {
                     | OFlags::EXCL
                     | OFlags::NOFOLLOW
                     | OFlags::CLOEXEC;
-                match rustix::fs::openat(&*dir, name.as_str(), flags, Mode::from_raw_mode(0o600)) {
+                // Created with its final mode when the umask leaves it whole and it has no
+                // set-id or sticky bit: one fchmod less per file (the restore directory is
+                // private until renamed into place, so the mode while writing exposes nothing).
+                let create_mode = match umask {
+                    Some(u) if meta.mode & 0o7000 == 0 && meta.mode & u & 0o777 == 0 => {
+                        chmod = false;
+                        meta.mode & 0o777
+                    }
+                    _ => 0o600,
+                };
+                let mode = Mode::from_raw_mode(create_mode as _);
+                match rustix::fs::openat(&*dir, name.as_str(), flags, mode) {
                     Ok(fd) => File::from(fd),
                     Err(e) => return Err(UnpackError::Io(path, e.into())),
                 }
@@ -148,9 +160,17 @@ impl Job {
         };
         (&file)
             .write_all(&data)
-            .and_then(|_| set_file_meta(&file, &meta, same_owner))
+            .and_then(|_| set_meta_after_write(&file, &meta, same_owner, chmod))
             .map_err(|e| UnpackError::Io(path, e))
     }
+}
+
+/// The process umask, read without changing it (`umask(2)` can only set it, which would race
+/// with other threads creating files): `None` where /proc does not say.
+fn process_umask() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+    u32::from_str_radix(line["Umask:".len()..].trim(), 8).ok()
 }
 
 type SharedError = Arc<Mutex<Option<UnpackError>>>;
@@ -167,12 +187,24 @@ fn take(slot: &SharedError) -> Option<UnpackError> {
 
 /// Owner (first: chown clears set-id bits), mode and times, through an open descriptor.
 fn set_file_meta<F: AsFd>(file: F, meta: &Meta, same_owner: bool) -> io::Result<()> {
+    set_meta_after_write(file, meta, same_owner, true)
+}
+
+/// As `set_file_meta`, the mode only with `chmod` (false: the file was created with it).
+fn set_meta_after_write<F: AsFd>(
+    file: F,
+    meta: &Meta,
+    same_owner: bool,
+    chmod: bool,
+) -> io::Result<()> {
     let fd = file.as_fd();
     if same_owner {
         let (u, g) = meta.owner();
         rustix::fs::fchown(fd, u, g)?;
     }
-    rustix::fs::fchmod(fd, rustix::fs::Mode::from_raw_mode(meta.mode as _))?;
+    if chmod {
+        rustix::fs::fchmod(fd, rustix::fs::Mode::from_raw_mode(meta.mode as _))?;
+    }
     rustix::fs::futimens(fd, &meta.times())?;
     Ok(())
 }
@@ -180,38 +212,71 @@ fn set_file_meta<F: AsFd>(file: F, meta: &Meta, same_owner: bool) -> io::Result<
 /// Jobs and body bytes handed to the pool and not finished yet.
 #[derive(Default)]
 struct InFlight {
-    state: Mutex<(usize, u64)>,
+    state: Mutex<Counts>,
     changed: Condvar,
 }
 
+#[derive(Default)]
+struct Counts {
+    jobs: usize,
+    bytes: u64,
+    /// threads waiting on `changed`: a finished job wakes nobody when none waits (one futex
+    /// call per file otherwise)
+    waiting: usize,
+}
+
 impl InFlight {
-    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, u64)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Wait until a job of `bytes` fits in the bounds (always, when nothing is in flight), then
-    /// count it.
+    /// Count a job of `bytes` if it fits in the bounds (always, when nothing is in flight).
+    fn try_acquire(&self, bytes: u64) -> bool {
+        let mut g = self.lock();
+        let fits = g.jobs == 0 || (g.jobs < POOL_QUEUE_JOBS && g.bytes + bytes <= POOL_QUEUE_BYTES);
+        if fits {
+            g.jobs += 1;
+            g.bytes += bytes;
+        }
+        fits
+    }
+
+    /// Wait until a job of `bytes` fits in the bounds, then count it.
     fn acquire(&self, bytes: u64) {
         let mut g = self.lock();
-        while g.0 > 0 && (g.0 >= POOL_QUEUE_JOBS || g.1 + bytes > POOL_QUEUE_BYTES) {
+        while g.jobs > 0 && (g.jobs >= POOL_QUEUE_JOBS || g.bytes + bytes > POOL_QUEUE_BYTES) {
+            g.waiting += 1;
             g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
+            g.waiting -= 1;
         }
-        g.0 += 1;
-        g.1 += bytes;
+        g.jobs += 1;
+        g.bytes += bytes;
     }
 
     fn release(&self, bytes: u64) {
+        self.release_many(1, bytes)
+    }
+
+    fn release_many(&self, jobs: usize, bytes: u64) {
         let mut g = self.lock();
-        g.0 -= 1;
-        g.1 -= bytes;
-        self.changed.notify_all();
+        g.jobs -= jobs;
+        g.bytes -= bytes;
+        // Wake a waiter when the pool has drained to half its bounds (or empty, for `drain`):
+        // the producer then queues a run of jobs instead of one per wake-up.
+        if g.waiting > 0
+            && (g.jobs == 0 || (g.jobs <= POOL_QUEUE_JOBS / 2 && g.bytes <= POOL_QUEUE_BYTES / 2))
+        {
+            self.changed.notify_all();
+        }
     }
 
     /// Wait until every job handed over so far is done.
     fn drain(&self) {
         let mut g = self.lock();
-        while g.0 > 0 {
+        while g.jobs > 0 {
+            g.waiting += 1;
             g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
+            g.waiting -= 1;
         }
     }
 }
@@ -225,11 +290,25 @@ impl Drop for Done<'_> {
     }
 }
 
+/// Jobs queued for a worker in one message: a send (and the worker's wake-up) per file costs
+/// more than a small file's write.
+const BATCH_JOBS: usize = 64;
+const BATCH_BYTES: u64 = 1 << 20;
+
+/// A worker's jobs not sent yet.
+#[derive(Default)]
+struct Batch {
+    jobs: Vec<Job>,
+    bytes: u64,
+}
+
 /// Writer threads, one queue each: the files of one directory go to one worker (`shard`), so
 /// workers create files in different directories at once instead of queueing on one
-/// directory's lock. Memory is bounded by `POOL_QUEUE_BYTES` of bodies in flight.
+/// directory's lock. Memory is bounded by `POOL_QUEUE_BYTES` of bodies in flight (counted
+/// from `submit`, batched or sent).
 struct WriterPool {
-    txs: Vec<Sender<Job>>,
+    txs: Vec<Sender<Vec<Job>>>,
+    batches: Mutex<Vec<Batch>>,
     handles: Vec<JoinHandle<()>>,
     error: SharedError,
     inflight: Arc<InFlight>,
@@ -239,33 +318,71 @@ impl WriterPool {
     fn new(workers: usize, same_owner: bool) -> Self {
         let error: SharedError = Arc::new(Mutex::new(None));
         let inflight = Arc::new(InFlight::default());
+        let umask = process_umask();
         let mut txs = Vec::new();
         let handles = (0..workers.max(1))
             .map(|_| {
-                let (tx, rx) = unbounded::<Job>();
+                let (tx, rx) = unbounded::<Vec<Job>>();
                 txs.push(tx);
                 let error = error.clone();
                 let inflight = inflight.clone();
                 std::thread::spawn(move || {
-                    for job in rx.iter() {
-                        let _done = Done(&inflight, job.data.len() as u64);
-                        let failed = error.lock().map_or(true, |g| g.is_some());
-                        if failed {
-                            continue; // the unpack fails anyway: drain the queue
-                        }
-                        if let Err(e) = job.run(same_owner) {
-                            record(&error, e);
+                    for batch in rx.iter() {
+                        for job in batch {
+                            let _done = Done(&inflight, job.data.len() as u64);
+                            let failed = error.lock().map_or(true, |g| g.is_some());
+                            if failed {
+                                continue; // the unpack fails anyway: drain the queue
+                            }
+                            if let Err(e) = job.run(same_owner, umask) {
+                                record(&error, e);
+                            }
                         }
                     }
                 })
             })
             .collect();
+        let batches = Mutex::new((0..txs.len()).map(|_| Batch::default()).collect());
         WriterPool {
             txs,
+            batches,
             handles,
             error,
             inflight,
         }
+    }
+
+    fn closed() -> UnpackError {
+        UnpackError::Io(
+            "writer pool".into(),
+            io::Error::other("writer pool stopped"),
+        )
+    }
+
+    fn batches(&self) -> std::sync::MutexGuard<'_, Vec<Batch>> {
+        self.batches.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Send worker `i`'s batch, if any.
+    fn send(&self, batches: &mut [Batch], i: usize) -> Result<(), UnpackError> {
+        let batch = std::mem::take(&mut batches[i]);
+        if batch.jobs.is_empty() {
+            return Ok(());
+        }
+        let (n, bytes) = (batch.jobs.len(), batch.bytes);
+        self.txs[i].send(batch.jobs).map_err(|_| {
+            self.inflight.release_many(n, bytes);
+            Self::closed()
+        })
+    }
+
+    /// Send every batch.
+    fn flush(&self) -> Result<(), UnpackError> {
+        let mut batches = self.batches();
+        for i in 0..batches.len() {
+            self.send(&mut batches, i)?;
+        }
+        Ok(())
     }
 
     /// Queue a job on worker `shard` (modulo the pool size), waiting while the pool is full.
@@ -274,25 +391,27 @@ impl WriterPool {
             return Err(e);
         }
         if self.txs.is_empty() {
-            return Err(UnpackError::Io(
-                "writer pool".into(),
-                io::Error::other("writer pool closed"),
-            ));
+            return Err(Self::closed());
         }
         let bytes = job.data.len() as u64;
-        self.inflight.acquire(bytes);
-        let tx = &self.txs[(shard % self.txs.len() as u64) as usize];
-        tx.send(job).map_err(|_| {
-            self.inflight.release(bytes);
-            UnpackError::Io(
-                "writer pool".into(),
-                io::Error::other("writer pool stopped"),
-            )
-        })
+        if !self.inflight.try_acquire(bytes) {
+            self.flush()?; // what waits in batches must reach the workers to be finished
+            self.inflight.acquire(bytes);
+        }
+        let i = (shard % self.txs.len() as u64) as usize;
+        let mut batches = self.batches();
+        let b = &mut batches[i];
+        b.jobs.push(job);
+        b.bytes += bytes;
+        if b.jobs.len() >= BATCH_JOBS || b.bytes >= BATCH_BYTES {
+            self.send(&mut batches, i)?;
+        }
+        Ok(())
     }
 
     /// Wait for every queued job (so that the namespace is what the stream said so far).
     fn barrier(&self) -> Result<(), UnpackError> {
+        self.flush()?;
         self.inflight.drain();
         match take(&self.error) {
             Some(e) => Err(e),
@@ -301,6 +420,7 @@ impl WriterPool {
     }
 
     fn join(&mut self) -> Result<(), UnpackError> {
+        let flushed = self.flush();
         self.txs.clear();
         for h in self.handles.drain(..) {
             if h.join().is_err() {
@@ -312,7 +432,7 @@ impl WriterPool {
         }
         match take(&self.error) {
             Some(e) => Err(e),
-            None => Ok(()),
+            None => flushed,
         }
     }
 }
