@@ -3,11 +3,16 @@
     flock /work/wt/signals/bench.lock .venv/bin/python benches/bench_checkpoint.py [--repeat 3] [PARTS]
 
 PARTS (default all): `small` (the 3,278-file small case, CLI end to end, `checkpoint create` vs
-`volume snapshot` and `checkpoint restore` vs `volume restore`, local store and moto S3),
+`volume snapshot` and `checkpoint restore` vs `volume restore`, local store and S3),
 `requests` (S3 requests of a first checkpoint and of one after changing one file, store API and
-hub session), `10k` (10,000 files, first checkpoint vs one after `make_volume.py --mutate 1`:
-time and bytes uploaded, store API on local and S3, and through a hub session), `1g` (the 1 GiB
-`make_volume.py` default tree: `checkpoints.create` vs `volumes.snapshot`, local store).
+hub session), `session` (the issue's 10,000-file session: files of 16-112 KiB, ~621 MiB, 100 of
+them rewritten: second checkpoint vs first, time and bytes uploaded, store API on local and S3,
+and through a hub session), `10k` (the same on `make_volume.py --many-files 10000`, 2 KB files,
+after `make_volume.py --mutate 1`), `1g` (the 1 GiB `make_volume.py` default tree:
+`checkpoints.create` vs `volumes.snapshot`, local store).
+
+S3 parts run on a moto server this script starts, or with `--endpoint URL` on a server already
+running (e.g. Ceph RGW from `scripts/s3/ceph-rgw-up`; credentials from the AWS_* variables).
 
 Data trees are made once under --data (deterministic, read-only afterwards); the 10k tree is
 copied per run because --mutate edits it. Prints `uptime` with every part.
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import random
 import resource
 import shutil
 import statistics
@@ -82,10 +88,33 @@ def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+class S3Server:
+    """The S3 server the S3 parts use: moto started here, or `--endpoint` (a real server)."""
+
+    def __init__(self, endpoint: str | None) -> None:
+        self.moto = None if endpoint else MotoProcess()
+        self.endpoint = endpoint or self.moto.endpoint  # type: ignore[union-attr]
+        self.kind = "S3 server" if endpoint else "moto"
+
+    def stop(self) -> None:
+        if self.moto is not None:
+            self.moto.stop()
+
+
 @contextlib.contextmanager
-def s3_url(server: MotoProcess) -> Iterator[str]:
-    bucket = new_bucket(make_client(server.endpoint))
-    yield f"s3://{bucket}/bench?endpoint_url={server.endpoint}&region={REGION}"
+def s3_url(server: S3Server) -> Iterator[str]:
+    client = make_client(server.endpoint)
+    bucket = new_bucket(client)
+    try:
+        yield f"s3://{bucket}/bench?endpoint_url={server.endpoint}&region={REGION}"
+    finally:
+        if server.moto is None:  # a real server keeps what it is given: empty the bucket
+            pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for page in pages:
+                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if keys:
+                    client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+            client.delete_bucket(Bucket=bucket)
 
 
 class Requests:
@@ -120,10 +149,11 @@ def summary(calls: list[tuple[str, str, int]]) -> str:
 # -- parts ----------------------------------------------------------------------------------------
 
 
-def part_small(args: argparse.Namespace, server: MotoProcess) -> None:
+def part_small(args: argparse.Namespace, server: S3Server) -> None:
     tree = make_tree(args.data / "checkpoints-small", "--small-case")
     print(f"\n## small case: {tree} (3,278 files), CLI end to end, {args.repeat} runs, alternating")
     print(f"load: {uptime()}")
+    outer = tempfile.TemporaryDirectory(dir=args.work)
     for backend in ("local", "s3"):
         times: dict[str, list[float]] = {
             "volume snapshot": [],
@@ -132,32 +162,35 @@ def part_small(args: argparse.Namespace, server: MotoProcess) -> None:
             "checkpoint restore": [],
         }
         cpus: dict[str, list[float]] = {k: [] for k in times}
+        # Every run's output is kept until the part ends: on ext4 a file created within seconds
+        # of a mass deletion makes the allocator skip the just-freed inodes one by one (0.1 s
+        # of system time for this tree when the disk is quiet, up to 1.5 s right after an rm -r),
+        # which would charge whichever contender follows a deletion.
         for rep in range(args.repeat):
-            with tempfile.TemporaryDirectory(dir=args.work) as tmp:
-                work = Path(tmp)
-                env = dict(os.environ, CLAWSTORE_CATALOG=f"sqlite:///{work / 'catalog.sqlite'}")
-                env.pop("CLAWSTORE_TOKEN", None)
-                with contextlib.ExitStack() as stack:
-                    url = str(work / "store") if backend == "local" else stack.enter_context(s3_url(server))
-                    env["CLAWSTORE_URL"] = url
-                    pairs = [
-                        ("volume snapshot", ("volume", "snapshot", str(tree), "vol/x:1")),
-                        ("checkpoint create", ("checkpoint", "create", str(tree), "ck/x:1")),
-                    ]
-                    for name, cmd in pairs if rep % 2 == 0 else reversed(pairs):
-                        times[name].append(cli(env, *cmd))
-                        cpus[name].append(LAST_CPU[0])
-                    pairs = [
-                        ("volume restore", ("volume", "restore", "vol/x:1", str(work / "vout"))),
-                        ("checkpoint restore", ("checkpoint", "restore", "ck/x:1", str(work / "cout"))),
-                    ]
-                    for name, cmd in pairs if rep % 2 == 0 else reversed(pairs):
-                        times[name].append(cli(env, *cmd))
-                        cpus[name].append(LAST_CPU[0])
-                    same = subprocess.run(
-                        ["diff", "-r", "--no-dereference", str(tree), str(work / "cout")], capture_output=True
-                    )
-                    assert same.returncode == 0, same.stdout[:500]
+            work = Path(tempfile.mkdtemp(dir=outer.name))
+            env = dict(os.environ, CLAWSTORE_CATALOG=f"sqlite:///{work / 'catalog.sqlite'}")
+            env.pop("CLAWSTORE_TOKEN", None)
+            with contextlib.ExitStack() as stack:
+                url = str(work / "store") if backend == "local" else stack.enter_context(s3_url(server))
+                env["CLAWSTORE_URL"] = url
+                pairs = [
+                    ("volume snapshot", ("volume", "snapshot", str(tree), "vol/x:1")),
+                    ("checkpoint create", ("checkpoint", "create", str(tree), "ck/x:1")),
+                ]
+                for name, cmd in pairs if rep % 2 == 0 else reversed(pairs):
+                    times[name].append(cli(env, *cmd))
+                    cpus[name].append(LAST_CPU[0])
+                pairs = [
+                    ("volume restore", ("volume", "restore", "vol/x:1", str(work / "vout"))),
+                    ("checkpoint restore", ("checkpoint", "restore", "ck/x:1", str(work / "cout"))),
+                ]
+                for name, cmd in pairs if rep % 2 == 0 else reversed(pairs):
+                    times[name].append(cli(env, *cmd))
+                    cpus[name].append(LAST_CPU[0])
+                same = subprocess.run(
+                    ["diff", "-r", "--no-dereference", str(tree), str(work / "cout")], capture_output=True
+                )
+                assert same.returncode == 0, same.stdout[:500]
         c, v = med(times["checkpoint create"]), med(times["volume snapshot"])
         rc, rv = med(times["checkpoint restore"]), med(times["volume restore"])
         print(
@@ -169,13 +202,13 @@ def part_small(args: argparse.Namespace, server: MotoProcess) -> None:
     # The CLI pays for the hub (SQLAlchemy, the catalog) on checkpoints only: the same through the API.
     api: dict[str, list[float]] = {"snapshot": [], "create": [], "vrestore": [], "crestore": []}
     for _rep in range(args.repeat):
-        with tempfile.TemporaryDirectory(dir=args.work) as tmp:
-            s = clawstore.open(Path(tmp) / "store")
-            out = Path(tmp)
-            api["snapshot"].append(timed(lambda: volumes.snapshot(s, tree, "vol/x:1"))[0])  # noqa: B023
-            api["create"].append(timed(lambda: checkpoints.create(s, "ck/x:1", tree))[0])  # noqa: B023
-            api["vrestore"].append(timed(lambda: volumes.restore(s, "vol/x:1", out / "v"))[0])  # noqa: B023
-            api["crestore"].append(timed(lambda: checkpoints.restore(s, "ck/x:1", out / "c"))[0])  # noqa: B023
+        out = Path(tempfile.mkdtemp(dir=outer.name))
+        s = clawstore.open(out / "store")
+        api["snapshot"].append(timed(lambda: volumes.snapshot(s, tree, "vol/x:1"))[0])  # noqa: B023
+        api["create"].append(timed(lambda: checkpoints.create(s, "ck/x:1", tree))[0])  # noqa: B023
+        api["vrestore"].append(timed(lambda: volumes.restore(s, "vol/x:1", out / "v"))[0])  # noqa: B023
+        api["crestore"].append(timed(lambda: checkpoints.restore(s, "ck/x:1", out / "c"))[0])  # noqa: B023
+    outer.cleanup()
     c, v, rc, rv = (med(api[k]) for k in ("create", "snapshot", "crestore", "vrestore"))
     print(
         f"| local, API (no CLI, no hub) | create {c:.3f} s vs snapshot {v:.3f} s: {c / v:.2f}x "
@@ -183,9 +216,9 @@ def part_small(args: argparse.Namespace, server: MotoProcess) -> None:
     )
 
 
-def part_requests(args: argparse.Namespace, server: MotoProcess) -> None:
+def part_requests(args: argparse.Namespace, server: S3Server) -> None:
     tree = make_tree(args.data / "checkpoints-small", "--small-case")
-    print("\n## S3 requests (moto), small case: a first checkpoint, then one after changing 1 file")
+    print(f"\n## S3 requests ({server.kind}), small case: a first checkpoint, then one after changing 1 file")
     print(f"load: {uptime()}")
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         src = Path(tmp) / "src"
@@ -234,11 +267,49 @@ def part_requests(args: argparse.Namespace, server: MotoProcess) -> None:
                     hub.close()
 
 
-def part_10k(args: argparse.Namespace, server: MotoProcess) -> None:
-    pristine = make_tree(args.data / "checkpoints-10k", "--many-files", "10000")
-    print("\n## 10,000 files, 1% changed (make_volume.py --mutate 1): second checkpoint vs first")
+def make_session(path: Path, n: int = 10_000, seed: int = 42) -> Path:
+    """The issue's 10,000-file session: random (incompressible) files of 16-112 KiB, 100 per
+    directory, mtimes an hour old; deterministic for a seed. Made once, read-only afterwards."""
+    if path.exists():
+        return path
+    tmp = path.with_name(path.name + ".making")
+    shutil.rmtree(tmp, ignore_errors=True)
+    rng = random.Random(seed)
+    old = time.time() - 3600
+    for i in range(n):
+        p = tmp / f"dir{i % 100:02d}" / f"file{i:05d}.dat"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(rng.randbytes(rng.randint(16 * 1024, 112 * 1024)))
+        os.utime(p, (old, old))
+    tmp.rename(path)
+    return path
+
+
+def rewrite_one_percent(src: Path) -> None:
+    """1% of the session's files rewritten: same size, new random content, new mtime."""
+    rng = random.Random(7)
+    files = sorted(src.rglob("*.dat"))
+    for p in rng.sample(files, len(files) // 100):
+        p.write_bytes(rng.randbytes(p.stat().st_size))
+
+
+def mutate_one(src: Path) -> None:
+    subprocess.run(
+        [sys.executable, MAKE_VOLUME, str(src), "--mutate", "1"], check=True, stdout=subprocess.DEVNULL
+    )
+
+
+VIAS = ("local store", "local store, new process", "local hub session", "s3 store", "s3 hub session")
+
+
+def incremental(
+    args: argparse.Namespace, server: S3Server, title: str, pristine: Path, mutate: Callable[[Path], None]
+) -> None:
+    """Second checkpoint (after `mutate`) vs the first, time and bytes, on every path."""
+    print(f"\n## {title}: second checkpoint vs first (S3: {server.kind} {server.endpoint})")
     print(f"load: {uptime()}")
-    for via in ("local store", "local store, new process", "local hub session", "s3 store", "s3 hub session"):
+    vias = args.vias.split(",") if args.vias else VIAS
+    for via in vias:
         t1s, t2s, b1s, b2s, c1s, c2s = [], [], [], [], [], []
         for _rep in range(args.repeat):
             with tempfile.TemporaryDirectory(dir=args.work) as tmp:
@@ -268,18 +339,13 @@ def part_10k(args: argparse.Namespace, server: MotoProcess) -> None:
                         with hub.session(Principal.local_admin(), "ck/t", kind="checkpoint") as s:
                             return checkpoints.create(s, "ck/t:latest", src)
 
+                    checkpoints.forget_recent()
                     t1, r1 = timed(run)
                     c1s.append(LAST_CPU[0])
                     time.sleep(0.2)  # past the racy window of the first checkpoint
-                    subprocess.run(
-                        [sys.executable, MAKE_VOLUME, str(src), "--mutate", "1"],
-                        check=True,
-                        stdout=subprocess.DEVNULL,
-                    )
+                    mutate(src)
                     if "new process" in via:
-                        getattr(
-                            checkpoints, "forget_recent", lambda: None
-                        )()  # the parent's index read from the store
+                        checkpoints.forget_recent()  # the parent's index read from the store
                     t2, r2 = timed(run)
                     c2s.append(LAST_CPU[0])
                     assert r2.reused_files > 0.95 * r2.files, (r2.reused_files, r2.files)
@@ -300,7 +366,23 @@ def part_10k(args: argparse.Namespace, server: MotoProcess) -> None:
         )
 
 
-def part_1g(args: argparse.Namespace, server: MotoProcess) -> None:
+def part_session(args: argparse.Namespace, server: S3Server) -> None:
+    pristine = make_session(args.data / "checkpoints-session-10k")
+    incremental(
+        args,
+        server,
+        "the issue's session: 10,000 files of 16-112 KiB, 100 rewritten",
+        pristine,
+        rewrite_one_percent,
+    )
+
+
+def part_10k(args: argparse.Namespace, server: S3Server) -> None:
+    pristine = make_tree(args.data / "checkpoints-10k", "--many-files", "10000")
+    incremental(args, server, "10,000 files of ~2 KB, make_volume.py --mutate 1", pristine, mutate_one)
+
+
+def part_1g(args: argparse.Namespace, server: S3Server) -> None:
     tree = Path(args.big) if args.big else make_tree(args.data / "checkpoints-1g")
     print(f"\n## 1 GiB tree ({tree}): checkpoints.create vs volumes.snapshot, local store, fresh each run")
     print(f"load: {uptime()}")
@@ -320,7 +402,13 @@ def part_1g(args: argparse.Namespace, server: MotoProcess) -> None:
     )
 
 
-PARTS = {"small": part_small, "requests": part_requests, "10k": part_10k, "1g": part_1g}
+PARTS = {
+    "small": part_small,
+    "requests": part_requests,
+    "session": part_session,
+    "10k": part_10k,
+    "1g": part_1g,
+}
 
 
 def main() -> None:
@@ -333,9 +421,18 @@ def main() -> None:
         "--big", default="/work/wt/data/volumes-1g", help="the 1 GiB tree (make_volume.py default)"
     )
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument(
+        "--endpoint", default=None, help="an S3 server already running instead of moto (AWS_* credentials)"
+    )
+    ap.add_argument(
+        "--vias",
+        default=None,
+        help="comma-separated subset of the session/10k rows (e.g. 's3 store,s3 hub session')",
+    )
     args = ap.parse_args()
-    set_fake_credentials()
-    server = MotoProcess()
+    if args.endpoint is None:
+        set_fake_credentials()
+    server = S3Server(args.endpoint)
     try:
         for name in args.parts or list(PARTS):
             PARTS[name](args, server)

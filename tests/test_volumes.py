@@ -609,3 +609,27 @@ def test_symlink_swapped_in_after_scan_is_never_read(
         stop.set()
         flipper.join()
     assert packed + failed == 40
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o000])
+def test_restored_modes_are_exact_whatever_the_umask(
+    local_store: clawstore.ArtifactStore, tmp_path: Path, umask: int
+) -> None:
+    """Small files are created with their final mode when the umask leaves it whole (no
+    fchmod), and chmod'ed otherwise: either way every mode comes back exactly, set-id and
+    sticky bits included (`special_bits`)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    modes = [0o400, 0o444, 0o600, 0o640, 0o644, 0o660, 0o666, 0o700, 0o755, 0o777, 0o1755, 0o2755, 0o4755]
+    for m in modes:
+        p = src / f"f{m:o}"
+        p.write_bytes(b"x" * (m % 7))
+        os.chmod(p, m)
+    volumes.snapshot(local_store, src, "vol/modes:1")
+    old = os.umask(umask)
+    try:
+        volumes.restore(local_store, "vol/modes:1", tmp_path / "out")
+    finally:
+        os.umask(old)
+    got = {p.name: p.stat().st_mode & 0o7777 for p in (tmp_path / "out").iterdir()}
+    assert got == {f"f{m:o}": m for m in modes}
