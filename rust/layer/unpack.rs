@@ -554,9 +554,13 @@ pub struct Unpacker {
     dirs: HashMap<String, Meta>,
     root_meta: Option<Meta>,
     stats: UnpackStats,
-    /// The target was empty when we started: in the first layer, a name is free unless this
-    /// layer wrote it or `SafeRoot` created it as a parent, so a writer can create it.
+    /// The target was empty when we started: a name is free unless a layer wrote it or
+    /// `SafeRoot` created it as a parent, so a writer can create it.
     fresh: bool,
+    /// With `fresh`: the names earlier layers wrote (a later layer may replace them: those go
+    /// the slow way). A restore of several layers, such as a checkpoint's batches, then creates
+    /// its files on the writers in every layer, not only the first.
+    earlier: HashSet<String>,
 }
 
 fn pax_mtime(value: &str) -> Option<i64> {
@@ -621,6 +625,7 @@ impl Unpacker {
             dirs: HashMap::new(),
             root_meta: None,
             stats: UnpackStats::default(),
+            earlier: HashSet::new(),
         }
     }
 
@@ -842,6 +847,13 @@ impl Unpacker {
         // blob digest, and limits apply to it as well.
         let mut rest = archive.into_inner();
         io::copy(&mut rest, &mut io::sink()).map_err(self.stream_err("zstd"))?;
+        if self.fresh {
+            if self.earlier.is_empty() {
+                self.earlier = written;
+            } else {
+                self.earlier.extend(written);
+            }
+        }
         // The next layer starts from the namespace this one left.
         self.pool.barrier()
     }
@@ -945,7 +957,10 @@ impl Unpacker {
                 self.dirs.insert(rel.clone(), meta);
             }
             EntryType::Regular | EntryType::Continuous
-                if !seen && self.fresh && self.stats.layers == 0 && entry.size() <= POOL_MAX =>
+                if !seen
+                    && self.fresh
+                    && entry.size() <= POOL_MAX
+                    && !self.earlier.contains(&rel) =>
             {
                 // The usual case of a restore: a new name in a target that started empty. A
                 // writer creates it (`O_CREAT|O_EXCL|O_NOFOLLOW` under the parent's handle),
@@ -1460,6 +1475,68 @@ mod tests {
         assert_eq!(fs::read(dest.join("d2/x/inner")).expect("inner"), b"inner");
         assert_eq!(fs::read(dest.join("p")).expect("p"), b"p is a file");
         assert_eq!(fs::read(dest.join("d3/twice")).expect("twice"), b"two");
+    }
+
+    #[test]
+    fn later_layers_into_a_fresh_target_replace_what_earlier_ones_wrote() {
+        let file = |b: &mut tar::Builder<Vec<u8>>, name: &[u8], body: &[u8]| {
+            let mut h = hdr(EntryType::Regular, body.len() as u64);
+            set_raw_name(&mut h, name);
+            h.set_cksum();
+            b.append(&h, body).expect("append");
+        };
+        let dir = |b: &mut tar::Builder<Vec<u8>>, name: &[u8]| {
+            let mut h = hdr(EntryType::Directory, 0);
+            h.set_mode(0o755);
+            set_raw_name(&mut h, name);
+            h.set_cksum();
+            b.append(&h, io::empty()).expect("append");
+        };
+        let first = raw_layer(|b| {
+            for d in 0..8 {
+                dir(b, format!("d{d}").as_bytes());
+                for f in 0..20 {
+                    file(b, format!("d{d}/f{f}").as_bytes(), b"one");
+                }
+            }
+            file(b, b"gone", b"deleted by the second layer");
+            file(b, b"back", b"deleted, then written again");
+        });
+        let second = raw_layer(|b| {
+            for d in 0..8 {
+                for f in 10..30 {
+                    // f10..f19 replace the first layer's files, f20..f29 are new names
+                    file(b, format!("d{d}/f{f}").as_bytes(), b"two");
+                }
+            }
+            file(b, b".wh.gone", b"");
+            file(b, b".wh.back", b"");
+            file(b, b"d0", b"a directory replaced by a file");
+        });
+        let third = raw_layer(|b| {
+            file(b, b"back", b"three");
+            dir(b, b"d0");
+            file(b, b"d0/new", b"three");
+        });
+        let base = tempfile::tempdir().expect("tmp");
+        let dest = base.path().join("dest");
+        fs::create_dir(&dest).expect("mkdir");
+        unpack_all(&[first, second, third], &dest, Limits::default()).expect("unpack");
+        for d in 1..8 {
+            for f in 0..30 {
+                let want: &[u8] = if f < 10 { b"one" } else { b"two" };
+                let got = fs::read(dest.join(format!("d{d}/f{f}"))).expect("read");
+                assert_eq!(got, want, "d{d}/f{f}");
+            }
+        }
+        assert!(!dest.join("gone").exists());
+        assert_eq!(fs::read(dest.join("back")).expect("back"), b"three");
+        let mut d0: Vec<_> = fs::read_dir(dest.join("d0"))
+            .expect("d0")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        d0.sort();
+        assert_eq!(d0, vec![std::ffi::OsString::from("new")]);
     }
 
     #[test]
