@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 
 def temp_path_beside(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}.clawstore-{os.getpid()}-{secrets.token_hex(4)}.partial")
+    return dest.with_name(f".{dest.name}.clawstore-{os.getpid()}-{os.urandom(4).hex()}.partial")
 
 
 def fsync_dir(path: Path) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import secrets
 import shutil
 import stat
 from pathlib import Path
@@ -97,7 +96,7 @@ class RestoreDir:
 
     def _create(self) -> None:
         for _ in range(100):
-            fresh = f".{self.name}.restoring-{secrets.token_hex(6)}"
+            fresh = f".{self.name}.restoring-{os.urandom(6).hex()}"
             try:
                 os.mkdir(fresh, 0o700, dir_fd=self.parent_fd)
             except FileExistsError:
@@ -159,7 +158,7 @@ class RestoreDir:
         if t is not None and _non_empty_at(pfd, self.name):
             if not replace:
                 raise ClawstoreError(f"restore target {self.target} is not empty (use force to replace it)")
-            old_name = f".{self.name}.old-{secrets.token_hex(6)}"
+            old_name = f".{self.name}.old-{os.urandom(6).hex()}"
             os.mkdir(old_name, 0o700, dir_fd=pfd)
             old_fd = os.open(old_name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=pfd)
             os.rename(self.name, "tree", src_dir_fd=pfd, dst_dir_fd=old_fd)

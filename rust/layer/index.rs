@@ -604,12 +604,20 @@ pub fn decode(data: &[u8]) -> io::Result<Vec<Entry>> {
 /// A digest of what `diff` compares (paths and the metadata `same_metadata` looks at; content
 /// digests with `content`): two indexes with the same fingerprint have an empty delta, so an
 /// unchanged tree is recognised without decoding the parent's index. (Different fingerprints do
-/// not imply a non-empty delta: `diff` decides then.)
+/// not imply a non-empty delta: `diff` decides then.) BLAKE3, which hashes these ~100 bytes
+/// per entry several times faster than SHA-256 here: this digest is on the path of every
+/// no-change snapshot.
 pub fn fingerprint(entries: &[Entry], content: bool) -> String {
-    let mut h = StreamHasher::new(Algorithm::Sha256);
-    let mut rec: Vec<u8> = Vec::with_capacity(256);
+    // Records are hashed 64 KiB at a time: BLAKE3 then works on many 1 KiB chunks in parallel
+    // lanes, where ~100-byte updates would run one block at a time.
+    const BATCH: usize = 64 << 10;
+    let mut h = StreamHasher::new(Algorithm::Blake3);
+    let mut rec: Vec<u8> = Vec::with_capacity(BATCH + 4096);
     for e in entries {
-        rec.clear();
+        if rec.len() >= BATCH {
+            h.update(&rec);
+            rec.clear();
+        }
         rec.extend_from_slice(&(e.path.len() as u64).to_le_bytes());
         rec.extend_from_slice(e.path.as_bytes());
         rec.push(e.kind as u8);
@@ -638,8 +646,8 @@ pub fn fingerprint(entries: &[Entry], content: bool) -> String {
                 None => rec.push(0),
             }
         }
-        h.update(&rec);
     }
+    h.update(&rec);
     h.digest_string()
 }
 

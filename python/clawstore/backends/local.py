@@ -23,7 +23,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import secrets
 import stat
 import time
 from collections.abc import Collection, Iterator
@@ -109,7 +108,7 @@ class LocalLayout:
         return self.tags_dir(repo) / ".lock"
 
     def new_temp(self) -> Path:
-        return self.tmp / f"{os.getpid()}-{secrets.token_hex(8)}"
+        return self.tmp / f"{os.getpid()}-{os.urandom(8).hex()}"
 
 
 class LocalBackend:
