@@ -40,7 +40,7 @@ pytest_step "pytest" "$@"
 # Runs by default on a plain `test.sh`; with pytest arguments only if CLAWSTORE_TEST_RGW=1;
 # never with CLAWSTORE_TEST_RGW=0.
 S3_SUITES=(tests/test_s3.py tests/test_s3_faults.py tests/test_conformance.py tests/test_volumes.py
-  tests/test_concurrency.py)
+  tests/test_concurrency.py tests/test_checkpoints.py tests/hub/test_hub_checkpoints.py)
 if [ "${CLAWSTORE_TEST_RGW:-$([ $# -eq 0 ] && echo 1 || echo 0)}" = 1 ]; then
   rgw_dir=$(mktemp -d "${TMPDIR:-/tmp}/clawstore-rgw.XXXXXX")
   # shellcheck disable=SC2064

@@ -25,6 +25,8 @@ import pytest
 import zstandard
 from clawstore import checkpoints as cp
 from clawstore import mediatypes as mt
+from clawstore.checkpoints import index as cp_index
+from clawstore.checkpoints import writer as cp_writer
 from clawstore.manifest import Descriptor, ImageManifest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -38,7 +40,7 @@ SMALL = {"threshold": 4096, "group_bytes": 2048}
 def no_racy(monkeypatch: pytest.MonkeyPatch) -> None:
     """Files here are written just before their first checkpoint, so their ctime falls in the
     racy window and the next checkpoint would re-read them; tests of reuse turn the window off."""
-    monkeypatch.setattr(cp, "RACY_NS", 0)
+    monkeypatch.setattr(cp_writer, "RACY_NS", 0)
 
 
 def sha(data: bytes) -> str:
@@ -196,7 +198,7 @@ def test_racy_rewrite_is_reread(
 ) -> None:
     """A file changed in the same instant as the parent was taken (same size, mtime and ctime as
     far as the clock can tell) is read again rather than trusted."""
-    monkeypatch.setattr(cp, "RACY_NS", 3600 * 10**9)  # "the same instant", however slow the machine
+    monkeypatch.setattr(cp_writer, "RACY_NS", 3600 * 10**9)  # "the same instant", however slow the machine
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_bytes(b"AAAA")
@@ -487,7 +489,8 @@ def test_kill_9_during_restore_leaves_no_target_and_the_next_restore_works(tmp_p
         f"""
         import os, time, clawstore
         from clawstore import checkpoints as cp
-        cp.LAYER_BATCH = 4096  # many layers, so the restore is caught in the middle
+        from clawstore.checkpoints import restorer
+        restorer.LAYER_BATCH = 4096  # many layers, so the restore is caught in the middle
         calls = []
         def progress(n):
             calls.append(n)
@@ -565,12 +568,12 @@ def _apply(root: Path, op: str, name: str, n: int, seed: int) -> None:
 
 
 def _property(store: clawstore.ArtifactStore, base: Path, edits: list[tuple[str, str, int, int]]) -> None:
-    inline_max = cp.INLINE_MAX
-    cp.INLINE_MAX = 3  # exercise index blobs and delta configs on small trees
+    inline_max = cp_writer.INLINE_MAX
+    cp_writer.INLINE_MAX = 3  # exercise index blobs and delta configs on small trees
     try:
         _property_run(store, base, edits)
     finally:
-        cp.INLINE_MAX = inline_max
+        cp_writer.INLINE_MAX = inline_max
 
 
 def _property_run(store: clawstore.ArtifactStore, base: Path, edits: list[tuple[str, str, int, int]]) -> None:
@@ -714,8 +717,10 @@ def test_recent_checkpoints_are_bounded_and_exact(
         fresh = cp.load(local_store, d)
         assert fresh is not ck
         assert (fresh.entries, fresh.packs, fresh.config) == (ck.entries, ck.packs, ck.config)
-    monkeypatch.setattr(cp, "RECENT_MAX_RECORDS", len(remembered[1].entries) + len(remembered[2].entries))
+    monkeypatch.setattr(
+        cp_index, "RECENT_MAX_RECORDS", len(remembered[1].entries) + len(remembered[2].entries)
+    )
     cp.forget_recent()
     for d in digests:
         cp.load(local_store, d)
-    assert list(cp._recent) == [str(d) for d in digests[1:]]  # the oldest went first
+    assert list(cp_index._recent) == [str(d) for d in digests[1:]]  # the oldest went first

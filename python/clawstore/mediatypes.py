@@ -36,7 +36,7 @@ CACHE_INDEX_ZSTD: Final = "application/vnd.elasticclaw.cache.index.v2+zstd"
 CHECKPOINT_CONFIG_ZSTD: Final = "application/vnd.elasticclaw.checkpoint.config.v1+json+zstd"
 #: A checkpoint's file index shared by later checkpoints (their configs hold what differs).
 CHECKPOINT_INDEX_ZSTD: Final = "application/vnd.elasticclaw.checkpoint.index.v1+json+zstd"
-#: A checkpoint pack: tar+zstd cut into independent zstd frames (see checkpoints.py).
+#: A checkpoint pack: tar+zstd cut into independent zstd frames (see clawstore.checkpoints).
 CHECKPOINT_PACK: Final = "application/vnd.elasticclaw.checkpoint.pack.v1.tar+zstd"
 
 #: The empty JSON object `{}` used as config when a kind has none (OCI 1.1).

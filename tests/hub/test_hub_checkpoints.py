@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from clawstore import checkpoints as cp
 from clawstore import mediatypes as mt
+from clawstore.checkpoints import writer as cp_writer
 from clawstore.hub import Hub
 from hubutil import ADMIN, push_artifact
 
@@ -45,7 +46,7 @@ def count_tx(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> list[int]:
             yield conn
 
     monkeypatch.setattr(hub.catalog, "tx", tx)
-    monkeypatch.setattr(cp, "RACY_NS", 0)  # the tree was just written; reuse is what is measured
+    monkeypatch.setattr(cp_writer, "RACY_NS", 0)  # the tree was just written; reuse is what is measured
     return counter
 
 
