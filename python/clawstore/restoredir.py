@@ -52,6 +52,21 @@ def _non_empty_at(parent_fd: int, name: str) -> bool:
         os.close(fd)
 
 
+def check_target(directory: str | os.PathLike[str], *, force: bool) -> Path:
+    """The absolute path of a restore's target, refused before any work if it is not a directory
+    (a symlink included) or, unless `force`, not empty; its parent is created. (`commit` checks
+    again at the end, through the parent's handle.)"""
+    target = Path(directory).absolute()
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise NotADirectoryError(f"restore target is not a directory: {target}")
+    if not force and target.exists():
+        with os.scandir(target) as it:
+            if any(True for _ in it):
+                raise ClawstoreError(f"restore target {target} is not empty (use force to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
 def remove_abandoned(parent_fd: int, name: str) -> int:
     """Remove the `.NAME.restore-*` directories under `parent_fd` whose restore died (nobody holds
     their lock). The `.NAME.old-*` of an interrupted swap are left alone: they hold the previous

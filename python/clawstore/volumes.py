@@ -50,7 +50,7 @@ from clawstore.errors import (
 )
 from clawstore.manifest import Descriptor, ImageManifest, canonical_json, parse_manifest
 from clawstore.names import Reference
-from clawstore.restoredir import RestoreDir
+from clawstore.restoredir import RestoreDir, check_target
 from clawstore.store import ArtifactStore
 from clawstore.types import MISSING
 
@@ -430,11 +430,6 @@ def snapshot(
     )
 
 
-def _non_empty(path: Path) -> bool:
-    with os.scandir(path) as it:
-        return any(True for _ in it)
-
-
 def restore(
     store: ArtifactStore,
     ref: str | Digest,
@@ -465,12 +460,7 @@ def restore(
     """
     started = time.monotonic()
     snap = load(store, ref)
-    target = Path(dest).absolute()
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise NotADirectoryError(f"restore target is not a directory: {target}")
-    if target.exists() and _non_empty(target) and not force:
-        raise ClawstoreError(f"restore target {target} is not empty (use force to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = check_target(dest, force=force)
 
     declared = [_layer_size(d) for d in snap.layers]
     all_declared = all(s is not None for s in declared)

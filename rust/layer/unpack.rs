@@ -1409,22 +1409,27 @@ mod tests {
 
     /// One first layer (into an empty target, so writers create the files) that reuses names:
     /// the result must be what applying the entries one by one in order gives.
+    fn file(b: &mut tar::Builder<Vec<u8>>, name: &[u8], body: &[u8]) {
+        let mut h = hdr(EntryType::Regular, body.len() as u64);
+        set_raw_name(&mut h, name);
+        h.set_cksum();
+        b.append(&h, body).expect("append");
+    }
+
+    fn dir(b: &mut tar::Builder<Vec<u8>>, name: &[u8]) {
+        let mut h = hdr(EntryType::Directory, 0);
+        h.set_mode(0o755);
+        set_raw_name(&mut h, name);
+        h.set_cksum();
+        b.append(&h, io::empty()).expect("append");
+    }
+
     #[test]
     fn reused_names_in_a_first_layer_apply_in_stream_order() {
-        let file = |b: &mut tar::Builder<Vec<u8>>, name: &[u8], body: &[u8]| {
-            let mut h = hdr(EntryType::Regular, body.len() as u64);
-            set_raw_name(&mut h, name);
-            h.set_cksum();
-            b.append(&h, body).expect("append");
-        };
         let l = raw_layer(|b| {
             // many files over many directories (several writers at once)
             for d in 0..40 {
-                let mut h = hdr(EntryType::Directory, 0);
-                h.set_mode(0o755);
-                set_raw_name(&mut h, format!("d{d}").as_bytes());
-                h.set_cksum();
-                b.append(&h, io::empty()).expect("append");
+                dir(b, format!("d{d}").as_bytes());
                 for f in 0..50 {
                     file(
                         b,
@@ -1442,11 +1447,7 @@ mod tests {
             b.append(&h, io::empty()).expect("append");
             // a file, then the same name as a directory with a file in it
             file(b, b"d2/x", b"first");
-            let mut h = hdr(EntryType::Directory, 0);
-            h.set_mode(0o755);
-            set_raw_name(&mut h, b"d2/x");
-            h.set_cksum();
-            b.append(&h, io::empty()).expect("append");
+            dir(b, b"d2/x");
             file(b, b"d2/x/inner", b"inner");
             // a file under a parent made implicitly, then that parent replaced by a file
             file(b, b"p/q", b"q");
@@ -1479,19 +1480,6 @@ mod tests {
 
     #[test]
     fn later_layers_into_a_fresh_target_replace_what_earlier_ones_wrote() {
-        let file = |b: &mut tar::Builder<Vec<u8>>, name: &[u8], body: &[u8]| {
-            let mut h = hdr(EntryType::Regular, body.len() as u64);
-            set_raw_name(&mut h, name);
-            h.set_cksum();
-            b.append(&h, body).expect("append");
-        };
-        let dir = |b: &mut tar::Builder<Vec<u8>>, name: &[u8]| {
-            let mut h = hdr(EntryType::Directory, 0);
-            h.set_mode(0o755);
-            set_raw_name(&mut h, name);
-            h.set_cksum();
-            b.append(&h, io::empty()).expect("append");
-        };
         let first = raw_layer(|b| {
             for d in 0..8 {
                 dir(b, format!("d{d}").as_bytes());

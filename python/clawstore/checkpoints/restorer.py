@@ -9,7 +9,6 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Final
 
 from clawstore import _core
@@ -25,11 +24,10 @@ from clawstore.checkpoints.index import (
 )
 from clawstore.digest import Digest
 from clawstore.errors import (
-    ClawstoreError,
     DigestMismatchError,
     NotFoundError,
 )
-from clawstore.restoredir import RestoreDir
+from clawstore.restoredir import RestoreDir, check_target
 from clawstore.store import ArtifactStore
 
 #: File bytes per layer handed to the unpacker (layers are built while the previous one unpacks).
@@ -137,12 +135,7 @@ def restore(
     started = time.monotonic()
     ck = load(store, ref)
     selected = _select(ck, path)
-    target = Path(directory).absolute()
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise NotADirectoryError(f"restore target is not a directory: {target}")
-    if target.exists() and _non_empty(target) and not force:
-        raise ClawstoreError(f"restore target {target} is not empty (use force to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = check_target(directory, force=force)
     workers = workers or max(1, store.read_concurrency)
 
     def mode_of(e: dict[str, Any]) -> int:
@@ -263,8 +256,3 @@ def restore(
         reads=len(reads) + len(blobs),
         seconds=time.monotonic() - started,
     )
-
-
-def _non_empty(path: Path) -> bool:
-    with os.scandir(path) as it:
-        return any(True for _ in it)
