@@ -1479,6 +1479,30 @@ mod tests {
     }
 
     #[test]
+    fn more_files_than_the_pool_holds_all_arrive() {
+        // Over POOL_QUEUE_JOBS files in one layer: the producer fills the pool, flushes its
+        // batches and waits for the writers to drain it, many times over.
+        let n = 2 * POOL_QUEUE_JOBS + 123;
+        let l = raw_layer(|b| {
+            for i in 0..n {
+                file(
+                    b,
+                    format!("d{}/f{i}", i % 7).as_bytes(),
+                    i.to_string().as_bytes(),
+                );
+            }
+        });
+        let base = tempfile::tempdir().expect("tmp");
+        let dest = base.path().join("dest");
+        fs::create_dir(&dest).expect("mkdir");
+        unpack_all(&[l], &dest, Limits::default()).expect("unpack");
+        for i in 0..n {
+            let got = fs::read(dest.join(format!("d{}/f{i}", i % 7))).expect("read");
+            assert_eq!(got, i.to_string().as_bytes());
+        }
+    }
+
+    #[test]
     fn later_layers_into_a_fresh_target_replace_what_earlier_ones_wrote() {
         let first = raw_layer(|b| {
             for d in 0..8 {
