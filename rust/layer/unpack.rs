@@ -166,7 +166,9 @@ impl Job {
 }
 
 /// The process umask, read without changing it (`umask(2)` can only set it, which would race
-/// with other threads creating files): `None` where /proc does not say.
+/// with other threads creating files): `None` where /proc does not say. Read once per unpacker:
+/// a umask changed while a restore runs applies to the files it creates after that as it would
+/// to tar's, but a mode it strips is then not put back.
 fn process_umask() -> Option<u32> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("Umask:"))?;
