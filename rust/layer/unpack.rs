@@ -227,6 +227,13 @@ struct Counts {
     waiting: usize,
 }
 
+impl Counts {
+    /// A job of `bytes` fits in the pool's bounds (always, when nothing is in flight).
+    fn fits(&self, bytes: u64) -> bool {
+        self.jobs == 0 || (self.jobs < POOL_QUEUE_JOBS && self.bytes + bytes <= POOL_QUEUE_BYTES)
+    }
+}
+
 impl InFlight {
     fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -235,7 +242,7 @@ impl InFlight {
     /// Count a job of `bytes` if it fits in the bounds (always, when nothing is in flight).
     fn try_acquire(&self, bytes: u64) -> bool {
         let mut g = self.lock();
-        let fits = g.jobs == 0 || (g.jobs < POOL_QUEUE_JOBS && g.bytes + bytes <= POOL_QUEUE_BYTES);
+        let fits = g.fits(bytes);
         if fits {
             g.jobs += 1;
             g.bytes += bytes;
@@ -246,7 +253,7 @@ impl InFlight {
     /// Wait until a job of `bytes` fits in the bounds, then count it.
     fn acquire(&self, bytes: u64) {
         let mut g = self.lock();
-        while g.jobs > 0 && (g.jobs >= POOL_QUEUE_JOBS || g.bytes + bytes > POOL_QUEUE_BYTES) {
+        while !g.fits(bytes) {
             g.waiting += 1;
             g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
             g.waiting -= 1;
@@ -1409,8 +1416,6 @@ mod tests {
         refused(&[zeros], limits);
     }
 
-    /// One first layer (into an empty target, so writers create the files) that reuses names:
-    /// the result must be what applying the entries one by one in order gives.
     fn file(b: &mut tar::Builder<Vec<u8>>, name: &[u8], body: &[u8]) {
         let mut h = hdr(EntryType::Regular, body.len() as u64);
         set_raw_name(&mut h, name);
@@ -1426,6 +1431,8 @@ mod tests {
         b.append(&h, io::empty()).expect("append");
     }
 
+    /// One first layer (into an empty target, so writers create the files) that reuses names:
+    /// the result must be what applying the entries one by one in order gives.
     #[test]
     fn reused_names_in_a_first_layer_apply_in_stream_order() {
         let l = raw_layer(|b| {
