@@ -11,7 +11,9 @@ command -v skopeo >/dev/null 2>&1 || need_apt+=(skopeo)
 # buildah run as root on `--storage-driver vfs` (no overlay mounts, no runtime: the images are
 # built with copy + commit only), and Debian's docker-registry (CNCF distribution 2.8) is the
 # reference server the tests and benches/bench_registry.py compare against; wrk is the load client.
-for pair in podman:podman buildah:buildah docker-registry:docker-registry wrk:wrk; do
+# docker.io gives dockerd and its CLI: tests/registry_clients/test_docker.py runs a private dockerd
+# (vfs, no bridge, no iptables) that pushes and pulls but never starts a container.
+for pair in podman:podman buildah:buildah docker-registry:docker-registry wrk:wrk dockerd:docker.io; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
 # maturin and `cargo test` need a Rust toolchain; Debian's is the fallback when none is installed.

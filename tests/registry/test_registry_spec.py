@@ -512,6 +512,12 @@ def test_anonymous_pull_only_where_granted(registry: Registry, c: httpx.Client) 
     assert r.status_code == 401
     r = anon.post("/v2/public/app/blobs/uploads/")
     assert r.status_code == 401 and "repository:public/app:pull,push" in r.headers["WWW-Authenticate"]
+    # an anonymous token without push (what docker fetches before logging in) is 401 as well:
+    # authenticating may help, so the client is told to
+    t = _token(registry, "repository:public/app:pull,push", None)
+    r = anon.post("/v2/public/app/blobs/uploads/", headers={"Authorization": f"Bearer {t}"})
+    assert r.status_code == 401 and error_codes(r) == ["UNAUTHORIZED"]
+    assert "repository:public/app:pull,push" in r.headers["WWW-Authenticate"]
     assert not list(registry.hub.uploads.iter_live())
 
 

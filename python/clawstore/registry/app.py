@@ -110,7 +110,11 @@ class Registry:
             scope = f"repository:{m.repo}:{_scope_actions(m.action)}"
             if not who.allows(m.repo, m.action):
                 # RFC 6750: a token without the scope is 403 insufficient_scope, with the
-                # challenge for the scope needed (clients fetch a new token and retry).
+                # challenge for the scope needed (clients fetch a new token and retry). A token
+                # issued to nobody (an anonymous client's) is 401: authenticating may help, and
+                # clients say "authentication required" (docker push, not logged in).
+                if not who.credentials:
+                    return self.unauthorized(request, scope, "authentication required")
                 return self.unauthorized(
                     request, scope, f"token does not allow {m.action} on {m.repo}", status=403
                 )
