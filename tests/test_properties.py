@@ -12,6 +12,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import blake3
 import clawstore
@@ -470,9 +471,10 @@ class Trickle(io.RawIOBase):
     known_size=st.booleans(),
     corrupt=st.sampled_from(["none", "flip", "short", "long", "wrong size"]),
     algorithm=st.sampled_from(ALGS),
+    via=st.sampled_from(["read", "readinto", "buffered"]),
 )
 def test_verifying_reader(
-    data: bytes, sizes: list[int], reads: list[int], known_size: bool, corrupt: str, algorithm: str
+    data: bytes, sizes: list[int], reads: list[int], known_size: bool, corrupt: str, algorithm: str, via: str
 ) -> None:
     digest = Digest(f"{algorithm}:{oracle_hex(data, algorithm)}")
     stored = data
@@ -489,11 +491,21 @@ def test_verifying_reader(
     if corrupt == "long" and size is not None:
         bad = False  # the reader stops at `size`: what it hands out is exactly the right content
     r = clawstore.VerifyingReader(Trickle(stored, sizes), digest, size)
+    # read: the reader's own (straight from the source); readinto: into a caller's buffer;
+    # buffered: through io.BufferedReader, as file-like consumers wrap it
+    source: Any = io.BufferedReader(r, 4096) if via == "buffered" else r
+
+    def read(n: int) -> bytes:
+        if via != "readinto":
+            return bytes(source.read(n))
+        buf = bytearray(n)
+        return bytes(buf[: r.readinto(buf)])
+
     got = bytearray()
     i = 0
     try:
         while True:
-            chunk = r.read(reads[i % len(reads)])
+            chunk = read(reads[i % len(reads)])
             i += 1
             if not chunk:
                 break

@@ -37,31 +37,60 @@ class VerifyingReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+    def _room(self, want: int) -> int:
+        """How much of `want` may be read now (never past a known size); 0 once verified.
+        Reaching the size with nothing left checks the digest (size 0: even read(0) does)."""
         if self._verified:
             return 0
-        if self.size is not None and self._seen == self.size:
-            self._finish()  # e.g. size 0: even read(0) checks the digest once nothing is left
-            return 0
-        view = memoryview(buffer).cast("B")
         if self.size is not None:
-            view = view[: self.size - self._seen]  # never past the size: that content is verified
-        if not len(view):
-            return 0
-        n = self._raw.readinto(view) if hasattr(self._raw, "readinto") else self._fallback(view)
-        if n is None:
-            raise BlockingIOError("non-blocking source not supported")
-        if n == 0:
-            self._finish()
-            return 0
-        self._hasher.update(view[:n])
-        self._seen += n
+            if self._seen == self.size:
+                self._finish()
+                return 0
+            return min(want, self.size - self._seen)
+        return want
+
+    def _took(self, chunk: bytes | memoryview) -> None:
+        """Account for bytes read from the source, before the caller may hand them out."""
+        self._hasher.update(chunk)
+        self._seen += len(chunk)
         if self.size is not None:
             if self._seen > self.size:
                 raise DigestMismatchError(f"{self.digest}: more than the expected {self.size} bytes")
             if self._seen == self.size:
                 self._finish()  # raises before these last bytes are handed out
-        return n
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        n = self._room(len(view))
+        if not n:
+            return 0
+        view = view[:n]
+        got = self._raw.readinto(view) if hasattr(self._raw, "readinto") else self._fallback(view)
+        if got is None:
+            raise BlockingIOError("non-blocking source not supported")
+        if got == 0:
+            self._finish()
+            return 0
+        self._took(view[:got])
+        return got
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to `size` bytes, read straight from the source: RawIOBase's default reads into a
+        zero-filled buffer and copies it into a new bytes object, two passes over every byte
+        a registry streams out."""
+        if size is None or size < 0:
+            return self.readall()
+        n = self._room(size)
+        if not n:
+            return b""
+        chunk = self._raw.read(n)
+        if chunk is None:
+            raise BlockingIOError("non-blocking source not supported")
+        if not chunk:
+            self._finish()
+            return b""
+        self._took(chunk)
+        return bytes(chunk)
 
     def _fallback(self, view: memoryview) -> int:
         chunk = self._raw.read(len(view))
