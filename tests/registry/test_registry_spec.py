@@ -74,7 +74,20 @@ def test_monolithic_upload_then_head_get_and_range(registry: Registry, c: httpx.
     tail = c.get(f"/v2/demo/app/blobs/{d}", headers={"Range": "bytes=-10"})
     assert tail.status_code == 206 and tail.content == data[-10:]
     bad = c.get(f"/v2/demo/app/blobs/{d}", headers={"Range": f"bytes={len(data)}-"})
-    assert bad.status_code == 416
+    assert bad.status_code == 416 and bad.headers["Content-Range"] == f"bytes */{len(data)}"
+    assert c.get(f"/v2/demo/app/blobs/{d}", headers={"Range": "bytes=-0"}).status_code == 416
+    # last before first: 416 as distribution and the OCI conformance suite have it
+    assert c.get(f"/v2/demo/app/blobs/{d}", headers={"Range": "bytes=3-1"}).status_code == 416
+    # RFC 9110 §14.2: a Range of another unit, of several ranges (no multipart/byteranges
+    # here) or without positions is ignored: the whole blob, 200
+    for ignored in ("items=0-1", "bytes=0-1,5-9", "bytes=-"):
+        whole = c.get(f"/v2/demo/app/blobs/{d}", headers={"Range": ignored})
+        assert whole.status_code == 200 and whole.content == data, ignored
+    # a suffix of an empty blob is satisfiable but has no bytes for a 206 to carry: 200
+    empty = push_blob(c, "demo/app", b"")
+    r = c.get(f"/v2/demo/app/blobs/{empty}", headers={"Range": "bytes=-1"})
+    assert r.status_code == 200 and r.content == b"" and "Content-Range" not in r.headers
+    assert c.get(f"/v2/demo/app/blobs/{empty}", headers={"Range": "bytes=0-"}).status_code == 416
 
 
 def test_post_then_put_with_body_and_sha512(registry: Registry, c: httpx.Client) -> None:
@@ -384,6 +397,28 @@ def test_cross_repository_mount_only_from_what_the_caller_may_pull(
     r = bob.post("/v2/bob/app/blobs/uploads/", params={"mount": d, "from": "bob/other"})
     assert r.status_code == 202
     assert bob.head(f"/v2/bob/app/blobs/{d}").status_code == 404
+    # a registry token must cover the source as well: alice may pull team/a/app, but a token
+    # scoped to team/c/app alone mounts nothing; with both scopes it mounts
+    alice = registry.user("alice", ("pull", "team/**"), ("push", "team/**"))
+    for scopes, mounted in (
+        (["repository:team/c/app:pull,push"], False),
+        (["repository:team/c/app:pull,push", "repository:team/a/app:pull"], True),
+    ):
+        r = httpx.get(
+            registry.url + "/token",
+            params=[("service", "clawstore"), *(("scope", x) for x in scopes)],
+            auth=("alice", alice),
+        )
+        h = {"Authorization": f"Bearer {r.json()['token']}"}
+        r = httpx.post(
+            f"{registry.url}/v2/team/c/app/blobs/uploads/",
+            params={"mount": d, "from": "team/a/app"},
+            headers=h,
+        )
+        assert r.status_code == (201 if mounted else 202), (scopes, r.status_code)
+        assert httpx.head(f"{registry.url}/v2/team/c/app/blobs/{d}", headers=h).status_code == (
+            200 if mounted else 404
+        )
 
 
 def test_referrers_with_artifact_type_filter(registry: Registry, c: httpx.Client) -> None:

@@ -107,7 +107,7 @@ class Registry:
             m = match(path, request.method)
             if m is None:
                 raise RegistryError("NAME_UNKNOWN", f"no such endpoint {request.url.path}", status=404)
-            scope = f"repository:{m.repo}:{_scope_actions(m.action)}"
+            scope = f"repository:{m.repo}:{_scope_actions(m.action, request.method)}"
             if not who.allows(m.repo, m.action):
                 # RFC 6750: a token without the scope is 403 insufficient_scope, with the
                 # challenge for the scope needed (clients fetch a new token and retry). A token
@@ -128,7 +128,7 @@ class Registry:
                 with suppress(RegistryError):
                     m2 = match(path, request.method)
                 if m2 is not None:
-                    scope = f"repository:{m2.repo}:{_scope_actions(m2.action)}"
+                    scope = f"repository:{m2.repo}:{_scope_actions(m2.action, request.method)}"
                 return self.unauthorized(request, scope, e.message)
             e.headers.update(API_VERSION)
             return e.response(head=head)
@@ -192,7 +192,12 @@ class Registry:
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
 
-def _scope_actions(action: str) -> str:
+def _scope_actions(action: str, method: str) -> str:
+    """The actions a challenge asks for. A DELETE (an upload's cancel needs push) asks for
+    delete too: clients that keep one token per repository and method, as the OCI conformance
+    suite does, reuse it for blob and manifest deletes. A token carries only what is granted."""
+    if method == "DELETE" and action != "delete":
+        return "delete,pull,push"
     return "pull,push" if action == "push" else action
 
 

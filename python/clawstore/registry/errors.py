@@ -25,7 +25,9 @@ from clawstore.errors import (
 )
 
 #: code -> HTTP status (OCI distribution-spec v1.1, "Error Codes"; TAG_CONFLICT is ours: a
-#: manifest PUT whose If-Match / If-None-Match no longer holds).
+#: manifest PUT whose If-Match / If-None-Match no longer holds). A range that cannot be served
+#: or appended is 416 with the spec's code (BLOB_UPLOAD_INVALID for an upload, as distribution
+#: answers; SIZE_INVALID for a blob GET), so clients that know only the spec's codes parse it.
 STATUS: dict[str, int] = {
     "BLOB_UNKNOWN": 404,
     "BLOB_UPLOAD_INVALID": 400,
@@ -42,7 +44,6 @@ STATUS: dict[str, int] = {
     "UNSUPPORTED": 405,
     "TOOMANYREQUESTS": 429,
     "TAG_CONFLICT": 412,
-    "RANGE_INVALID": 416,
     # distribution's errcode.ErrorCodeUnknown: the server failed, not the request
     "UNKNOWN": 500,
 }
@@ -83,7 +84,7 @@ def translate(e: ClawstoreError, *, what: str = "blob") -> RegistryError:
     msg = str(e)
     if isinstance(e, UploadRangeError):
         end = max(e.offset - 1, 0)
-        return RegistryError("RANGE_INVALID", msg, headers={"Range": f"0-{end}"})
+        return RegistryError("BLOB_UPLOAD_INVALID", msg, status=416, headers={"Range": f"0-{end}"})
     if isinstance(e, UploadNotFoundError | LeaseConflictError):
         return RegistryError("BLOB_UPLOAD_UNKNOWN", msg)
     if isinstance(e, BlobNotFoundError):

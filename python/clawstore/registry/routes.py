@@ -57,7 +57,10 @@ _ACTION = {
     ("manifest", "PUT"): "push",
     ("manifest", "DELETE"): "delete",
     ("uploads", "POST"): "push",
-    ("upload", "GET"): "push",
+    # An upload's status is asked with the token the client pulls with (the OCI conformance
+    # suite keeps one token per repository for GET and HEAD); the hub still checks the push
+    # grant and that the upload is the caller's own.
+    ("upload", "GET"): "pull",
     ("upload", "PATCH"): "push",
     ("upload", "PUT"): "push",
     ("upload", "DELETE"): "push",
@@ -119,10 +122,10 @@ def _content_range(header: str | None) -> tuple[int, int] | None:
         return None
     m = re.fullmatch(r"(?:bytes[ =])?(\d+)-(\d+)(?:/\d+|/\*)?", header.strip())
     if m is None:
-        raise RegistryError("RANGE_INVALID", f"malformed Content-Range {header!r}")
+        raise RegistryError("BLOB_UPLOAD_INVALID", f"malformed Content-Range {header!r}", status=416)
     start, end = int(m.group(1)), int(m.group(2))
     if end < start:
-        raise RegistryError("RANGE_INVALID", f"malformed Content-Range {header!r}")
+        raise RegistryError("BLOB_UPLOAD_INVALID", f"malformed Content-Range {header!r}", status=416)
     return start, end
 
 
@@ -176,21 +179,15 @@ class Handlers:
                 headers = {"Location": url, "Docker-Content-Digest": d, "Cache-Control": "no-store"}
                 return Response(status_code=307, headers=headers)
         if request.method == "GET" and not rng:
-            # One hub call: the verifying reader knows the size. A small blob is read (and
-            # verified) whole in the same worker thread: one trip instead of three.
-            reader, body = await self.call(self._open_blob, p, m.repo, d)
-            if body is not None:
-                return Response(body, status_code=200, headers=self._blob_headers(d))
-            return StreamingResponse(
-                send_reader(reader, reader.size),
-                status_code=200,
-                headers={**self._blob_headers(d), "Content-Length": str(reader.size)},
-            )
+            return await self._whole_blob(p, m.repo, d)
         size: int = await self.call(self.hub.stat_blob, p, m.repo, d)
         headers = self._blob_headers(d)
         if request.method == "HEAD":
             return Response(status_code=200, headers={**headers, "Content-Length": str(size)})
-        start, end = self._range(rng or "", size)
+        span = self._range(rng or "", size)
+        if span is None:
+            return await self._whole_blob(p, m.repo, d)
+        start, end = span
         length = end - start + 1
         headers.update({"Content-Range": f"bytes {start}-{end}/{size}", "Content-Length": str(length)})
 
@@ -205,6 +202,19 @@ class Handlers:
                 yield data
 
         return StreamingResponse(part(), status_code=206, headers=headers)
+
+    async def _whole_blob(self, p: Any, repo: str, d: Digest) -> Response:
+        """200 with the whole blob, verified as it streams. One hub call: the verifying reader
+        knows the size. A small blob is read (and verified) whole in the same worker thread:
+        one trip instead of three."""
+        reader, body = await self.call(self._open_blob, p, repo, d)
+        if body is not None:
+            return Response(body, status_code=200, headers=self._blob_headers(d))
+        return StreamingResponse(
+            send_reader(reader, reader.size),
+            status_code=200,
+            headers={**self._blob_headers(d), "Content-Length": str(reader.size)},
+        )
 
     def _open_blob(self, p: Any, repo: str, d: Digest) -> tuple[Any, bytes | None]:
         reader = self.hub.get_blob(p, repo, d)
@@ -227,23 +237,35 @@ class Handlers:
         }
 
     @staticmethod
-    def _range(header: str, size: int) -> tuple[int, int]:
+    def _range(header: str, size: int) -> tuple[int, int] | None:
+        """The byte span a `Range` header asks of a blob of `size` bytes (RFC 9110 §14), or None
+        when the header is to be ignored and the whole blob served: another unit, several
+        ranges (no multipart/byteranges here), or a suffix range of an empty blob (satisfiable,
+        but a 206 cannot say zero bytes). A range starting at or past the end, a zero-length
+        suffix, or one whose last byte is before its first is 416 with `Content-Range: bytes
+        */size` (the last: RFC 9110 would ignore it; Go's net/http, so distribution, and the OCI
+        conformance suite answer 416)."""
         m = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip())
-        bad = RegistryError(
-            "RANGE_INVALID", f"unsatisfiable range {header!r}", headers={"Content-Range": f"bytes */{size}"}
-        )
         if m is None or (not m.group(1) and not m.group(2)):
-            raise bad
+            return None
+        bad = RegistryError(
+            "SIZE_INVALID",
+            f"unsatisfiable range {header!r}",
+            status=416,
+            headers={"Content-Range": f"bytes */{size}"},
+        )
         if not m.group(1):  # the last N bytes
             n = int(m.group(2))
             if n == 0:
                 raise bad
+            if size == 0:
+                return None
             return max(size - n, 0), size - 1
         start = int(m.group(1))
-        end = int(m.group(2)) if m.group(2) else size - 1
-        if start >= size or end < start:
+        end = int(m.group(2)) if m.group(2) else None
+        if start >= size or (end is not None and end < start):
             raise bad
-        return start, min(end, size - 1)
+        return start, size - 1 if end is None else min(end, size - 1)
 
     # -- uploads -----------------------------------------------------------------------------
     async def uploads(self, request: Request, who: Identity, m: Match) -> Response:
@@ -255,7 +277,10 @@ class Handlers:
         if mount is not None:
             d = _digest(mount)
             source = q.get("from")
-            if source:
+            # The token must cover pulling the source too (docker asks for both scopes when it
+            # mounts), as well as the hub's grants: a token scoped to this repository alone
+            # mounts nothing, whatever its principal may pull.
+            if source and who.allows(source, "pull"):
                 try:
                     await run_blocking(self.hub.mount_blob, p, m.repo, d, source)
                 except ClawstoreError:
@@ -309,7 +334,9 @@ class Handlers:
                 n = _content_length(request)
                 if n is not None and n != rng[1] - rng[0] + 1:
                     raise RegistryError(
-                        "RANGE_INVALID", f"Content-Range {rng[0]}-{rng[1]} does not match Content-Length {n}"
+                        "BLOB_UPLOAD_INVALID",
+                        f"Content-Range {rng[0]}-{rng[1]} does not match Content-Length {n}",
+                        status=416,
                     )
             st = await self.call(
                 self.hub.upload_chunk, p, m.repo, uid, body_file(request), start, what="upload"
@@ -497,8 +524,9 @@ class Handlers:
 
 def translate_range(offset: int, start: int) -> RegistryError:
     return RegistryError(
-        "RANGE_INVALID",
+        "BLOB_UPLOAD_INVALID",
         f"chunk starts at {start}, the upload is at {offset}",
+        status=416,
         headers={"Range": f"0-{max(offset - 1, 0)}"},
     )
 
