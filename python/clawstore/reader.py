@@ -43,7 +43,7 @@ class VerifyingReader(io.RawIOBase):
         if self._verified:
             return 0
         if self.size is not None:
-            if self._seen == self.size:
+            if self._seen >= self.size:  # (past it only after a mismatch was raised: again)
                 self._finish()
                 return 0
             return min(want, self.size - self._seen)

@@ -38,25 +38,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from regclient import OCI_MANIFEST, manifest_bytes, sha256
-
-#: distribution-spec v1.1, "Error Codes": "The `code` field MUST be one of the following".
-SPEC_CODES = {
-    "BLOB_UNKNOWN",
-    "BLOB_UPLOAD_INVALID",
-    "BLOB_UPLOAD_UNKNOWN",
-    "DIGEST_INVALID",
-    "MANIFEST_BLOB_UNKNOWN",
-    "MANIFEST_INVALID",
-    "MANIFEST_UNKNOWN",
-    "NAME_INVALID",
-    "NAME_UNKNOWN",
-    "SIZE_INVALID",
-    "UNAUTHORIZED",
-    "DENIED",
-    "UNSUPPORTED",
-    "TOOMANYREQUESTS",
-}
+from regclient import OCI_MANIFEST, SPEC_CODES, manifest_bytes, sha256
 
 
 def _noise(n: int, seed: bytes) -> bytes:

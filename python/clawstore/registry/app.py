@@ -21,11 +21,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from clawstore.errors import ClawstoreError, PermissionDeniedError
+from clawstore.errors import ClawstoreError, InvalidNameError, PermissionDeniedError
 from clawstore.hub import Hub
+from clawstore.names import validate_repository
 from clawstore.registry.auth import CATALOG_SCOPE, Authenticator, Identity, parse_scopes
 from clawstore.registry.errors import RegistryError
-from clawstore.registry.routes import API_VERSION, Handlers, match
+from clawstore.registry.routes import API_VERSION, Handlers, Match, match
 from clawstore.registry.streams import run_blocking
 
 log = logging.getLogger("clawstore.registry")
@@ -73,10 +74,18 @@ class Registry:
         return str(request.base_url).rstrip("/") + "/token"
 
     def unauthorized(
-        self, request: Request, scope: str | None, message: str, *, status: int = 401
+        self,
+        request: Request,
+        scope: str | None,
+        message: str,
+        *,
+        status: int = 401,
+        insufficient_scope: bool = False,
     ) -> Response:
-        """401 (or 403 insufficient_scope) with the Bearer challenge for `scope`."""
-        error = "insufficient_scope" if status == 403 else None
+        """401 (or 403 insufficient_scope) with the Bearer challenge for `scope`. `message`
+        must not be the code's default text: docker decodes such an error as a bare code and
+        retries it (four times, 50 s) instead of reporting it."""
+        error = "insufficient_scope" if status == 403 or insufficient_scope else None
         err = RegistryError(
             "UNAUTHORIZED" if status == 401 else "DENIED",
             message,
@@ -114,9 +123,23 @@ class Registry:
                 # issued to nobody (an anonymous client's) is 401: authenticating may help, and
                 # clients say "authentication required" (docker push, not logged in).
                 if not who.credentials:
-                    return self.unauthorized(request, scope, "authentication required")
+                    return self.unauthorized(
+                        request, scope, f"authentication required to {m.action} {m.repo}"
+                    )
                 return self.unauthorized(
                     request, scope, f"token does not allow {m.action} on {m.repo}", status=403
+                )
+            source = _mount_source(request, m)
+            if source is not None and not who.allows(source, "pull"):
+                # A mount reads the source: a scoped token must cover pulling it (as with
+                # distribution). 401 with both scopes, so the client fetches a token for both
+                # and retries (clients refetch on 401, not on 403); without it the mount would
+                # quietly become an ordinary upload.
+                return self.unauthorized(
+                    request,
+                    f"{scope} repository:{source}:pull",
+                    f"token does not allow pull on {source}, the mount's source",
+                    insufficient_scope=True,
                 )
             handler = getattr(self.handlers, m.route)
             resp = await handler(request, who, m)
@@ -193,12 +216,28 @@ class Registry:
 
 
 def _scope_actions(action: str, method: str) -> str:
-    """The actions a challenge asks for. A DELETE (an upload's cancel needs push) asks for
-    delete too: clients that keep one token per repository and method, as the OCI conformance
-    suite does, reuse it for blob and manifest deletes. A token carries only what is granted."""
-    if method == "DELETE" and action != "delete":
+    """The actions a challenge asks for. Every DELETE (an upload's cancel needs push, a blob or
+    manifest delete needs delete) asks for all three: clients that keep one token per
+    repository and method, as the OCI conformance suite does, reuse one for the other. A token
+    carries only what is granted."""
+    if method == "DELETE":
         return "delete,pull,push"
     return "pull,push" if action == "push" else action
+
+
+def _mount_source(request: Request, m: Match) -> str | None:
+    """The repository a cross-repository mount (`POST .../blobs/uploads/?mount=&from=`) reads,
+    when it is a valid name (an invalid one mounts nothing: the handler starts an upload)."""
+    if m.route != "uploads" or request.method != "POST":
+        return None
+    q = request.query_params
+    source = q.get("from")
+    if not q.get("mount") or not source:
+        return None
+    try:
+        return validate_repository(source)
+    except InvalidNameError:
+        return None
 
 
 def create_app(hub: Hub, options: RegistryOptions | None = None, *, close_hub: bool = False) -> Starlette:

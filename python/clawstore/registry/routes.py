@@ -120,7 +120,7 @@ def _upload_headers(repo: str, upload_id: str, offset: int) -> dict[str, str]:
 def _content_range(header: str | None) -> tuple[int, int] | None:
     if not header:
         return None
-    m = re.fullmatch(r"(?:bytes[ =])?(\d+)-(\d+)(?:/\d+|/\*)?", header.strip())
+    m = re.fullmatch(r"(?:bytes[ =])?(\d{1,19})-(\d{1,19})(?:/\d{1,19}|/\*)?", header.strip())
     if m is None:
         raise RegistryError("BLOB_UPLOAD_INVALID", f"malformed Content-Range {header!r}", status=416)
     start, end = int(m.group(1)), int(m.group(2))
@@ -245,7 +245,7 @@ class Handlers:
         suffix, or one whose last byte is before its first is 416 with `Content-Range: bytes
         */size` (the last: RFC 9110 would ignore it; Go's net/http, so distribution, and the OCI
         conformance suite answer 416)."""
-        m = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip())
+        m = re.fullmatch(r"bytes=(\d{0,19})-(\d{0,19})", header.strip())
         if m is None or (not m.group(1) and not m.group(2)):
             return None
         bad = RegistryError(
@@ -320,7 +320,7 @@ class Handlers:
     async def upload(self, request: Request, who: Identity, m: Match) -> Response:
         p = who.principal
         uid = m.params["id"]
-        if request.method == "GET":
+        if request.method in ("GET", "HEAD"):  # status: needs pull in a token (the hub: push)
             st = await self.call(self.hub.upload_status, p, m.repo, uid, what="upload")
             return Response(status_code=204, headers=_upload_headers(m.repo, st.id, st.offset))
         if request.method == "DELETE":
@@ -342,6 +342,8 @@ class Handlers:
                 self.hub.upload_chunk, p, m.repo, uid, body_file(request), start, what="upload"
             )
             return Response(status_code=202, headers=_upload_headers(m.repo, st.id, st.offset))
+        if request.method != "PUT":  # (match() routes nothing else here: say so, not finish)
+            raise RegistryError("UNSUPPORTED", f"{request.method} not allowed here", status=405)
         # PUT ?digest=: the last chunk (if any) and the end of the upload
         digest = request.query_params.get("digest")
         if digest is None:
