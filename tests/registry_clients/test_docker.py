@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from oci_layout import layer_tar
 from registry_servers import ClawstoreServer, RegistryServer
 
 #: Files docker puts into every container's root filesystem (empty at create time).
@@ -149,18 +150,6 @@ def docker(dockerd: tuple[str, dict[str, str]], tmp_path: Path) -> Docker:
     return Docker(cli, dict(env, DOCKER_CONFIG=str(config)))
 
 
-def _tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in sorted(files.items()):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 1_700_000_000
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def image_files(seed: str) -> list[dict[str, bytes]]:
     """Two layers: a small text file, then a few MiB of pseudo-random bytes and a small file."""
     return [
@@ -185,7 +174,7 @@ def load_image(docker: Docker, workdir: Path, name: str, layers: list[dict[str, 
 
         layer_names = []
         for i, files in enumerate(layers):
-            data = _tar(files)
+            data = layer_tar(sorted(files.items()))
             diff_ids.append("sha256:" + hashlib.sha256(data).hexdigest())
             layer_names.append(f"layer{i}.tar")
             add(layer_names[-1], data)
