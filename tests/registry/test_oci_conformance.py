@@ -49,20 +49,20 @@ import secrets
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partialmethod
 from typing import Any
 from urllib.parse import urljoin, urlparse
 
 import httpx
 import pytest
 from conftest import Registry
-from regclient import SPEC_CODES
+from regclient import OCI_INDEX, SPEC_CODES
+from regclient import OCI_MANIFEST as OCI_IMAGE
 
 REPO1 = "conformance/repo1"
 REPO2 = "conformance/repo2"
 
 OCTET = "application/octet-stream"
-OCI_IMAGE = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_EMPTY = "application/vnd.oci.empty.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
@@ -142,23 +142,12 @@ class Client:
         self.tokens[key] = headers["Authorization"] = "Bearer " + (info.get("access_token") or info["token"])
         return send(headers)
 
-    def get(self, url: str, **kw: Any) -> httpx.Response:
-        return self.request("GET", url, **kw)
-
-    def head(self, url: str, **kw: Any) -> httpx.Response:
-        return self.request("HEAD", url, **kw)
-
-    def post(self, url: str, **kw: Any) -> httpx.Response:
-        return self.request("POST", url, **kw)
-
-    def put(self, url: str, **kw: Any) -> httpx.Response:
-        return self.request("PUT", url, **kw)
-
-    def patch(self, url: str, **kw: Any) -> httpx.Response:
-        return self.request("PATCH", url, **kw)
-
-    def delete(self, url: str, **kw: Any) -> httpx.Response:
-        return self.request("DELETE", url, **kw)
+    get = partialmethod(request, "GET")
+    head = partialmethod(request, "HEAD")
+    post = partialmethod(request, "POST")
+    put = partialmethod(request, "PUT")
+    patch = partialmethod(request, "PATCH")
+    delete = partialmethod(request, "DELETE")
 
 
 @pytest.fixture
